@@ -1,0 +1,280 @@
+"""The environment protocol and the one dialog loop every domain shares.
+
+An episode is a conversation between the agent (the policy being trained) and an environment that
+plays everything else: tools over a sandboxed backend, and a simulated user. ``reset`` gives the opening
+messages, each ``step`` takes one assistant message and returns the environment's replies, and
+``outcome`` gives the strict verdict that evaluation uses. A domain supplies a few hooks (its tools,
+its user, its goal check); the loop itself lives here, once, so every domain gets the same tool-call
+protocol, error handling and stop conditions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from transformers.utils import get_json_schema
+
+from pipeline.chat import (
+    ToolCall,
+    ToolCallError,
+    ToolError,
+    parse_tool_calls,
+    tool_error_message,
+    tool_result_message,
+    validate_arguments,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Stop reasons. ``completed`` is true for every reason except the budget ones.
+STOP_RESOLVED = "resolved"  # the user's goals were met and the user closed the conversation
+STOP_USER_LEFT = "user_left"  # the user's patience ran out
+STOP_FINAL_OUTPUT = "final_output"  # the agent emitted its final answer (SOP tasks)
+STOP_MAX_TURNS = "max_turns"  # the assistant-turn budget ran out
+STOP_MAX_TOKENS = "max_tokens"  # the rollout engine's token budget ran out
+BUDGET_STOPS = frozenset({STOP_MAX_TURNS, STOP_MAX_TOKENS})
+
+
+@dataclass
+class Task:
+    """One episode specification.
+
+    ``payload`` is domain-specific (a customer-service task carries its sandbox database, the
+    simulated customer and the expected end state); the other fields are common to all domains.
+    """
+
+    id: str
+    domain: str
+    split: str
+    intents: list[str]
+    payload: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "Task":
+        return cls(**{k: row[k] for k in ("id", "domain", "split", "intents", "payload")})
+
+
+@dataclass
+class Step:
+    """What the environment answers to one assistant message."""
+
+    messages: list[dict]
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """The strict verdict on an episode. Evaluation reads this; rewards may too, but never decide it.
+
+    ``violations`` holds ``"<rule>@<turn>"`` strings (turn = 0-based assistant turn index);
+    ``details`` holds the evidence (which checks failed, violation records, state differences).
+    """
+
+    success: bool
+    completed: bool
+    stop_reason: str | None
+    violations: list[str] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "Outcome":
+        return cls(**row)
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """What rollouts, evaluation and training rely on."""
+
+    def reset(self, task: Task, seed: int = 0) -> list[dict]: ...
+
+    def step(self, assistant_text: str) -> Step: ...
+
+    def outcome(self) -> Outcome: ...
+
+
+@dataclass
+class Tool:
+    """A typed Python function exposed to the agent; its JSON schema comes from its signature and docstring."""
+
+    fn: Callable[..., Any]
+    schema: dict = field(init=False)
+    mutates: bool = False
+
+    def __post_init__(self) -> None:
+        self.schema = get_json_schema(self.fn)
+
+    @property
+    def name(self) -> str:
+        return self.schema["function"]["name"]
+
+
+def tool(mutates: bool = False) -> Callable:
+    """Mark a method of a domain's tool class as a tool; ``mutates`` marks state-changing tools."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.__turnwise_tool__ = {"mutates": mutates}
+        return fn
+
+    return mark
+
+
+def collect_tools(obj: Any) -> dict[str, Tool]:
+    """The tools of an object: its methods decorated with :func:`tool`, in definition order."""
+    tools: dict[str, Tool] = {}
+    for name in dir(type(obj)):
+        attr = getattr(type(obj), name)
+        meta = getattr(attr, "__turnwise_tool__", None)
+        if meta is not None:
+            tools[name] = Tool(getattr(obj, name), mutates=meta["mutates"])
+    order = list(vars(type(obj)))
+    return dict(sorted(tools.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def episode_rng(task_id: str, seed: int, stream: str = "") -> random.Random:
+    """A random generator that depends only on the task, the seed and a stream name.
+
+    Python's ``hash`` is salted per process, so a digest keeps episodes reproducible across runs.
+    """
+    digest = hashlib.sha256(f"{task_id}|{seed}|{stream}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+class ToolEnvironment:
+    """The shared dialog loop: tool calls go to tools, other messages go to the simulated user.
+
+    Subclasses implement the domain hooks below and do not override ``step``:
+
+    - ``_setup(task, seed)``: build this episode's sandbox and user; return the opening messages
+      after the system prompt.
+    - ``_system_prompt()``: instructions, policy and the tool list.
+    - ``_tools()``: the :class:`Tool` objects bound to this episode's sandbox.
+    - ``_on_message(text)``: answer a non-tool assistant message; return ``(messages, stop_reason)``.
+    - ``_judge(stop_reason)``: the strict :class:`Outcome`.
+    - ``_before_tool(call, turn)``: optional; may refuse a call by raising :class:`ToolError`.
+    """
+
+    def __init__(self, max_turns: int = 20) -> None:
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1, got {max_turns}.")
+        self.max_turns = max_turns
+        self.task: Task | None = None
+        self.turn = 0
+        self.stop_reason: str | None = None
+        self._tool_table: dict[str, Tool] = {}
+
+    # -- the loop -------------------------------------------------------------------------------
+    def reset(self, task: Task, seed: int = 0) -> list[dict]:
+        self.task, self.seed = task, seed
+        self.turn = 0
+        self.stop_reason = None
+        opening = self._setup(task, seed)
+        self._tool_table = self._tools()
+        return [{"role": "system", "content": self._system_prompt()}, *opening]
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def step(self, assistant_text: str) -> Step:
+        if self.task is None:
+            return Step([], True, {"error": "step() called before reset(); call reset(task) first."})
+        if self.done:
+            return Step([], True, {"error": "the episode has ended; call reset() to start another."})
+        if not isinstance(assistant_text, str):
+            assistant_text = "" if assistant_text is None else str(assistant_text)
+        turn = self.turn
+        info: dict[str, Any] = {"turn": turn}
+        calls = parse_tool_calls(assistant_text)
+        if calls:
+            messages = self._run_tools(calls, turn, info)
+            stop = None
+        else:
+            info["kind"] = "message"
+            try:
+                messages, stop = self._on_message(assistant_text)
+            except Exception as exc:  # a broken simulator must not kill a training run
+                logger.exception("user simulator failed on turn %d of task %s", turn, self.task.id)
+                info["simulator_error"] = f"{type(exc).__name__}: {exc}"
+                messages, stop = [], STOP_USER_LEFT
+        self.turn += 1
+        if stop is None and self.turn >= self.max_turns:
+            stop = STOP_MAX_TURNS
+        self.stop_reason = stop
+        info["stop_reason"] = stop
+        return Step(messages, stop is not None, info)
+
+    def outcome(self) -> Outcome:
+        if self.task is None:
+            raise RuntimeError("outcome() called before reset(); call reset(task) first.")
+        return self._judge(self.stop_reason)
+
+    def mark_truncated(self) -> None:
+        """Called by the rollout engine when the token budget ends the episode."""
+        if not self.done:
+            self.stop_reason = STOP_MAX_TOKENS
+
+    @property
+    def tool_schemas(self) -> list[dict]:
+        return [t.schema for t in self._tool_table.values()]
+
+    def _run_tools(self, calls: list[ToolCall | ToolCallError], turn: int, info: dict) -> list[dict]:
+        info["kind"] = "tool_calls"
+        info["tool_calls"], info["tool_errors"] = [], []
+        messages = []
+        for call in calls:
+            result = self._call(call, turn) if isinstance(call, ToolCall) else call
+            if isinstance(result, ToolCallError):
+                info["tool_errors"].append({"kind": result.kind, "name": result.name, "message": result.message})
+                messages.append(tool_error_message(result))
+            else:
+                info["tool_calls"].append({"name": call.name, "arguments": call.arguments})
+                messages.append(tool_result_message(call.name, result))
+        return messages
+
+    def _call(self, call: ToolCall, turn: int) -> Any:
+        spec = self._tool_table.get(call.name)
+        if spec is None:
+            known = ", ".join(self._tool_table)
+            return ToolCallError("unknown_tool", f"Unknown tool {call.name!r}. Available tools: {known}.", call.name)
+        problem = validate_arguments(call.arguments, spec.schema)
+        if problem:
+            return ToolCallError("invalid_arguments", f"{call.name}: {problem}", call.name)
+        try:
+            self._before_tool(call, spec, turn)
+            return spec.fn(**call.arguments)
+        except ToolError as exc:
+            return ToolCallError("rejected", str(exc), call.name)
+        except Exception as exc:  # noqa: BLE001 - tool bugs become tool errors, never escape
+            logger.warning("tool %s raised %s: %s", call.name, type(exc).__name__, exc)
+            return ToolCallError("tool_exception", f"{call.name} failed: {type(exc).__name__}: {exc}", call.name)
+
+    # -- domain hooks ---------------------------------------------------------------------------
+    def _setup(self, task: Task, seed: int) -> list[dict]:
+        raise NotImplementedError
+
+    def _system_prompt(self) -> str:
+        raise NotImplementedError
+
+    def _tools(self) -> dict[str, Tool]:
+        raise NotImplementedError
+
+    def _on_message(self, text: str) -> tuple[list[dict], str | None]:
+        raise NotImplementedError
+
+    def _judge(self, stop_reason: str | None) -> Outcome:
+        raise NotImplementedError
+
+    def _before_tool(self, call: ToolCall, spec: Tool, turn: int) -> None:
+        return None
