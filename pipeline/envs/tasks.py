@@ -62,9 +62,25 @@ def _check_customer_service(payload: dict) -> None:
             for key, kind in (("item_id", str), ("product_id", str), ("variant_id", str), ("price", (int, float)),
                               ("quantity", int)):
                 _require(item, key, kind, f"{prefix}items[{i}].")
+    for pid, product in db["products"].items():
+        variants = _require(product, "variants", dict, f"payload.db.products.{pid}.")
+        for vid, variant in variants.items():
+            for key, kind in (("options", dict), ("price", (int, float)), ("stock", int)):
+                _require(variant, key, kind, f"payload.db.products.{pid}.variants.{vid}.")
+    for oid, order in db["orders"].items():
+        if order["customer_id"] not in db["customers"]:
+            raise _FieldError(f"payload.db.orders.{oid}.customer_id",
+                              f"{order['customer_id']!r} is not a customer in payload.db.customers")
+        for i, item in enumerate(order["items"]):
+            if item["variant_id"] not in db["products"].get(item["product_id"], {}).get("variants", {}):
+                raise _FieldError(f"payload.db.orders.{oid}.items[{i}].variant_id",
+                                  f"{item['variant_id']!r} is not a variant of product {item['product_id']!r} in "
+                                  "payload.db.products")
     customer = _require(payload, "customer", dict, "payload.")
     for key in ("customer_id", "name", "email", "zip_code"):
         _require(customer, key, str, "payload.customer.")
+    if customer["customer_id"] not in db["customers"]:
+        raise _FieldError("payload.customer.customer_id", f"{customer['customer_id']!r} is not in payload.db.customers")
     persona = _require(customer, "persona", dict, "payload.customer.")
     _require(persona, "style", str, "payload.customer.persona.")
     _require(persona, "patience", int, "payload.customer.persona.")
@@ -78,6 +94,10 @@ def _check_customer_service(payload: dict) -> None:
             _require(goal, key, kind, prefix)
         if goal["order_id"] not in db["orders"]:
             raise _FieldError(prefix + "order_id", f"{goal['order_id']!r} is not an order in payload.db.orders")
+        items = {i["item_id"] for i in db["orders"][goal["order_id"]]["items"]}
+        unknown = [i for i in goal["item_ids"] if i not in items]
+        if unknown:
+            raise _FieldError(prefix + "item_ids", f"{unknown} are not items of order {goal['order_id']!r}")
         if not all(isinstance(f, list) and f and all(isinstance(a, str) for a in f) for f in goal["facts"]):
             raise _FieldError(prefix + "facts", "must be a list of non-empty lists of strings (alternatives)")
     _require(payload, "expected_changes", dict, "payload.")
@@ -127,12 +147,12 @@ def load_tasks(path_or_name: str | Path, split: str | None = None) -> list[Task]
 
     ``split`` picks ``train``/``val``/``test`` from a name or directory; ``None`` loads every split.
     """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}, or None for all.")
     source = Path(path_or_name)
     if not source.exists() and (DATA_ROOT / str(path_or_name) / "tasks").is_dir():
         source = DATA_ROOT / str(path_or_name) / "tasks"
     if source.is_dir():
-        if split is not None and split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)} or None for all.")
         files = [source / f"{s}.jsonl" for s in ((split,) if split else SPLITS)]
         return [task for f in files for task in read_task_file(f)]
     if source.suffix == ".jsonl" or source.exists():

@@ -224,13 +224,14 @@ class ScriptedCustomer:
             progress = True
         self._last_state = dict(state)
         parts: list[str] = []
+        annoyed = False  # at most one frustration point per agent message
         for key in self.requested(agent_text):
             fact = self._fact(key)
             if fact is None:
                 continue
             value = self.goal["order_id"] if key == "order_id" else key
             if (key, value) in self.given:
-                self._frustration += 1
+                annoyed = True
                 parts.append(self._pick(ALREADY, fact=fact))
             else:
                 self.given.add((key, value))
@@ -245,7 +246,7 @@ class ScriptedCustomer:
                 parts.append(self.rng.choice(ACCEPT))
                 progress = True
             else:
-                self._frustration += 1
+                annoyed = True
                 parts.append(self._pick(REJECT, goal=goal_opening(self.goal)))
         if self.goal_met(state):
             if self.goal_index + 1 < len(self.goals):
@@ -258,13 +259,12 @@ class ScriptedCustomer:
                     opening += f" That's order #{self.goal['order_id']}."
                 return SimulatorReply(self._pick(NEXT_GOAL, opening=opening[0].lower() + opening[1:]))
             return SimulatorReply(self.rng.choice(GOODBYE), stop="resolved")
-        if not progress:
+        if annoyed or not progress:
             self._frustration += 1
-            if self._frustration >= self.persona["patience"]:
-                return SimulatorReply(self.rng.choice(LEAVE), stop="user_left")
-            parts.append(self._pick(NUDGE, goal=goal_opening(self.goal)))
-        elif self._frustration >= self.persona["patience"]:
+        if self._frustration >= self.persona["patience"]:
             return SimulatorReply(self.rng.choice(LEAVE), stop="user_left")
+        if not progress:
+            parts.append(self._pick(NUDGE, goal=goal_opening(self.goal)))
         if not parts:
             parts.append(self.rng.choice(ACK))
         return SimulatorReply(" ".join(parts), confirmed_action=confirmed)

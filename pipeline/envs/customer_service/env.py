@@ -74,6 +74,9 @@ class CustomerServiceEnv(ToolEnvironment):
         action = CONFIRMABLE_ACTIONS.get(call.name)
         if action is None or self.session.verified_customer is None:
             return  # unverified calls are refused (and recorded) by the tool itself
+        order = self.db.orders.get(str(call.arguments.get("order_id", "")).strip().lstrip("#"))
+        if order is not None and order["customer_id"] != self.session.verified_customer:
+            return  # another customer's order: the tool records it as an identity violation
         if self.session.confirmed_action != action:
             self.session.violate("confirm_before_change", f"{call.name} without the customer's yes")
             raise ToolError(f"The customer has not agreed to this. Explain the {action} and ask for an explicit "

@@ -1,0 +1,186 @@
+"""Generation backends for the rollout engine.
+
+A backend turns token prompts into sampled continuations: ``generate(requests) -> generations``. It
+works on token ids, never on text, so what the trainer later scores are exactly the ids that were
+sampled. :class:`HFBackend` runs a Hugging Face causal LM on CPU or GPU and keeps each episode's
+key/value cache between turns, so a later turn prefills only the tokens added since the last one
+(the environment's reply), not the whole conversation. A vLLM backend implements the same protocol on
+GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class GenerationRequest:
+    """Continue ``prompt_ids`` for at most ``max_new_tokens``; ``key`` names the episode for cache reuse."""
+
+    key: Hashable
+    prompt_ids: list[int]
+    max_new_tokens: int
+
+
+@dataclass
+class Generation:
+    """``token_ids`` are the sampled ids (ending with the stop token when one was sampled);
+    ``logprobs[i]`` is the log-probability of ``token_ids[i]`` under the sampling distribution."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    truncated: bool
+    stats: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+
+    def release(self, key: Hashable) -> None:
+        """Forget an episode's cached state."""
+        ...
+
+
+class HFBackend:
+    """Batched sampling with a Hugging Face causal LM and per-episode KV caches.
+
+    Each batched call left-pads every episode's cache to a common length (masked out), prefills the
+    episodes' new tokens together, then decodes one token per step for all rows until each row stops.
+    Position ids follow each row's real length, so padding never shifts positions. When a row stops,
+    its cache is compacted (padding removed) and kept under its episode key.
+
+    ``temperature == 0`` decodes greedily. ``stop_token_ids`` end a turn (default: the tokenizer's eos).
+    """
+
+    def __init__(self, model, tokenizer, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 stop_token_ids: Sequence[int] | None = None, reuse_cache: bool = True) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.temperature, self.top_p = temperature, top_p
+        self.reuse_cache = reuse_cache
+        eos = tokenizer.eos_token_id
+        self.stop_token_ids = set(stop_token_ids or ([eos] if isinstance(eos, int) else eos))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.stop_token_ids))
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._caches: dict[Hashable, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.prefill_tokens = 0  # tokens run through prefill, for benchmarks
+
+    def release(self, key: Hashable) -> None:
+        self._caches.pop(key, None)
+
+    def _cached(self, request: GenerationRequest) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]:
+        """The reusable cache for a request and how many prompt tokens it covers (at least one is left to feed)."""
+        entry = self._caches.get(request.key) if self.reuse_cache else None
+        if entry is None:
+            return None, 0
+        ids, layers = entry
+        n = min(len(ids), len(request.prompt_ids) - 1)
+        if request.prompt_ids[:n] != ids[:n]:
+            return None, 0
+        if n < len(ids):
+            layers = [(k[:, :, :n], v[:, :, :n]) for k, v in layers]
+        return layers, n
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        from transformers import DynamicCache
+
+        if not requests:
+            return []
+        device = self.model.device
+        caches = [self._cached(r) for r in requests]
+        past_len = max(n for _, n in caches)
+        new = [r.prompt_ids[n:] for r, (_, n) in zip(requests, caches)]
+        width = max(len(x) for x in new)
+        batch = len(requests)
+        self.prefill_tokens += sum(len(x) for x in new)
+
+        # [past (left-padded)] [new tokens (left-padded)]
+        mask = torch.zeros(batch, past_len + width, dtype=torch.long)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        for b, ((_, n), toks) in enumerate(zip(caches, new)):
+            mask[b, past_len - n : past_len] = 1
+            mask[b, past_len + width - len(toks) :] = 1
+            input_ids[b, width - len(toks) :] = torch.tensor(toks)
+            positions[b, width - len(toks) :] = torch.arange(n, n + len(toks))
+        cache = None
+        if past_len:
+            layers = []
+            ref = next(layer for layer, n in caches if layer is not None)
+            for i, (k0, v0) in enumerate(ref):
+                shape = (batch, k0.shape[1], past_len, k0.shape[3])
+                k, v = k0.new_zeros(shape), v0.new_zeros(shape)
+                for b, (layer, n) in enumerate(caches):
+                    if layer is not None and n:
+                        k[b, :, past_len - n :] = layer[i][0][0, :, :n]
+                        v[b, :, past_len - n :] = layer[i][1][0, :, :n]
+                layers.append((k.to(device), v.to(device)))
+            cache = DynamicCache(ddp_cache_data=layers)
+        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        next_pos = positions[:, -1] + 1
+
+        alive = list(range(batch))  # original row index of each live row
+        sampled: list[list[int]] = [[] for _ in requests]
+        logps: list[list[float]] = [[] for _ in requests]
+        results: list[Generation | None] = [None] * batch
+        limits = [max(1, r.max_new_tokens) for r in requests]
+        while alive:
+            tokens, token_logps = self._sample(logits)
+            keep = []
+            for j, b in enumerate(alive):
+                tok = int(tokens[j])
+                sampled[b].append(tok)
+                logps[b].append(float(token_logps[j]))
+                stopped = tok in self.stop_token_ids
+                if stopped or len(sampled[b]) >= limits[b]:
+                    results[b] = Generation(sampled[b], logps[b], truncated=not stopped)
+                    self._store(requests[b], cache, mask, j, sampled[b])
+                else:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, next_pos, tokens = mask[keep], next_pos[keep], tokens[keep]
+                alive = [alive[j] for j in keep]
+            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], dim=1)
+            out = self.model(input_ids=tokens.view(-1, 1).to(device), attention_mask=mask.to(device),
+                             position_ids=next_pos.view(-1, 1).to(device), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+        return [r for r in results if r is not None]
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B,) and their log-probabilities (B,) under the (temperature, top-p) distribution."""
+        if self.temperature <= 0:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            tokens = logits.argmax(dim=-1)
+            return tokens.cpu(), logprobs.gather(-1, tokens.view(-1, 1)).view(-1).cpu()
+        logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
+        probs = logprobs.exp()
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        tokens = torch.multinomial(probs.cpu(), 1, generator=self.generator).view(-1)
+        return tokens, logprobs.cpu().gather(-1, tokens.view(-1, 1)).view(-1)
+
+    def _store(self, request: GenerationRequest, cache, mask: torch.Tensor, row: int, sampled: list[int]) -> None:
+        """Keep the row's cache, padding removed. It covers the prompt and all sampled tokens but the last
+        (whose key/value is computed when it is fed next turn)."""
+        if not self.reuse_cache:
+            return
+        keep = mask[row].nonzero().view(-1).to(self.model.device)
+        layers = [(layer.keys[row : row + 1].index_select(2, keep), layer.values[row : row + 1].index_select(2, keep))
+                  for layer in cache.layers]
+        self._caches[request.key] = ((list(request.prompt_ids) + sampled[:-1]), layers)

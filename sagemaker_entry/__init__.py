@@ -1,0 +1,1 @@
+"""SageMaker container entry points: map SageMaker's environment onto turnwise configs and call `main`."""
