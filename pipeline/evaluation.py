@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from pipeline.envs import make_env
 from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Task
-from pipeline.rollout import HFBatchPolicy, run_batched, run_policy
+from pipeline.rollout import RolloutEngine, run_policy
 from pipeline.trajectory import Trajectory, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class EvalReport:
                  f"{m['n_tasks']} tasks x k={m['k']} ({m['n_episodes']} episodes), seed {self.config.get('seed')}", "",
                  "| metric | value |", "| --- | --- |"]
         for key in ("success", f"pass@{m['k']}", f"pass^{m['k']}", "completion", "correct_given_completed",
-                    "max_turns_rate", "truncation_rate", "turns_mean", "tool_calls_mean", "tool_errors_mean"):
+                    "max_turns_rate", "truncation_rate", "turns_mean", "tokens_mean", "tool_calls_mean", "tool_errors_mean"):
             value = m.get(key)
             lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
         lines += ["", "## By intent", "", "| intent | episodes | success |", "| --- | --- | --- |"]
@@ -137,6 +137,7 @@ def summarize(trajectories: Sequence[Trajectory], tasks: Sequence[Task], k: int)
         "truncation_rate": len(truncated) / n if n else 0.0,
         "turns_mean": mean([t.num_turns for t in trajectories]),
         "tool_calls_mean": mean(tool_calls), "tool_errors_mean": mean(tool_errors),
+        "tokens_mean": mean([sum(t.tokens.assistant_mask) for t in trajectories if t.tokens is not None]),
         "violations": dict(violations),
         "stop_reasons": dict(Counter(o.stop_reason or "none" for o in outcomes)),
         "by_intent": {i: {"n": len(v), "success": mean(v)} for i, v in intents.items()},
@@ -153,57 +154,63 @@ def evaluate(
     *,
     max_turns: int = 20,
     max_new_tokens: int = 128,
+    max_total_tokens: int = 8192,
     batch_size: int = 16,
     progress: bool = False,
 ) -> EvalReport:
     """Run ``k`` episodes per task and report strict-success metrics.
 
     ``policy`` is a model (a name such as ``"smollm2-135m"``, a path, a hub id, or a loaded
-    ``(model, tokenizer)`` pair), a batch policy such as :class:`HFBatchPolicy`, or a factory
-    ``task -> (messages -> str)`` such as ``oracle_policy``. Models are decoded greedily and batched
-    across every live episode.
+    ``(model, tokenizer)`` pair), a :class:`RolloutEngine`, or a factory ``task -> (messages -> str)``
+    such as ``oracle_policy``. Models are decoded greedily, batched across every live episode, with
+    per-episode KV caches reused across turns.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     tasks = list(tasks)
     label = policy if isinstance(policy, str) else getattr(policy, "__name__", type(policy).__name__)
-    batch = _as_batch_policy(policy, max_new_tokens, batch_size)
+    engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size)
     start = time.time()
     episodes = [(task, seed + i) for i in range(k) for task in tasks]
     bar = _progress(len(episodes), progress)
-    if batch is not None:
+    env_factory = lambda task: make_env(task, max_turns=max_turns)  # noqa: E731
+    if engine is not None:
         trajectories = []
         for lo in range(0, len(episodes), batch_size):
             chunk = episodes[lo : lo + batch_size]
-            trajectories += run_batched(lambda t: make_env(t, max_turns=max_turns), [t for t, _ in chunk], batch,
-                                        seeds=[s for _, s in chunk])
+            trajectories += engine.run(env_factory, [t for t, _ in chunk], [s for _, s in chunk])
             bar(len(chunk))
     else:
         trajectories = []
         for task, s in episodes:
-            trajectories.append(run_policy(make_env(task, max_turns=max_turns), task, policy(task), seed=s))
+            trajectories.append(run_policy(env_factory(task), task, policy(task), seed=s))
             bar(1)
     metrics, per_task = summarize(trajectories, tasks, k)
     metrics["wall_time_s"] = round(time.time() - start, 2)
-    config = {"policy": str(label), "k": k, "seed": seed, "max_turns": max_turns, "max_new_tokens": max_new_tokens}
+    config = {"policy": str(label), "k": k, "seed": seed, "max_turns": max_turns, "max_new_tokens": max_new_tokens,
+              "max_total_tokens": max_total_tokens}
     logger.info("evaluated %s on %d tasks: success %.3f", label, len(tasks), metrics["success"])
     return EvalReport(metrics=metrics, per_task=per_task, trajectories=trajectories, config=config)
 
 
-def _as_batch_policy(policy: Any, max_new_tokens: int, batch_size: int) -> HFBatchPolicy | None:
-    if isinstance(policy, HFBatchPolicy):
+def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_size: int) -> RolloutEngine | None:
+    """A greedy rollout engine for a model policy; ``None`` for a factory of scripted policies."""
+    if isinstance(policy, RolloutEngine):
         return policy
     if isinstance(policy, (str, Path)):
         from pipeline.models import load_model
 
-        model, tokenizer = load_model(str(policy))
-        return HFBatchPolicy(model, tokenizer, max_new_tokens=max_new_tokens, max_batch_size=batch_size)
+        policy = load_model(str(policy))
     if isinstance(policy, tuple) and len(policy) == 2:
-        return HFBatchPolicy(policy[0], policy[1], max_new_tokens=max_new_tokens, max_batch_size=batch_size)
+        from pipeline.backends import HFBackend
+
+        model, tokenizer = policy
+        return RolloutEngine(HFBackend(model, tokenizer, temperature=0.0), tokenizer, max_new_tokens=max_new_tokens,
+                             max_total_tokens=max_total_tokens, batch_size=batch_size)
     if callable(policy):
         return None
-    raise TypeError(f"Cannot evaluate {policy!r}: pass a model name or path, a (model, tokenizer) pair, an "
-                    "HFBatchPolicy, or a factory task -> policy such as oracle_policy.")
+    raise TypeError(f"Cannot evaluate {policy!r}: pass a model name or path, a (model, tokenizer) pair, a "
+                    "RolloutEngine, or a factory task -> policy such as oracle_policy.")
 
 
 def _progress(total: int, enabled: bool) -> Callable[[int], None]:

@@ -2,8 +2,10 @@
 
 ``run_policy`` plays one episode with any ``(messages) -> str`` policy. ``run_batched`` plays many
 episodes at once with a *batch* policy ``(list of conversations) -> list of replies``, asking it, at
-each turn, for every episode still active: this is what lets a model generate for all live episodes in
-one forward pass.
+each turn, for every episode still active. :class:`RolloutEngine` is the model path: batched like
+``run_batched``, but on token ids, with a generation backend (:mod:`pipeline.backends`) that reuses each
+episode's KV cache across turns, and it records what training needs: the sampled ids exactly, their
+logprobs, the assistant mask and each turn's token span.
 """
 
 from __future__ import annotations
@@ -68,90 +70,6 @@ def run_batched(
         Trajectory(task_id=task.id, messages=conversations[i], turns=turns[i], outcome=envs[i].outcome(), seed=seeds[i])
         for i, task in enumerate(tasks)
     ]
-
-
-class HFBatchPolicy:
-    """A batch policy over a Hugging Face causal LM, with the shared prompt prefix computed once.
-
-    Every conversation of a domain starts with the same system prompt (instructions, SOP, tool
-    schemas), which is most of the prompt at early turns. Its key/value cache is computed once and
-    copied into each batch, so a turn only prefills what differs between conversations. Conversations
-    are laid out as ``[shared prefix][left padding][own suffix]``; position ids follow the attention
-    mask, so padding in the middle does not shift positions.
-
-    ``temperature=0`` decodes greedily (evaluation); otherwise it samples with ``top_p``.
-    """
-
-    def __init__(self, model, tokenizer, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 max_batch_size: int = 16, cache_prefix: bool = True) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature, self.top_p = temperature, top_p
-        self.max_batch_size = max_batch_size
-        self.cache_prefix = cache_prefix
-        self._prefix: tuple[list[int], object] | None = None
-
-    def _encode(self, conversation: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _prefix_cache(self, ids: list[list[int]]):
-        """The cached shared prefix (ids, cache) for this batch, or ``None`` when there is none."""
-        import torch
-
-        common = min(len(x) for x in ids) - 1  # keep at least one own token per conversation
-        first = ids[0]
-        length = next((n for n in range(common) if any(x[n] != first[n] for x in ids[1:])), common)
-        if self._prefix is not None and len(self._prefix[0]) <= length and first[: len(self._prefix[0])] == self._prefix[0]:
-            return self._prefix
-        if length < 32:
-            return None
-        prefix = first[:length]
-        with torch.no_grad():
-            out = self.model(torch.tensor([prefix], device=self.model.device), use_cache=True)
-        self._prefix = (prefix, out.past_key_values)
-        return self._prefix
-
-    def __call__(self, conversations: list[list[dict]]) -> list[str]:
-        replies: list[str] = []
-        for start in range(0, len(conversations), self.max_batch_size):
-            replies += self._generate([self._encode(c) for c in conversations[start : start + self.max_batch_size]])
-        return replies
-
-    def _generate(self, ids: list[list[int]]) -> list[str]:
-        import copy
-
-        import torch
-
-        pad = self.tokenizer.pad_token_id
-        cached = self._prefix_cache(ids) if self.cache_prefix else None
-        plen = len(cached[0]) if cached else 0
-        suffixes = [x[plen:] for x in ids]
-        width = max(len(s) for s in suffixes)
-        rows = [cached[0] * bool(cached) + [pad] * (width - len(s)) + s for s in suffixes] if cached else \
-            [[pad] * (width - len(s)) + s for s in suffixes]
-        mask = [[1] * plen + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
-        device = self.model.device
-        kwargs = {}
-        if cached:
-            cache = copy.deepcopy(cached[1])
-            cache.batch_repeat_interleave(len(ids))
-            kwargs["past_key_values"] = cache
-        sampling = self.temperature > 0
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=torch.tensor(rows, device=device),
-                attention_mask=torch.tensor(mask, device=device),
-                max_new_tokens=self.max_new_tokens,
-                do_sample=sampling,
-                temperature=self.temperature if sampling else None,
-                top_p=self.top_p if sampling else None,
-                top_k=None,
-                pad_token_id=pad,
-                **kwargs,
-            )
-        new = out[:, len(rows[0]) :]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 class TemplateError(ValueError):
