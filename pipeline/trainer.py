@@ -81,6 +81,7 @@ class EpisodeRollout:
         self.config = config
         self.seed = seed
         self.last: list[Trajectory] = []
+        self.calls = 0  # rollout batches played by this process
 
     def task_for(self, prompt: list[dict]) -> Task:
         text = prompt[-1]["content"]
@@ -90,6 +91,7 @@ class EpisodeRollout:
 
     def __call__(self, prompts: list[list[dict]], trainer: GRPOTrainer) -> dict[str, Any]:
         tasks = [self.task_for(p) for p in prompts]
+        self.calls += 1
         step = trainer.state.global_step
         seeds = [self.seed * 1_000_003 + step * 7919 + hash_id(t.id) % 7919 for t in tasks]
         model = trainer.accelerator.unwrap_model(trainer.model)

@@ -26,12 +26,13 @@ def make_trainer(tiny_model_dir, tmp_path, advantage="group_based", **overrides)
     tasks = load_tasks("customer_service", "train")[:4]
     config = RolloutConfig(max_turns=2, max_new_tokens=6, max_total_tokens=8000, advantage=advantage)
     rollout = EpisodeRollout(tasks, config)
-    args = GRPOConfig(
+    settings = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=2,
         learning_rate=5e-2,  # large, so two steps visibly move the LoRA weights
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", max_completion_length=8000,
-        beta=0.0, temperature=1.0, seed=0, **overrides,
+        beta=0.0, temperature=1.0, seed=0,
     )
+    args = GRPOConfig(**{**settings, **overrides})
     return TurnwiseGRPOTrainer(
         model=model, processing_class=tokenizer, args=args, train_dataset=task_dataset(tasks),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -84,3 +85,29 @@ def test_masked_environment_tokens_get_zero_gradient(tiny_model_dir, tmp_path):
     valid = inputs["completion_mask"].bool()
     assert torch.all(per_token[valid & (env_mask == 0)] == 0)
     assert (per_token[valid & (env_mask == 1)] > 0).any()
+
+
+def test_resume_after_step_two_reaches_the_same_weights_at_step_four(tiny_model_dir, tmp_path):
+    """A run stopped after step 2 and resumed from its checkpoint ends, at step 4, where an uninterrupted
+    run ends: the optimizer state, data order and rollout sampling all resume exactly."""
+    straight = make_trainer(tiny_model_dir, tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=2)
+    straight.train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "trainer_state.json").exists()
+
+    resumed = make_trainer(tiny_model_dir, tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    assert resumed.rollout.calls == 2  # it really resumed: only steps 3 and 4 were played
+
+    a = {n: p for n, p in straight.model.named_parameters() if "lora_" in n}
+    b = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    # and training did move them between step 2 and step 4
+    from safetensors.torch import load_file
+
+    at_two = load_file(str(checkpoint / "adapter_model.safetensors"))
+    assert any(not torch.allclose(v, a[k.replace(".weight", ".default.weight")], atol=1e-6)
+               for k, v in at_two.items() if "lora_B" in k and k.replace(".weight", ".default.weight") in a)
