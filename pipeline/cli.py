@@ -134,47 +134,185 @@ def run_demo(args: argparse.Namespace) -> int:
 # turnwise eval
 # ---------------------------------------------------------------------------------------------------
 
+#: Scripted policies ``--policy``, ``--base`` and ``--reference`` know by name (a factory task -> policy
+#: can also be named as ``MODULE:FUNCTION``).
+SCRIPTED_POLICIES = ("oracle",)
+
 
 def add_eval_parser(subparsers: Subparsers) -> None:
-    """``turnwise eval``: strict external evaluation of a model or a scripted policy."""
+    """``turnwise eval``: strict external evaluation of a model, a scripted policy or logged trajectories."""
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a model or a scripted policy on a task split",
-        description="Run k episodes per task and report strict success, pass@k, pass^k, completion and "
-        "more. Uses the environment's goal check only, never the training reward.",
+        help="evaluate a model, a scripted policy or logged trajectories on a task split",
+        description="Run n episodes per task and report strict success, pass@k, pass^k, completion, "
+        "truncation and more. Uses the environment's goal check only, never the training reward. With "
+        "--base, both run on the same tasks and seeds and the paired difference in success is reported "
+        "with a paired-bootstrap 95%% interval. A policy spec (for --base and --reference) is a model "
+        "(alias, directory or hub id), 'oracle', MODULE:FUNCTION (a factory task -> policy) or a logged "
+        "FILE.jsonl.",
+        epilog="examples:\n"
+        "  turnwise eval --policy oracle --tasks test --limit 20\n"
+        "  turnwise eval --model outputs/tuned --base smollm2-135m --reference oracle --out reports/tuned\n"
+        "  turnwise eval --trajectories logs/rollouts.jsonl --base logs/baseline.jsonl --out reports/logged",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--model", help="model alias, local directory or hub id")
-    who.add_argument("--policy", choices=["oracle"], help="a scripted policy instead of a model")
+    who.add_argument("--model", help="the model to evaluate: alias, local directory or hub id")
+    who.add_argument("--policy", help="a scripted policy instead of a model: 'oracle' or MODULE:FUNCTION")
+    who.add_argument("--trajectories", metavar="FILE.jsonl",
+                     help="evaluate logged trajectories from their recorded outcomes (no model is run)")
+    parser.add_argument("--base", metavar="SPEC", help="side by side: compare against this policy on the same tasks "
+                        "and seeds")
+    parser.add_argument("--reference", metavar="SPEC", action="append", default=[],
+                        help="a reference policy shown in the same table, e.g. oracle (repeatable)")
     parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory or .jsonl")
-    parser.add_argument("--tasks", default="test", help="split: train, val or test")
-    parser.add_argument("--k", type=int, default=1, help="episodes per task (seeds seed..seed+k-1)")
+    parser.add_argument("--tasks", default="test", help="split: train, val or test (logged runs: tasks are matched "
+                        "by id across all splits)")
+    parser.add_argument("--k", type=int, default=1, help="headline pass@k and pass^k (default 1)")
+    parser.add_argument("--n", type=int, default=None, help="episodes per task, seeds seed..seed+n-1 (default: k); "
+                        "pass@j and pass^j are reported for j in 1, k, n and the powers of 2 up to n")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N tasks")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first environment seed; also seeds the bootstrap")
     parser.add_argument("--max-turns", type=int, default=20, help="assistant-turn budget per episode")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="token budget per model turn")
-    parser.add_argument("--batch-size", type=int, default=16, help="episodes generated together")
-    parser.add_argument("--out", type=Path, default=None, help="write report.json/report.md/trajectories.jsonl here")
+    parser.add_argument("--max-total-tokens", type=int, default=8192, help="token budget per model episode")
+    parser.add_argument("--batch-size", type=int, default=16, help="model episodes generated together")
+    parser.add_argument("--bootstrap", type=int, default=10_000, metavar="B", help="bootstrap resamples for --base")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write report.json, report.md, report.html, plots/ and trajectories/ here")
+    parser.add_argument("--no-html", action="store_true", help="with --out, skip the HTML page and plots")
     parser.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pipeline.envs import load_tasks, oracle_policy
-    from pipeline.evaluation import evaluate
+    from pipeline.evaluation import compare
+    from pipeline.report import MissingReportDependency, render_text, rewards_from_metadata, write_report
+    from pipeline.trajectory import load_jsonl
 
-    tasks = load_tasks(args.env, args.tasks)[: args.limit]
-    policy = oracle_policy if args.policy == "oracle" else args.model
-    report = evaluate(policy, tasks, k=args.k, seed=args.seed, max_turns=args.max_turns,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
-    report.config["policy"] = args.policy or args.model
-    m = report.metrics
-    print(f"{report.config['policy']} on {m['n_tasks']} {args.tasks} tasks, k={m['k']}:")
-    for key in ("success", f"pass@{args.k}", f"pass^{args.k}", "completion", "correct_given_completed",
-                "max_turns_rate", "truncation_rate", "turns_mean", "wall_time_s"):
-        print(f"  {key:>24}: {m[key]:.3f}")
+    n = args.n if args.n is not None else args.k
+    if args.k < 1 or n < args.k:
+        raise ValueError(f"need 1 <= --k <= --n, got --k {args.k} and --n {n}.")
+    if args.policy and args.policy not in SCRIPTED_POLICIES and ":" not in args.policy:
+        raise ValueError(f"unknown scripted policy {args.policy!r}: use {', '.join(SCRIPTED_POLICIES)} or "
+                         "MODULE:FUNCTION (a factory task -> policy); for a model, use --model.")
+    logged = load_jsonl(args.trajectories) if args.trajectories else None
+    tasks, ids = _eval_tasks(args, logged)
+    specs = [("candidate", args.model or args.policy or args.trajectories)]
+    specs += [("base", args.base)] if args.base else []
+    specs += [("reference", spec) for spec in args.reference]
+    reports, labels = [], set()
+    for role, spec in specs:
+        report = _evaluate_spec(spec, tasks, ids, n, args)
+        # The same spec twice (say, as base and as reference) still needs its own column and files.
+        label = spec if spec not in labels else f"{spec} ({role} {len(reports) + 1})"
+        labels.add(label)
+        report.config.update(policy=label, role=role)
+        reports.append(report)
+    comparison = compare(reports[0], reports[1], n_boot=args.bootstrap, seed=args.seed) if args.base else None
+
+    first = reports[0].metrics
+    print(f"{len(reports)} {'policies' if len(reports) > 1 else 'policy'} on {first['n_tasks']} "
+          f"{'logged' if logged is not None else args.tasks} tasks x {first['n']} episodes (k={args.k}, seed {args.seed}):")
+    print(render_text(reports, comparison))
     if args.out:
-        paths = report.save(args.out)
-        print(f"report: {paths['markdown']}")
+        rewards = {r.label: v for r in reports if (v := rewards_from_metadata(r.trajectories)) is not None}
+        try:
+            paths = write_report(args.out, reports, comparison, rewards, html_page=not args.no_html)
+        except MissingReportDependency as error:
+            paths = write_report(args.out, reports, comparison, html_page=False)
+            print(f"report: {paths['markdown']} (JSON and Markdown only)")
+            print(f"turnwise: error: {error}", file=sys.stderr)
+            return 1
+        print(f"report: {paths.get('html', paths['markdown'])}")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace, logged: list | None) -> tuple[list, list[str]]:
+    """The tasks live policies run on, and the task ids every policy is evaluated on, in order.
+
+    Live runs take the split's first ``--limit`` tasks. Logged runs take the first ``--limit`` task ids of
+    the file, matched by id against every split of the task set (for intents, and so that a live base can
+    replay them); ids not in the task set are kept for the logged policy alone.
+    """
+    from pipeline.envs import load_tasks
+
+    if logged is None:
+        tasks = load_tasks(args.env, args.tasks)[: args.limit]
+        return tasks, [t.id for t in tasks]
+    if not logged:
+        raise ValueError(f"{args.trajectories} holds no trajectories.")
+    ids = list(dict.fromkeys(t.task_id for t in logged))[: args.limit]
+    by_id = {t.id: t for t in load_tasks(args.env)}
+    return [by_id[i] for i in ids if i in by_id], ids
+
+
+def _evaluate_spec(spec: str, tasks: list, ids: list[str], n: int, args: argparse.Namespace):
+    """Evaluate one policy spec: a logged FILE.jsonl, a scripted policy, or a model."""
+    from pipeline.evaluation import evaluate, evaluate_trajectories
+    from pipeline.trajectory import load_jsonl
+
+    if spec.endswith(".jsonl") or Path(spec).is_file():
+        wanted = set(ids)
+        logged = [t for t in load_jsonl(spec) if t.task_id in wanted]
+        if not logged:
+            raise ValueError(f"{spec} has no trajectory for the {len(ids)} tasks being evaluated.")
+        return evaluate_trajectories(logged, tasks, k=args.k, label=spec)
+    if not tasks:
+        raise ValueError(f"no task to run {spec} on: none of the logged task ids is in the {args.env} task set.")
+    policy = _scripted_policy(spec) if spec in SCRIPTED_POLICIES or ":" in spec else spec
+    return evaluate(policy, tasks, k=args.k, seed=args.seed, n=n, max_turns=args.max_turns,
+                    max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
+                    batch_size=args.batch_size, label=spec)
+
+
+def _scripted_policy(spec: str) -> Callable:
+    """``oracle``, or ``MODULE:FUNCTION`` naming a factory ``task -> (messages -> str)``."""
+    import importlib
+
+    if spec == "oracle":
+        from pipeline.envs import oracle_policy
+
+        return oracle_policy
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load the scripted policy {spec!r} ({exc}); name 'oracle' or MODULE:FUNCTION with "
+                         "MODULE importable (on PYTHONPATH).") from None
+    if not callable(factory):
+        raise ValueError(f"{spec!r} is not callable; it must be a factory task -> (messages -> str).")
+    return factory
+
+
+# ---------------------------------------------------------------------------------------------------
+# turnwise train
+# ---------------------------------------------------------------------------------------------------
+
+
+def add_train_parser(subparsers: Subparsers) -> None:
+    """``turnwise train --config RECIPE.yaml [--flag value ...]``: multi-turn GRPO (flags override the YAML)."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a LoRA adapter with multi-turn GRPO",
+        description="Multi-turn GRPO with TRL. Options are those of turnwise's TaskArguments and RolloutConfig, "
+        "TRL's GRPOConfig and ModelConfig; give them in a YAML recipe (--config) and/or as flags. "
+        "Run `turnwise train --help-all` to list them.",
+    )
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="--config FILE.yaml and/or --option value pairs")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pipeline.config import parse_train_args
+    from pipeline.trainer import train
+
+    options = ["--help" if o == "--help-all" else o for o in args.options]
+    task_args, rollout_config, grpo_args, model_args = parse_train_args(options)
+    result = train(task_args, rollout_config, grpo_args, model_args)
+    print(f"trained {result['steps']} steps; val success {result['val']['val/success']:.3f}")
+    print(f"  adapter: {result['adapter']}")
+    print(f"  logs and checkpoints: {result['output_dir']}")
+    print(f"  trajectory samples: {result['samples']}")
     return 0
 
 
@@ -182,7 +320,7 @@ def run_eval(args: argparse.Namespace) -> int:
 # Dispatch
 # ---------------------------------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser, add_train_parser)
 """Every subcommand's parser builder, in the order ``--help`` lists them."""
 
 

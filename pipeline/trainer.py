@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from pipeline import advantages as adv
@@ -41,7 +42,6 @@ TURN_ESTIMATORS = ("group_based_per_turn", "monte_carlo")
 class RolloutConfig:
     """How episodes are played and credited during training (TRL's ``GRPOConfig`` holds the rest)."""
 
-    env: str = field(default="customer_service", metadata={"help": "Environment name or task-set path."})
     max_turns: int = field(default=12, metadata={"help": "Assistant-turn budget per episode."})
     max_new_tokens: int = field(default=96, metadata={"help": "Token budget per assistant turn."})
     max_total_tokens: int = field(default=4096, metadata={"help": "Token budget per episode (prompt included)."})
@@ -225,3 +225,155 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
     def sample_trajectories(self, limit: int = 4) -> list[str]:
         """JSON lines of the latest rollouts, for the trajectory sample log."""
         return [json.dumps(t.to_dict()) for t in self.rollout.last[:limit]]
+
+
+# -- the training entry point ----------------------------------------------------------------------
+
+
+class ValidationCallback(TrainerCallback):
+    """Runs the external evaluation on held-out tasks every ``every`` steps; logs ``val/success`` and
+    ``val/pass@1``, and warns when training reward rises while validation success stays flat."""
+
+    def __init__(self, trainer: "TurnwiseGRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
+                 max_new_tokens: int, patience: int = 3) -> None:
+        self.trainer, self.tasks, self.every = trainer, list(tasks), every
+        self.max_turns, self.max_new_tokens, self.patience = max_turns, max_new_tokens, patience
+        self.history: list[tuple[float, float]] = []  # (train reward mean since last validation, val success)
+        self._rewards: list[float] = []
+
+    def validate(self) -> dict[str, float]:
+        from pipeline.evaluation import evaluate
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        was_training = model.training
+        report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
+                          max_new_tokens=self.max_new_tokens)
+        model.train(was_training)
+        return {"val/success": report.metrics["success"], "val/pass@1": report.metrics["pass@1"],
+                "val/completion": report.metrics["completion"]}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "rollout/reward/mean" in logs:
+            self._rewards.append(float(logs["rollout/reward/mean"]))
+            if float(logs.get("analysis/zero_adv_groups", 0.0)) > 0.5:
+                logger.warning("step %d: %.0f%% of groups have zero advantage (every rollout of a task scored the "
+                               "same): no learning signal. Raise num_generations or temperature, or use a denser "
+                               "reward.", state.global_step, 100 * float(logs["analysis/zero_adv_groups"]))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self._run(state)
+
+    def _run(self, state) -> None:
+        metrics = self.validate()
+        self.trainer.log(metrics)
+        reward = sum(self._rewards) / len(self._rewards) if self._rewards else float("nan")
+        self._rewards = []
+        self.history.append((reward, metrics["val/success"]))
+        warning = health_warning(self.history, self.patience)
+        if warning:
+            logger.warning("step %d: %s", state.global_step, warning)
+
+
+def health_warning(history: Sequence[tuple[float, float]], patience: int = 3, min_rise: float = 0.05,
+                   flat: float = 0.02) -> str | None:
+    """The reward-hacking signal: training reward rose over the last ``patience`` validations while
+    validation success moved by less than ``flat``.
+
+    >>> health_warning([(0.1, 0.2), (0.3, 0.2), (0.5, 0.21)])
+    'training reward rose by 0.40 over the last 3 validations while val/success stayed flat (0.20 -> 0.21): likely reward hacking. Read the transcripts where reward is high and success is false; run `turnwise audit`.'
+    >>> health_warning([(0.1, 0.2), (0.3, 0.3), (0.5, 0.4)]) is None
+    True
+    """
+    if len(history) < patience:
+        return None
+    window = history[-patience:]
+    rise = window[-1][0] - window[0][0]
+    moved = abs(window[-1][1] - window[0][1])
+    if rise >= min_rise and moved < flat:
+        return (f"training reward rose by {rise:.2f} over the last {patience} validations while val/success stayed "
+                f"flat ({window[0][1]:.2f} -> {window[-1][1]:.2f}): likely reward hacking. Read the transcripts where "
+                "reward is high and success is false; run `turnwise audit`.")
+    return None
+
+
+class SampleWriter(TrainerCallback):
+    """Writes a few of the latest trajectories as JSONL at every logging step (``<output_dir>/samples/``),
+    and shows the current reward and success on the progress bar."""
+
+    def __init__(self, trainer: "TurnwiseGRPOTrainer", limit: int = 4) -> None:
+        self.trainer, self.limit = trainer, limit
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from pathlib import Path
+
+        from pipeline.trajectory import atomic_write_text
+
+        if not state.is_world_process_zero or not self.trainer.rollout.last:
+            return
+        lines = self.trainer.sample_trajectories(self.limit)
+        atomic_write_text(Path(args.output_dir) / "samples" / f"step-{state.global_step:06d}.jsonl",
+                          "\n".join(lines) + "\n")
+        if logs and "rollout/reward/mean" in logs:
+            for callback in self.trainer.callback_handler.callbacks:
+                bar = getattr(callback, "training_bar", None)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{float(logs['rollout/reward/mean']):.3f}",
+                                    success=f"{float(logs.get('rollout/success', 0.0)):.2f}")
+
+
+def default_reward(config_path: str | None = None) -> Callable[[Trajectory], Any]:
+    """The trajectory reward from the ``rewards`` package (``build_reward``)."""
+    try:
+        from rewards import build_reward
+    except ImportError as exc:
+        raise RuntimeError("The rewards package does not provide build_reward(); install turnwise fully.") from exc
+    config = None
+    if config_path:
+        import yaml
+
+        with open(config_path) as f:
+            config = yaml.safe_load(f)
+    return build_reward(config)
+
+
+def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
+          reward_fn: Callable[[Trajectory], Any] | None = None) -> dict[str, Any]:
+    """Parse-build-train-save: the whole ``turnwise train`` run. Returns where the outputs are."""
+    import os
+    from pathlib import Path
+
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import get_peft_config
+
+    from pipeline.envs import load_tasks
+    from pipeline.models import DEFAULT_MODEL, load_model
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    model, tokenizer = load_model(model_args.model_name_or_path or DEFAULT_MODEL)
+    train_tasks = load_tasks(task_args.tasks, task_args.train_split)[: task_args.train_limit]
+    val_tasks = load_tasks(task_args.tasks, task_args.val_split)[: task_args.val_limit]
+    rollout = EpisodeRollout(train_tasks, rollout_config, seed=grpo_args.seed)
+    reward = TrajectoryReward(reward_fn or default_reward(task_args.reward_config), rollout)
+    grpo_args.max_completion_length = max(grpo_args.max_completion_length or 0, rollout_config.max_total_tokens)
+    peft_config = get_peft_config(model_args)
+    trainer = TurnwiseGRPOTrainer(model=model, processing_class=tokenizer, args=grpo_args,
+                                  train_dataset=task_dataset(train_tasks), peft_config=peft_config, rollout=rollout,
+                                  reward=reward, rollout_config=rollout_config)
+    validation = ValidationCallback(trainer, val_tasks, task_args.val_every, rollout_config.max_turns,
+                                    rollout_config.max_new_tokens)
+    trainer.add_callback(validation)
+    trainer.add_callback(SampleWriter(trainer))
+    checkpoint = None
+    if task_args.resume:
+        checkpoint = get_last_checkpoint(grpo_args.output_dir)
+        if checkpoint is None:
+            logger.warning("--resume: no checkpoint in %s; starting from scratch.", grpo_args.output_dir)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = validation.validate()
+    trainer.log(final)
+    adapter_dir = Path(grpo_args.output_dir) / "adapter"
+    trainer.save_model(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    return {"adapter": str(adapter_dir), "output_dir": grpo_args.output_dir, "samples": str(Path(grpo_args.output_dir) / "samples"),
+            "val": final, "steps": trainer.state.global_step}
