@@ -10,6 +10,7 @@ GPU.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Hashable, Protocol, Sequence, runtime_checkable
 
@@ -45,6 +46,11 @@ class GenerationBackend(Protocol):
         ...
 
 
+def _returned_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class HFBackend:
     """Batched sampling with a Hugging Face causal LM and per-episode KV caches.
 
@@ -65,6 +71,9 @@ class HFBackend:
         self.stop_token_ids = set(stop_token_ids or ([eos] if isinstance(eos, int) else eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.stop_token_ids))
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``; accept both.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self._caches: dict[Hashable, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.prefill_tokens = 0  # tokens run through prefill, for benchmarks
 
@@ -121,8 +130,8 @@ class HFBackend:
                 layers.append((k.to(device), v.to(device)))
             cache = DynamicCache(ddp_cache_data=layers)
         out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                         position_ids=positions.to(device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                         position_ids=positions.to(device), use_cache=True, **{self._cache_arg: cache})
+        cache = _returned_cache(out)
         logits = out.logits[:, -1, :].float()
         next_pos = positions[:, -1] + 1
 
@@ -153,8 +162,8 @@ class HFBackend:
                 alive = [alive[j] for j in keep]
             mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], dim=1)
             out = self.model(input_ids=tokens.view(-1, 1).to(device), attention_mask=mask.to(device),
-                             position_ids=next_pos.view(-1, 1).to(device), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                             position_ids=next_pos.view(-1, 1).to(device), use_cache=True, **{self._cache_arg: cache})
+            cache = _returned_cache(out)
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         return [r for r in results if r is not None]

@@ -1,0 +1,53 @@
+"""Shared helpers for the benchmark scripts: machine description and result writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_result(name: str, result: dict) -> Path:
+    from pipeline.trajectory import atomic_write_text
+
+    path = RESULTS / f"{name}.json"
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
+    """Sustained fp32 matmul FLOP/s on this machine (the compute roof)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)

@@ -1,0 +1,119 @@
+"""One GRPO optimisation step: turnwise's multi-turn step against TRL's stock single-turn step.
+
+    python benchmarks/train_step.py            # 8 episodes
+    python benchmarks/train_step.py --quick    # 4 episodes, under 5 minutes on a 2-core CPU
+
+Both trainers wrap the embedded model in the same LoRA adapter and run ``training_step`` (forward,
+clipped GRPO loss, backward) on a prepared batch; generation is outside the timed region. The stock
+batch is single-turn completions of the *same number of trained tokens* as the multi-turn batch's
+assistant tokens, on the same opening prompts. The multi-turn batch also carries environment tokens
+(masked out of the loss but still run through the model), which is the overhead this measures.
+
+Keys of the last output line (JSON): ``ratio`` (ours / stock step time, median of ``--repeats``) and
+``peak_rss_gb`` (peak resident memory of the process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+from common import machine, write_result
+
+
+def timed_steps(trainer, inputs, repeats: int) -> list[float]:
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    items = inputs.get("num_items_in_batch")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        trainer.training_step(trainer.model, inputs, items)
+        times.append(time.perf_counter() - start)
+        trainer.model.zero_grad(set_to_none=True)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--episodes", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+    if args.quick:
+        args.episodes, args.turns, args.new_tokens, args.repeats = 4, 3, 32, 2
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from pipeline.envs import load_tasks, make_env
+    from pipeline.models import load_model
+    from pipeline.trainer import EpisodeRollout, RolloutConfig, TrajectoryReward, TurnwiseGRPOTrainer, task_dataset
+
+    torch.manual_seed(0)
+    groups = args.episodes // 2
+    tasks = load_tasks("customer_service", "train")[:groups]
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    common = dict(per_device_train_batch_size=args.episodes, num_generations=2, max_steps=1, report_to=[],
+                  use_cpu=True, save_strategy="no", beta=0.0, temperature=1.0, seed=0, logging_steps=1)
+
+    # turnwise: multi-turn episodes, scored by a reward that varies within groups
+    model, tokenizer = load_model(args.model)
+    config = RolloutConfig(max_turns=args.turns, max_new_tokens=args.new_tokens, max_total_tokens=8192)
+    rollout = EpisodeRollout(tasks, config)
+    reward = TrajectoryReward(lambda t: sum(map(sum, (x.completion_ids for x in t.turns))) % 7 / 7.0, rollout)
+    ours = TurnwiseGRPOTrainer(
+        model=model, processing_class=tokenizer, peft_config=lora, rollout=rollout, reward=reward, rollout_config=config,
+        args=GRPOConfig(output_dir=tempfile.mkdtemp(), max_completion_length=8192, **common),
+        train_dataset=task_dataset(tasks))
+    ours.model.train()
+    rows = [{"prompt": r["prompt"], "task_id": r["task_id"]} for r in ours.train_dataset for _ in range(2)]
+    ours_inputs = ours._generate_and_score_completions(rows)
+    trained = int((ours_inputs["completion_mask"] * ours_inputs["tool_mask"]).sum())
+    env_tokens = int((ours_inputs["completion_mask"] * (1 - ours_inputs["tool_mask"])).sum())
+    per_episode = max(1, round(trained / args.episodes))
+    ours_times = timed_steps(ours, ours_inputs, args.repeats)
+
+    # stock TRL: single-turn completions of the same length from the same opening prompts
+    model2, _ = load_model(args.model)
+    openings = [make_env(t).reset(t) for t in tasks]
+    stock = GRPOTrainer(
+        model=model2, processing_class=tokenizer, peft_config=lora,
+        reward_funcs=[lambda completions, **kw: [float(len(c[0]["content"]) % 7) for c in completions]],
+        args=GRPOConfig(output_dir=tempfile.mkdtemp(), max_completion_length=per_episode,
+                        generation_kwargs={"min_new_tokens": per_episode}, **common),
+        train_dataset=Dataset.from_list([{"prompt": o} for o in openings]))
+    stock.model.train()
+    stock_inputs = stock._generate_and_score_completions([{"prompt": o} for o in openings for _ in range(2)])
+    stock_trained = int(stock_inputs["completion_mask"].sum())
+    stock_times = timed_steps(stock, stock_inputs, args.repeats)
+
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    result = {
+        "ratio": round(statistics.median(ours_times) / statistics.median(stock_times), 3),
+        "peak_rss_gb": round(peak_gb, 2),
+        "ours_step_s": [round(x, 2) for x in ours_times], "stock_step_s": [round(x, 2) for x in stock_times],
+        "trained_tokens": {"ours": trained, "stock": stock_trained}, "ours_env_tokens": env_tokens,
+        "ours_sequence_len": int(ours_inputs["prompt_ids"].shape[1] + ours_inputs["completion_ids"].shape[1]),
+        "stock_sequence_len": int(stock_inputs["prompt_ids"].shape[1] + stock_inputs["completion_ids"].shape[1]),
+        "episodes": args.episodes, "turns": args.turns, "new_tokens_per_turn": args.new_tokens,
+        "model": args.model, "lora_r": 16, "quick": args.quick, "machine": machine(),
+        "command": "python benchmarks/train_step.py" + (" --quick" if args.quick else ""),
+    }
+    write_result("train_step_quick" if args.quick else "train_step", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
