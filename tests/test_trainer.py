@@ -111,3 +111,60 @@ def test_resume_after_step_two_reaches_the_same_weights_at_step_four(tiny_model_
     at_two = load_file(str(checkpoint / "adapter_model.safetensors"))
     assert any(not torch.allclose(v, a[k.replace(".weight", ".default.weight")], atol=1e-6)
                for k, v in at_two.items() if "lora_B" in k and k.replace(".weight", ".default.weight") in a)
+
+
+def test_trained_ids_are_the_sampled_ids_over_five_turns(tiny_model_dir, tmp_path):
+    """What the loss sees as completion tokens is the episode's token sequence after the opening prompt,
+    and its assistant positions hold exactly the ids sampled at each of the five turns."""
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    trainer.rollout.config.max_turns = 5
+    trainer.model.train()
+    inputs = trainer._generate_and_score_completions(
+        [{"prompt": row["prompt"], "task_id": row["task_id"]} for row in trainer.train_dataset.select([0, 0])])
+    for row, traj in enumerate(trainer.rollout.last):
+        assert len(traj.turns) == 5
+        start = traj.tokens.turn_spans[0][0]
+        expected = traj.tokens.input_ids[start:]
+        n = len(expected)
+        assert inputs["completion_ids"][row, :n].tolist() == expected
+        assert inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()].tolist() == traj.tokens.input_ids[:start]
+        mask = inputs["tool_mask"][row, :n].bool()
+        sampled = [tok for turn in traj.turns for tok in turn.completion_ids]
+        assert inputs["completion_ids"][row, :n][mask].tolist() == sampled
+
+
+def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_model_dir, tmp_path, caplog):
+    """``train()`` runs the whole loop: validation through pipeline.evaluation, trajectory samples as
+    JSONL at each logging step, and a saved adapter; ``resume`` continues from the last checkpoint."""
+    import json
+
+    from trl import GRPOConfig, ModelConfig
+
+    from pipeline.config import TaskArguments
+    from pipeline.trainer import train
+
+    task_args = TaskArguments(train_limit=2, val_limit=2, val_every=1)
+    rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+
+    def grpo_args(steps):
+        return GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=steps,
+                          logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=1, beta=0.0,
+                          learning_rate=1e-2)
+
+    result = train(task_args, rollout_config, grpo_args(2), model_args, reward_fn=token_count_reward)
+    assert result["steps"] == 2 and set(result["val"]) >= {"val/success", "val/pass@1"}
+    samples = sorted((tmp_path / "samples").glob("step-*.jsonl"))
+    assert [p.name for p in samples] == ["step-000001.jsonl", "step-000002.jsonl"]
+    record = json.loads(samples[0].read_text().splitlines()[0])
+    assert record["task_id"] and record["tokens"]["assistant_mask"]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert any("val/success" in h for h in history)  # validation ran during training (val_every=1)
+    assert any("rollout/turns/mean" in h and "analysis/zero_adv_groups" in h for h in history)
+
+    task_args.resume = True
+    again = train(task_args, rollout_config, grpo_args(3), model_args, reward_fn=token_count_reward)
+    assert again["steps"] == 3
+    assert (tmp_path / "samples" / "step-000003.jsonl").exists()
