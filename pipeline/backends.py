@@ -54,8 +54,9 @@ def _returned_cache(output):
 class HFBackend:
     """Batched sampling with a Hugging Face causal LM and per-episode KV caches.
 
-    Each batched call left-pads every episode's cache to a common length (masked out), prefills the
-    episodes' new tokens together, then decodes one token per step for all rows until each row stops.
+    New episodes share one cached copy of their common prompt prefix (the system prompt). Each batched
+    call left-pads every episode's cache to a common length (masked out), prefills the episodes' new
+    tokens together, then decodes one token per step for all rows until each row stops.
     Position ids follow each row's real length, so padding never shifts positions. When a row stops,
     its cache is compacted (padding removed) and kept under its episode key.
 
@@ -75,14 +76,42 @@ class HFBackend:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self._caches: dict[Hashable, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._prefix: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.min_shared_prefix = 32  # tokens; shorter shared prefixes are not worth a separate forward pass
         self.prefill_tokens = 0  # tokens run through prefill, for benchmarks
 
     def release(self, key: Hashable) -> None:
         self._caches.pop(key, None)
 
+    def _shared_prefix(self, requests: Sequence[GenerationRequest]) -> None:
+        """Compute, once, the KV cache of the prompt prefix that new episodes share.
+
+        Episodes of one domain start with the same system prompt (instructions, policy, tool schemas),
+        most of the first turn's prompt. Its cache is computed for one sequence and reused by every new
+        episode instead of being prefilled once per episode.
+        """
+        fresh = [r.prompt_ids for r in requests if r.key not in self._caches]
+        if not self.reuse_cache or not fresh:
+            return
+        if self._prefix is not None and all(p[: len(self._prefix[0])] == self._prefix[0] for p in fresh):
+            return
+        first, limit = fresh[0], min(len(p) for p in fresh) - 1
+        length = next((n for n in range(limit) if any(p[n] != first[n] for p in fresh[1:])), limit)
+        if length < self.min_shared_prefix:
+            return
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([first[:length]], device=self.model.device), use_cache=True)
+        cache = _returned_cache(out)
+        self._prefix = (first[:length], [(layer.keys, layer.values) for layer in cache.layers])
+        self.prefill_tokens += length
+
     def _cached(self, request: GenerationRequest) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]:
         """The reusable cache for a request and how many prompt tokens it covers (at least one is left to feed)."""
         entry = self._caches.get(request.key) if self.reuse_cache else None
+        if entry is None and self.reuse_cache and self._prefix is not None:
+            prefix = self._prefix[0]
+            if len(prefix) < len(request.prompt_ids) and request.prompt_ids[: len(prefix)] == prefix:
+                entry = self._prefix
         if entry is None:
             return None, 0
         ids, layers = entry
@@ -100,6 +129,7 @@ class HFBackend:
         if not requests:
             return []
         device = self.model.device
+        self._shared_prefix(requests)
         caches = [self._cached(r) for r in requests]
         past_len = max(n for _, n in caches)
         new = [r.prompt_ids[n:] for r, (_, n) in zip(requests, caches)]

@@ -155,3 +155,18 @@ def test_backend_honours_per_request_token_limits(tiny):
     out = backend.generate([GenerationRequest("a", [1, 2, 3], 2), GenerationRequest("b", [4, 5], 5)])
     assert len(out[0].token_ids) <= 2 and len(out[1].token_ids) <= 5
     assert all(len(g.token_ids) == len(g.logprobs) for g in out)
+
+
+def test_new_episodes_share_the_cached_system_prompt(tiny):
+    """The first turn prefills the common prompt prefix once, not once per episode, and the result is
+    the same as prefilling every episode on its own."""
+    model, tokenizer = tiny
+    shared = HFBackend(model, tokenizer, temperature=0.0)
+    alone = HFBackend(model, tokenizer, temperature=0.0, reuse_cache=False)
+    common = list(range(60, 120))  # 60 shared tokens
+    prompts = [common + [200 + i, 201 + i] for i in range(4)]
+    a = shared.generate([GenerationRequest(i, p, 5) for i, p in enumerate(prompts)])
+    b = alone.generate([GenerationRequest(i, p, 5) for i, p in enumerate(prompts)])
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert shared.prefill_tokens == 60 + 4 * 2
+    assert alone.prefill_tokens == 4 * 62
