@@ -1,11 +1,30 @@
 """External evaluation: the yardstick training is judged by.
 
-Evaluation uses only the environment's strict goal check (``Outcome``), never the training reward:
-this module must not import ``rewards`` (a test enforces it), so a reward that can be gamed cannot
-also move the number that says whether training worked.
+Evaluation uses only the environment's strict goal check (:class:`~pipeline.envs.base.Outcome`), never
+the training reward: this module must not import ``rewards`` (a test enforces it), so a reward that can
+be gamed cannot also move the number that says whether training worked.
 
-``evaluate(policy, tasks, k, seed)`` runs ``k`` episodes per task (seeds ``seed .. seed+k-1``) and
-returns an :class:`EvalReport` with the raw per-episode results and the aggregate metrics.
+``evaluate(policy, tasks, k, seed, n=...)`` plays ``n`` episodes per task (default ``n = k``) with
+environment seeds ``seed .. seed+n-1``, records one raw result per episode, and aggregates them:
+
+- success, completion (the episode ended properly rather than by a budget) and correctness among the
+  completed episodes, kept apart because a policy that ends conversations early is not one that solves
+  them;
+- pass@j, the chance that at least one of ``j`` trials succeeds, with the unbiased estimator of Chen et
+  al. (2021) over the ``n >= j`` samples, and pass^j, the chance that all ``j`` succeed (tau-bench,
+  Yao et al., 2024), for ``j`` in :func:`k_values` (1, k, n and the powers of two up to n);
+- per-field accuracy and per-check pass rates, a per-intent breakdown, turn-budget exhaustion and token
+  truncation rates, mean turns and tokens, tool calls by name, and violations by rule.
+
+``evaluate_trajectories`` computes the same report from logged trajectories (their outcomes were
+recorded when they were played), and :func:`compare` pairs two reports episode by episode for the
+side-by-side mode: the paired difference in success with a paired-bootstrap interval, plus the
+transcripts on which the two disagree. Human-readable renderings live in :mod:`pipeline.report`.
+
+Determinism: the environment is seeded per episode, models decode greedily and scripted policies are
+pure functions of the conversation, so a given ``(policy, tasks, k, n, seed)`` always gives the same
+report (apart from ``wall_time_s``). With greedy decoding the ``n`` samples of a task differ only
+through the seeded environment (the simulated customer's wording, persona draws).
 """
 
 from __future__ import annotations
@@ -20,11 +39,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.envs import make_env
-from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Task
+from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task
 from pipeline.rollout import RolloutEngine, run_policy
-from pipeline.trajectory import Trajectory, atomic_write_text
+from pipeline.trajectory import Trajectory, atomic_write_text, save_jsonl
 
 logger = logging.getLogger(__name__)
+
+#: Runs with at least this many episodes show a progress bar unless told otherwise.
+PROGRESS_MIN_EPISODES = 32
+
+#: The intent label of tasks with more than one intent; keeps the breakdown a partition of episodes.
+MULTI_INTENT = "multi"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -49,26 +74,52 @@ def pass_hat_k(n: int, c: int, k: int) -> float:
     return math.comb(c, k) / math.comb(n, k)
 
 
+def k_values(n: int, k: int = 1) -> list[int]:
+    """The ``j`` that pass@j and pass^j are reported for with ``n`` samples per task: 1, k, n, powers of 2.
+
+    >>> k_values(4, 1)
+    [1, 2, 4]
+    >>> k_values(5, 3)
+    [1, 2, 3, 4, 5]
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n samples per task, got k={k}, n={n}; pass n >= k.")
+    return sorted({1, k, n} | {2**i for i in range(n.bit_length()) if 2**i <= n})
+
+
 @dataclass
 class EvalReport:
-    """Metrics plus the raw per-episode results they were computed from."""
+    """The raw per-episode results, the metrics computed from them, and the trajectories they came from.
+
+    ``episodes`` holds one JSON-able record per episode (see :func:`episode_result`); ``metrics`` and
+    ``per_task`` are :func:`summarize` of it; ``config`` says what was run (policy label, k, n, seed,
+    budgets, source).
+    """
 
     metrics: dict[str, Any]
     per_task: list[dict[str, Any]]
+    episodes: list[dict[str, Any]] = field(default_factory=list)
     trajectories: list[Trajectory] = field(repr=False, default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return str(self.config.get("policy", "?"))
 
     @property
     def success_rate(self) -> float:
         return self.metrics["success"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "metrics": self.metrics, "per_task": self.per_task}
+        return {"config": self.config, "metrics": self.metrics, "per_task": self.per_task, "episodes": self.episodes}
+
+    def to_markdown(self) -> str:
+        from pipeline.report import render_markdown
+
+        return render_markdown([self])
 
     def save(self, out_dir: Path | str) -> dict[str, Path]:
         """Write ``report.json``, ``report.md`` and ``trajectories.jsonl`` atomically."""
-        from pipeline.trajectory import save_jsonl
-
         out = Path(out_dir)
         paths = {"json": out / "report.json", "markdown": out / "report.md", "trajectories": out / "trajectories.jsonl"}
         atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2) + "\n")
@@ -76,74 +127,166 @@ class EvalReport:
         save_jsonl(self.trajectories, paths["trajectories"])
         return paths
 
-    def to_markdown(self) -> str:
-        m = self.metrics
-        lines = [f"# Evaluation: {self.config.get('policy', '?')}", "",
-                 f"{m['n_tasks']} tasks x k={m['k']} ({m['n_episodes']} episodes), seed {self.config.get('seed')}", "",
-                 "| metric | value |", "| --- | --- |"]
-        for key in ("success", f"pass@{m['k']}", f"pass^{m['k']}", "completion", "correct_given_completed",
-                    "max_turns_rate", "truncation_rate", "turns_mean", "tokens_mean", "tool_calls_mean", "tool_errors_mean"):
-            value = m.get(key)
-            lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
-        lines += ["", "## By intent", "", "| intent | episodes | success |", "| --- | --- | --- |"]
-        for intent, row in sorted(m["by_intent"].items()):
-            lines.append(f"| {intent} | {row['n']} | {row['success']:.3f} |")
-        if m["violations"]:
-            lines += ["", "## Violations by rule", "", "| rule | count |", "| --- | --- |"]
-            lines += [f"| {rule} | {n} |" for rule, n in sorted(m["violations"].items())]
-        lines += ["", "## Per task", "", "| task | intents | successes | stop reasons |", "| --- | --- | --- | --- |"]
-        for row in self.per_task:
-            lines.append(f"| {row['task_id']} | {'+'.join(row['intents'])} | {row['successes']}/{row['n']} | "
-                         f"{', '.join(row['stop_reasons'])} |")
-        return "\n".join(lines) + "\n"
+
+# ---------------------------------------------------------------------------------------------------
+# Per-episode results and their aggregation
+# ---------------------------------------------------------------------------------------------------
 
 
-def summarize(trajectories: Sequence[Trajectory], tasks: Sequence[Task], k: int) -> tuple[dict, list[dict]]:
-    """Aggregate metrics and the per-task table from finished episodes."""
-    by_task: dict[str, list[Trajectory]] = defaultdict(list)
-    for t in trajectories:
-        by_task[t.task_id].append(t)
-    n = len(trajectories)
-    outcomes = [t.outcome for t in trajectories]
-    completed = [o for o in outcomes if o.completed]
-    truncated = [t for t in trajectories if t.outcome.stop_reason == STOP_MAX_TOKENS or any(x.truncated for x in t.turns)]
-    tool_calls = [sum(len(x.info.get("tool_calls", [])) for x in t.turns) for t in trajectories]
-    tool_errors = [sum(len(x.info.get("tool_errors", [])) for x in t.turns) for t in trajectories]
-    violations = Counter(v.split("@")[0] for o in outcomes for v in o.violations)
-    intents: dict[str, list[bool]] = defaultdict(list)
-    per_task, at_k, hat_k = [], [], []
-    for task in tasks:
-        runs = by_task[task.id]
-        c = sum(r.outcome.success for r in runs)
-        label = task.intents[0] if len(task.intents) == 1 else "multi"
-        intents[label] += [r.outcome.success for r in runs]
-        at_k.append(pass_at_k(len(runs), c, k))
-        hat_k.append(pass_hat_k(len(runs), c, k))
-        per_task.append({"task_id": task.id, "intents": task.intents, "n": len(runs), "successes": c,
-                         "stop_reasons": [r.outcome.stop_reason or "none" for r in runs],
-                         "turns": [r.num_turns for r in runs], "violations": [v for r in runs for v in r.outcome.violations]})
-    fields: dict[str, list[bool]] = defaultdict(list)
-    for o in outcomes:
-        for name, ok in o.fields.items():
-            fields[name].append(bool(ok))
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    metrics = {
-        "n_tasks": len(tasks), "k": k, "n_episodes": n,
-        "success": mean([o.success for o in outcomes]),
-        f"pass@{k}": mean(at_k), f"pass^{k}": mean(hat_k),
-        "completion": mean([o.completed for o in outcomes]),
-        "correct_given_completed": mean([o.success for o in completed]),
-        "max_turns_rate": mean([o.stop_reason == STOP_MAX_TURNS for o in outcomes]),
-        "truncation_rate": len(truncated) / n if n else 0.0,
-        "turns_mean": mean([t.num_turns for t in trajectories]),
-        "tool_calls_mean": mean(tool_calls), "tool_errors_mean": mean(tool_errors),
-        "tokens_mean": mean([sum(t.tokens.assistant_mask) for t in trajectories if t.tokens is not None]),
-        "violations": dict(violations),
-        "stop_reasons": dict(Counter(o.stop_reason or "none" for o in outcomes)),
-        "by_intent": {i: {"n": len(v), "success": mean(v)} for i, v in intents.items()},
-        "field_accuracy": {name: mean(v) for name, v in fields.items()},
+def intent_label(intents: Sequence[str]) -> str:
+    """The breakdown bucket of a task: its intent, or ``"multi"`` for a multi-intent task."""
+    return intents[0] if len(intents) == 1 else MULTI_INTENT
+
+
+def episode_result(trajectory: Trajectory, intents: Sequence[str]) -> dict[str, Any]:
+    """One episode's raw result: the outcome plus the counts the metrics need, JSON-able.
+
+    ``assistant_tokens`` (sampled tokens) and ``episode_tokens`` (the whole sequence) are ``None`` when
+    no model produced the episode. ``fields`` maps each output field to whether it was right;
+    ``checks`` splits the strict success into the parts the environment reports.
+    """
+    o = trajectory.outcome
+    turns = trajectory.turns
+    if trajectory.tokens is not None:
+        assistant_tokens: int | None = sum(trajectory.tokens.assistant_mask)
+        episode_tokens: int | None = len(trajectory.tokens.input_ids)
+    elif turns and all(t.completion_ids is not None for t in turns):
+        assistant_tokens, episode_tokens = sum(len(t.completion_ids or []) for t in turns), None
+    else:
+        assistant_tokens = episode_tokens = None
+    return {
+        "task_id": trajectory.task_id,
+        "seed": trajectory.seed,
+        "intents": list(intents),
+        "success": bool(o.success),
+        "completed": bool(o.completed),
+        "stop_reason": o.stop_reason,
+        "turns": len(turns),
+        "truncated_turns": sum(bool(t.truncated) for t in turns),
+        "assistant_tokens": assistant_tokens,
+        "episode_tokens": episode_tokens,
+        "tool_calls": dict(Counter(c.get("name", "?") for t in turns for c in t.info.get("tool_calls", []))),
+        "tool_errors": dict(Counter(e.get("kind", "error") for t in turns for e in t.info.get("tool_errors", []))),
+        "violations": list(o.violations),
+        "fields": {name: _field_correct(value) for name, value in o.fields.items()},
+        "checks": _checks(o),
     }
+
+
+def _field_correct(value: Any) -> bool:
+    """``Outcome.fields`` values are a bool (right or not) or a record with a ``correct`` entry."""
+    if isinstance(value, dict):
+        if "correct" in value:
+            return bool(value["correct"])
+        if "expected" in value and "actual" in value:
+            return value["expected"] == value["actual"]
+    return bool(value)
+
+
+def _checks(o: Outcome) -> dict[str, bool]:
+    """The parts of the strict goal check an environment reports in ``details`` (each must hold for success)."""
+    checks = {}
+    if "state_match" in o.details:
+        checks["state_match"] = bool(o.details["state_match"])
+    if "missing_facts" in o.details:
+        checks["facts_told"] = not o.details["missing_facts"]
+    checks["no_violations"] = not o.violations
+    return checks
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _rule(violation: str) -> str:
+    return violation.split("@")[0]
+
+
+def summarize(episodes: Sequence[dict[str, Any]], k: int = 1) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Aggregate metrics and the per-task table from raw episode results (:func:`episode_result`).
+
+    Tasks appear in the order of their first episode. pass@j and pass^j average the per-task estimates
+    over tasks, each task with its own sample count ``n_t``, for ``j`` in ``k_values(min n_t, k)``.
+    Ratios with an empty denominator (``correct_given_completed`` with no completed episode, token means
+    without token data) are ``None``.
+    """
+    if not episodes:
+        raise ValueError("nothing to summarize: no episodes.")
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for e in episodes:
+        by_task[e["task_id"]].append(e)
+    n = min(len(v) for v in by_task.values())
+    ks = k_values(n, k)
+    counts = {tid: (len(runs), sum(r["success"] for r in runs)) for tid, runs in by_task.items()}
+    all_turns = sum(e["turns"] for e in episodes)
+
+    metrics: dict[str, Any] = {"n_tasks": len(by_task), "n_episodes": len(episodes), "k": k, "n": n, "ks": ks}
+    metrics["success"] = _mean([e["success"] for e in episodes])
+    for j in ks:
+        metrics[f"pass@{j}"] = _mean([pass_at_k(nt, c, j) for nt, c in counts.values()])
+    for j in ks:
+        metrics[f"pass^{j}"] = _mean([pass_hat_k(nt, c, j) for nt, c in counts.values()])
+    completed = [e for e in episodes if e["completed"]]
+    tokens = [e["assistant_tokens"] for e in episodes if e["assistant_tokens"] is not None]
+    lengths = [e["episode_tokens"] for e in episodes if e["episode_tokens"] is not None]
+    metrics.update({
+        "completion": _mean([e["completed"] for e in episodes]),
+        "correct_given_completed": _mean([e["success"] for e in completed]),
+        "max_turns_rate": _mean([e["stop_reason"] == STOP_MAX_TURNS for e in episodes]),
+        "max_tokens_rate": _mean([e["stop_reason"] == STOP_MAX_TOKENS for e in episodes]),
+        # An episode is truncated when any turn hit the per-turn token cap or the sequence budget ended it.
+        "truncation_rate": _mean([e["stop_reason"] == STOP_MAX_TOKENS or e["truncated_turns"] > 0 for e in episodes]),
+        "truncated_turns_rate": sum(e["truncated_turns"] for e in episodes) / all_turns if all_turns else None,
+        "turns_mean": _mean([e["turns"] for e in episodes]),
+        "tokens_mean": _mean(tokens),
+        "episode_tokens_mean": _mean(lengths),
+        "tool_calls_mean": _mean([sum(e["tool_calls"].values()) for e in episodes]),
+        "tool_errors_mean": _mean([sum(e["tool_errors"].values()) for e in episodes]),
+        "violation_rate": _mean([bool(e["violations"]) for e in episodes]),
+        "tool_calls": _total(e["tool_calls"] for e in episodes),
+        "tool_errors": _total(e["tool_errors"] for e in episodes),
+        "violations": dict(sorted(Counter(_rule(v) for e in episodes for v in e["violations"]).items())),
+        "stop_reasons": dict(sorted(Counter(e["stop_reason"] or "none" for e in episodes).items())),
+        "field_accuracy": _rates(e["fields"] for e in episodes),
+        "checks": _rates(e["checks"] for e in episodes),
+    })
+    intents: dict[str, list[dict]] = defaultdict(list)
+    for e in episodes:
+        intents[intent_label(e["intents"])].append(e)
+    metrics["by_intent"] = {
+        label: {"n": len(rows), "success": _mean([r["success"] for r in rows]),
+                "completion": _mean([r["completed"] for r in rows]), "turns_mean": _mean([r["turns"] for r in rows])}
+        for label, rows in sorted(intents.items())
+    }
+    per_task = [
+        {"task_id": tid, "intents": runs[0]["intents"], "n": len(runs), "successes": counts[tid][1],
+         "success": counts[tid][1] / len(runs), "seeds": [r["seed"] for r in runs],
+         "stop_reasons": [r["stop_reason"] or "none" for r in runs], "turns": [r["turns"] for r in runs],
+         "violations": [v for r in runs for v in r["violations"]]}
+        for tid, runs in by_task.items()
+    ]
     return metrics, per_task
+
+
+def _total(counters) -> dict[str, int]:
+    total: Counter = Counter()
+    for c in counters:
+        total.update(c)
+    return dict(sorted(total.items()))
+
+
+def _rates(records) -> dict[str, float]:
+    """For dicts of name -> bool: the fraction true per name, over the records that have that name."""
+    seen: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        for name, ok in record.items():
+            seen[name].append(bool(ok))
+    return {name: sum(v) / len(v) for name, v in sorted(seen.items())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running policies
+# ---------------------------------------------------------------------------------------------------
 
 
 def evaluate(
@@ -152,45 +295,97 @@ def evaluate(
     k: int = 1,
     seed: int = 0,
     *,
+    n: int | None = None,
     max_turns: int = 20,
     max_new_tokens: int = 128,
     max_total_tokens: int = 8192,
     batch_size: int = 16,
-    progress: bool = False,
+    progress: bool | None = None,
+    label: str | None = None,
 ) -> EvalReport:
-    """Run ``k`` episodes per task and report strict-success metrics.
+    """Play ``n`` episodes per task (default ``n = k``; seeds ``seed .. seed+n-1``) and report strict success.
 
     ``policy`` is a model (a name such as ``"smollm2-135m"``, a path, a hub id, or a loaded
     ``(model, tokenizer)`` pair), a :class:`RolloutEngine`, or a factory ``task -> (messages -> str)``
-    such as ``oracle_policy``. Models are decoded greedily, batched across every live episode, with
-    per-episode KV caches reused across turns.
+    such as ``oracle_policy``. Models are decoded greedily, batched across ``batch_size`` live episodes,
+    with per-episode KV caches reused across turns. ``k`` is the headline pass@k / pass^k; every
+    ``j`` in :func:`k_values` is reported too. ``progress`` shows a progress bar (``None``: on runs of
+    at least ``PROGRESS_MIN_EPISODES`` episodes, when stderr is a terminal).
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    n = k if n is None else n
+    k_values(n, k)  # fail fast on a bad k/n
     tasks = list(tasks)
-    label = policy if isinstance(policy, str) else getattr(policy, "__name__", type(policy).__name__)
+    if not tasks:
+        raise ValueError("no tasks to evaluate.")
+    label = label or _label(policy)
     engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size)
-    start = time.time()
-    episodes = [(task, seed + i) for i in range(k) for task in tasks]
-    bar = _progress(len(episodes), progress)
+    episodes = [(task, seed + i) for task in tasks for i in range(n)]
     env_factory = lambda task: make_env(task, max_turns=max_turns)  # noqa: E731
-    if engine is not None:
-        trajectories = []
-        for lo in range(0, len(episodes), batch_size):
-            chunk = episodes[lo : lo + batch_size]
-            trajectories += engine.run(env_factory, [t for t, _ in chunk], [s for _, s in chunk])
-            bar(len(chunk))
-    else:
-        trajectories = []
-        for task, s in episodes:
-            trajectories.append(run_policy(env_factory(task), task, policy(task), seed=s))
-            bar(1)
-    metrics, per_task = summarize(trajectories, tasks, k)
-    metrics["wall_time_s"] = round(time.time() - start, 2)
-    config = {"policy": str(label), "k": k, "seed": seed, "max_turns": max_turns, "max_new_tokens": max_new_tokens,
-              "max_total_tokens": max_total_tokens}
-    logger.info("evaluated %s on %d tasks: success %.3f", label, len(tasks), metrics["success"])
-    return EvalReport(metrics=metrics, per_task=per_task, trajectories=trajectories, config=config)
+    start = time.time()
+    with _progress(len(episodes), progress) as advance:
+        if engine is not None:
+            trajectories = []
+            for lo in range(0, len(episodes), engine.batch_size):
+                chunk = episodes[lo : lo + engine.batch_size]
+                done = [0]
+
+                def on_turn(active: int, finished: int) -> None:
+                    advance(finished - done[0])
+                    done[0] = finished
+
+                trajectories += engine.run(env_factory, [t for t, _ in chunk], [s for _, s in chunk], on_turn=on_turn)
+        else:
+            trajectories = []
+            for task, s in episodes:
+                trajectories.append(run_policy(env_factory(task), task, policy(task), seed=s))
+                advance(1)
+    report = _report(trajectories, tasks, k)
+    report.metrics["wall_time_s"] = round(time.time() - start, 2)
+    report.config = {"policy": label, "source": "model" if engine is not None else "scripted", "k": k, "n": n,
+                     "seed": seed, "max_turns": max_turns, "max_new_tokens": max_new_tokens,
+                     "max_total_tokens": max_total_tokens}
+    logger.info("evaluated %s on %d tasks x %d: success %.3f", label, len(tasks), n, report.metrics["success"])
+    return report
+
+
+def evaluate_trajectories(
+    trajectories: Sequence[Trajectory], tasks: Sequence[Task] | None = None, k: int = 1, label: str = "logged"
+) -> EvalReport:
+    """The report for logged trajectories, from the outcomes recorded when they were played (no model).
+
+    Intents come from the task with the same id in ``tasks`` when there is one, else from the
+    trajectory's ``metadata["intents"]``, else ``["unknown"]``. The number of samples per task is
+    however many episodes of it were logged; pass@j is reported for ``j`` up to the smallest count.
+    """
+    trajectories = list(trajectories)
+    if not trajectories:
+        raise ValueError("no trajectories to evaluate.")
+    report = _report(trajectories, tasks or [], k)
+    known = {t.id for t in tasks or []}
+    unmatched = sorted({t.task_id for t in trajectories} - known)
+    if tasks and unmatched:
+        logger.warning("%d logged task ids are not in the task set (intent 'unknown' unless the log says): %s",
+                       len(unmatched), ", ".join(unmatched[:5]))
+    report.config = {"policy": label, "source": "logged", "k": k, "n": report.metrics["n"],
+                     "seeds": sorted({t.seed for t in trajectories})}
+    return report
+
+
+def _report(trajectories: Sequence[Trajectory], tasks: Sequence[Task], k: int) -> EvalReport:
+    intents = {task.id: task.intents for task in tasks}
+    episodes = [
+        episode_result(t, intents.get(t.task_id) or t.metadata.get("intents") or ["unknown"]) for t in trajectories
+    ]
+    metrics, per_task = summarize(episodes, k)
+    return EvalReport(metrics=metrics, per_task=per_task, episodes=episodes, trajectories=list(trajectories))
+
+
+def _label(policy: Any) -> str:
+    if isinstance(policy, (str, Path)):
+        return str(policy)
+    if isinstance(policy, tuple) and len(policy) == 2:
+        return str(getattr(getattr(policy[0], "config", None), "_name_or_path", "") or type(policy[0]).__name__)
+    return getattr(policy, "__name__", type(policy).__name__)
 
 
 def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_size: int) -> RolloutEngine | None:
@@ -213,10 +408,130 @@ def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_si
                     "RolloutEngine, or a factory task -> policy such as oracle_policy.")
 
 
-def _progress(total: int, enabled: bool) -> Callable[[int], None]:
-    if not enabled:
-        return lambda n: None
-    from tqdm.auto import tqdm
+class _progress:
+    """A tqdm bar on stderr as a context manager yielding ``advance(n)``; a no-op when disabled."""
 
-    bar = tqdm(total=total, desc="episodes", unit="ep")
-    return bar.update
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        self.total, self.enabled, self.bar = total, enabled, None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.enabled is False or (self.enabled is None and self.total < PROGRESS_MIN_EPISODES):
+            return lambda n: None
+        from tqdm.auto import tqdm
+
+        # disable=None: tqdm itself stays quiet when stderr is not a terminal (logs, CI) unless forced.
+        self.bar = tqdm(total=self.total, desc="episodes", unit="ep", disable=None if self.enabled is None else False)
+        return self.bar.update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Side by side
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """``candidate`` against ``base`` on the episodes both played (same task, same seed).
+
+    ``difference`` is the candidate's success rate minus the base's on those paired episodes;
+    ``ci_low``/``ci_high`` is its paired-bootstrap interval at ``confidence``. The four counts split the
+    pairs by who succeeded. ``disagreements`` holds ``(candidate, base)`` trajectory pairs where exactly
+    one succeeded: the transcripts to read for reward hacking.
+    """
+
+    candidate: str
+    base: str
+    n_pairs: int
+    n_tasks: int
+    candidate_success: float
+    base_success: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    n_boot: int
+    seed: int
+    both_pass: int
+    candidate_only: int
+    base_only: int
+    both_fail: int
+    disagreements: list[tuple[Trajectory, Trajectory]] = field(default_factory=list, repr=False)
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes zero."""
+        return self.ci_low > 0 or self.ci_high < 0
+
+    def statement(self) -> str:
+        """The result in one plain sentence."""
+        pct = round(self.confidence * 100)
+        verdict = ("significant: the interval excludes 0, so " + ("the candidate is better" if self.difference > 0
+                                                                     else "the candidate is worse")
+                   if self.significant else "not significant: the interval includes 0")
+        return (f"{self.candidate} vs {self.base}: success {self.candidate_success:.3f} vs {self.base_success:.3f}, "
+                f"paired difference {self.difference:+.3f} ({pct}% CI {self.ci_low:+.3f} to {self.ci_high:+.3f}, "
+                f"{self.n_pairs} paired episodes on {self.n_tasks} tasks); {verdict}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in vars(self).items() if k != "disagreements"}
+        d["significant"] = self.significant
+        d["statement"] = self.statement()
+        d["disagreements"] = [{"task_id": c.task_id, "seed": c.seed, "candidate_success": c.outcome.success,
+                               "base_success": b.outcome.success} for c, b in self.disagreements]
+        return d
+
+
+def compare(candidate: EvalReport, base: EvalReport, *, n_boot: int = 10_000, confidence: float = 0.95,
+            seed: int = 0) -> Comparison:
+    """Pair two reports' episodes by ``(task_id, seed)`` and bootstrap the difference in success.
+
+    The bootstrap resamples tasks, not episodes, with replacement (a cluster bootstrap): the ``n``
+    episodes of one task are correlated, and resampling them independently would make the interval too
+    narrow. With one episode per task the two are the same. The generator is seeded by ``seed``, so the
+    interval is reproducible. If a key repeats in a log, its i-th occurrences are paired.
+    """
+    import numpy as np
+
+    def keyed(report: EvalReport) -> dict[tuple[str, int, int], Trajectory]:
+        seen: Counter = Counter()
+        out = {}
+        for t in report.trajectories:
+            out[(t.task_id, t.seed, seen[(t.task_id, t.seed)])] = t
+            seen[(t.task_id, t.seed)] += 1
+        return out
+
+    cand, ref = keyed(candidate), keyed(base)
+    keys = [key for key in cand if key in ref]
+    if not keys:
+        raise ValueError(f"{candidate.label} and {base.label} share no episode (same task id and seed); run both "
+                         "on the same tasks with the same seed.")
+    pairs = [(cand[key], ref[key]) for key in keys]
+    tasks = list(dict.fromkeys(key[0] for key in keys))
+    index = {tid: i for i, tid in enumerate(tasks)}
+    diff_sum, count = np.zeros(len(tasks)), np.zeros(len(tasks))
+    for c, b in pairs:
+        diff_sum[index[c.task_id]] += int(c.outcome.success) - int(b.outcome.success)
+        count[index[c.task_id]] += 1
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_boot)
+    for lo in range(0, n_boot, 1000):  # in chunks: memory stays at 1000 x n_tasks
+        draw = rng.integers(0, len(tasks), size=(min(1000, n_boot - lo), len(tasks)))
+        boot[lo : lo + len(draw)] = diff_sum[draw].sum(axis=1) / count[draw].sum(axis=1)
+    # Percentile interval, rounded outwards to resampled values (never interpolated between two of them).
+    alpha = 1.0 - confidence
+    low, high = np.quantile(boot, alpha / 2, method="lower"), np.quantile(boot, 1 - alpha / 2, method="higher")
+    wins = Counter((c.outcome.success, b.outcome.success) for c, b in pairs)
+    return Comparison(
+        candidate=candidate.label, base=base.label, n_pairs=len(pairs), n_tasks=len(tasks),
+        candidate_success=sum(c.outcome.success for c, _ in pairs) / len(pairs),
+        base_success=sum(b.outcome.success for _, b in pairs) / len(pairs),
+        difference=float(diff_sum.sum() / count.sum()), ci_low=float(low), ci_high=float(high),
+        confidence=confidence, n_boot=n_boot, seed=seed,
+        both_pass=wins[(True, True)], candidate_only=wins[(True, False)], base_only=wins[(False, True)],
+        both_fail=wins[(False, False)],
+        disagreements=[(c, b) for c, b in pairs if c.outcome.success != b.outcome.success],
+    )

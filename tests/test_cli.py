@@ -110,16 +110,102 @@ def test_eval_runs_the_oracle_and_writes_reports(tmp_path: Path, capsys: pytest.
     assert main(["eval", "--policy", "oracle", "--tasks", "val", "--limit", "6", "--k", "2", "--out",
                  str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "oracle on 6 val tasks, k=2" in out and "success: 1.000" in out and "pass^2: 1.000" in out
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["metrics"]["n_episodes"] == 12
-    assert len((tmp_path / "trajectories.jsonl").read_text().splitlines()) == 12
+    assert out.startswith("1 policy on 6 val tasks x 2 episodes (k=2, seed 0):")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if line.strip()}
+    assert rows["success"] == ["1.000"] and rows["pass@2"] == ["1.000"] and rows["pass^2"] == ["1.000"]
+    assert f"report: {tmp_path / 'report.html'}" in out
+    [report] = json.loads((tmp_path / "report.json").read_text())["policies"]
+    assert report["metrics"]["n_episodes"] == 12 and report["config"]["role"] == "candidate"
+    assert len((tmp_path / "trajectories" / "oracle.jsonl").read_text().splitlines()) == 12
+    assert (tmp_path / "report.md").exists() and (tmp_path / "plots" / "success_by_intent.png").exists()
+
+
+@pytest.fixture
+def weak_policy_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module with a scripted policy that never helps (named on the command line as MODULE:FUNCTION)."""
+    (tmp_path / "weak_policies.py").write_text(
+        "def chatty(task):\n    return lambda messages: 'Our store was founded in 1998.'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "weak_policies:chatty"
+
+
+def test_eval_side_by_side_reports_the_paired_difference_and_a_reference(
+    tmp_path: Path, weak_policy_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "report"
+    assert main(["eval", "--policy", weak_policy_module, "--base", "oracle", "--reference", "oracle", "--tasks", "val",
+                 "--limit", "4", "--n", "2", "--max-turns", "12", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split() == [weak_policy_module, "oracle", "oracle", "(reference", "3)"]
+    assert ("weak_policies:chatty vs oracle: success 0.000 vs 1.000, paired difference -1.000 (95% CI -1.000 to "
+            "-1.000, 8 paired episodes on 4 tasks); significant: the interval excludes 0, so the candidate is worse."
+            in out)
+    data = json.loads((out_dir / "report.json").read_text())
+    assert [p["config"]["role"] for p in data["policies"]] == ["candidate", "base", "reference"]
+    assert [p["config"]["seed"] for p in data["policies"]] == [0, 0, 0]
+    assert data["comparison"]["significant"] is True and data["comparison"]["base_only"] == 8
+    page = (out_dir / "report.html").read_text()
+    assert "weak_policies:chatty fails, oracle passes (8)" in page
+
+
+def test_eval_logged_trajectories_against_a_live_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Logged episodes are scored from their recorded outcomes; the base replays the same tasks and seeds."""
+    assert main(["eval", "--policy", "oracle", "--tasks", "val", "--limit", "3", "--out", str(tmp_path / "live")]) == 0
+    logged = tmp_path / "logged.jsonl"
+    rows = [json.loads(line) for line in (tmp_path / "live" / "trajectories" / "oracle.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):  # as a training logger would record them
+        row["metadata"]["reward"] = {"total": 0.5 + i}
+    logged.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    capsys.readouterr()
+
+    out_dir = tmp_path / "logged-report"
+    assert main(["eval", "--trajectories", str(logged), "--base", "oracle", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 policies on 3 logged tasks x 1 episodes")
+    assert "paired difference +0.000" in out and "not significant: the interval includes 0" in out
+    candidate, base = json.loads((out_dir / "report.json").read_text())["policies"]
+    assert candidate["config"]["source"] == "logged" and base["config"]["source"] == "scripted"
+    assert "unknown" not in candidate["metrics"]["by_intent"]  # intents matched from the task set by id
+    base["metrics"].pop("wall_time_s")  # only live runs are timed
+    assert candidate["metrics"] == base["metrics"]  # the same episodes, scored from the log or replayed
+    assert (out_dir / "plots" / "reward_vs_success.png").exists()  # the log carried rewards
+
+
+def test_eval_runs_a_model_beside_the_oracle(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # shrunk budgets: the tiny random model only has to go through the engine, not solve anything
+    assert main(["eval", "--model", str(tiny_model_dir), "--reference", "oracle", "--tasks", "val", "--limit", "2",
+                 "--max-turns", "2", "--max-new-tokens", "4"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()}
+    assert rows["success"] == ["0.000", "0.000"]  # the oracle needs more than 2 turns too
+    assert rows["max_turns_rate"] == ["1.000", "1.000"]
+    assert rows["tokens_mean"][0] != "n/a" and rows["tokens_mean"][1] == "n/a"
+
+
+def test_eval_without_matplotlib_still_writes_json_and_markdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["eval", "--policy", "oracle", "--tasks", "val", "--limit", "2", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "pip install 'turnwise[report]'" in captured.err
+    assert (tmp_path / "report.json").exists() and not (tmp_path / "report.html").exists()
 
 
 def test_eval_needs_a_model_or_a_policy(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["eval", "--tasks", "test"])
     assert "--model" in capsys.readouterr().err
+
+
+def test_eval_rejects_unknown_policies_and_bad_k(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--policy", "nonsense"]) == 1
+    assert "unknown scripted policy 'nonsense'" in capsys.readouterr().err
+    assert main(["eval", "--policy", "no_such_module:factory"]) == 1
+    assert "cannot load the scripted policy" in capsys.readouterr().err
+    assert main(["eval", "--policy", "oracle", "--k", "4", "--n", "2"]) == 1
+    assert "--k" in capsys.readouterr().err
 
 
 def test_model_prepare_on_the_real_embedded_model_is_idempotent(embedded_model_dir: Path) -> None:

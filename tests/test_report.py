@@ -1,0 +1,162 @@
+"""Tests for pipeline/report.py: Markdown and text tables, the self-contained HTML page, its plots and
+transcripts, and the clear error when matplotlib is missing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.envs import load_tasks, oracle_policy
+from pipeline.evaluation import compare, evaluate
+from pipeline.report import (
+    INSTALL_HINT,
+    MissingReportDependency,
+    make_plots,
+    render_html,
+    render_markdown,
+    render_text,
+    rewards_from_metadata,
+    transcript_html,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def chatty(task):
+    """A weak scripted policy: small talk every turn, so every episode fails."""
+    return lambda messages: "Our store was founded in 1998. <b>Bold</b> & proud."
+
+
+def half_oracle(task):
+    """The oracle on tasks whose id ends in an even digit, small talk on the others."""
+    return oracle_policy(task) if int(task.id[-1]) % 2 == 0 else chatty(task)
+
+
+@pytest.fixture(scope="module")
+def reports():
+    tasks = load_tasks("customer_service", "val")[:6]
+    base = evaluate(oracle_policy, tasks, n=2, max_turns=12, label="base")
+    tuned = evaluate(half_oracle, tasks, n=2, max_turns=12, label="tuned")
+    reference = evaluate(oracle_policy, tasks, n=2, max_turns=12, label="oracle")
+    for report, role in ((tuned, "candidate"), (base, "base"), (reference, "reference")):
+        report.config["role"] = role
+    return tuned, base, reference, compare(tuned, base, n_boot=500)
+
+
+def _images(page: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_markdown_puts_every_policy_in_one_table(reports) -> None:
+    tuned, base, reference, comparison = reports
+    text = render_markdown([tuned, base, reference], comparison)
+    assert text.startswith("# Evaluation: tuned vs base vs oracle")
+    assert "| metric | tuned | base | oracle |" in text
+    success = next(line for line in text.splitlines() if line.startswith("| success |"))
+    assert success == f"| success | {tuned.metrics['success']:.3f} | 1.000 | 1.000 |"
+    for row in ("| pass@2 |", "| pass^2 |", "| correct_given_completed |", "| max_turns_rate |", "| tokens_mean | n/a"):
+        assert row in text
+    assert comparison.statement() in text
+    assert f"| tuned passes | {comparison.both_pass} | {comparison.candidate_only} |" in text
+    assert "## Success by intent" in text and "## Per task" in text
+
+
+def test_text_table_is_aligned_for_a_terminal(reports) -> None:
+    tuned, base, _, comparison = reports
+    lines = render_text([tuned, base], comparison).splitlines()
+    assert lines[0].split() == ["tuned", "base"]
+    assert len({len(line) for line in lines[: lines.index("")]}) == 1
+    assert lines[-1] == comparison.statement()
+
+
+def test_html_is_self_contained_with_plots_and_disagreeing_transcripts(reports) -> None:
+    tuned, base, reference, comparison = reports
+    page = render_html([tuned, base, reference], comparison)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    # self-contained: every image is inline, nothing is fetched
+    assert not re.findall(r'(?:src|href)="(?!data:|#)', page)
+    images = _images(page)
+    assert len(images) == 2 and all(img.startswith(PNG_MAGIC) for img in images)
+    assert 'alt="success_by_intent"' in page and 'alt="turns_histogram"' in page
+    assert 'alt="reward_vs_success"' not in page  # no rewards given
+    assert comparison.statement() in page.replace("&#x27;", "'")
+    failing = [c for c, b in comparison.disagreements if not c.outcome.success]
+    assert failing, "the fixture must make the tuned policy fail where the base passes"
+    assert f"tuned fails, base passes ({len(failing)})" in page
+    assert f"{failing[0].task_id}, seed {failing[0].seed}" in page
+    # model text is escaped, never interpreted
+    assert "&lt;b&gt;Bold&lt;/b&gt; &amp; proud." in page and "<b>Bold</b>" not in page
+
+
+def test_reward_plot_appears_only_when_rewards_are_given(reports) -> None:
+    tuned, base, _, _ = reports
+    rewards = {"tuned": [1.0 if e["success"] else 0.2 for e in tuned.episodes], "base": [0.9] * len(base.episodes)}
+    plots = make_plots([tuned, base], rewards)
+    assert list(plots) == ["success_by_intent", "turns_histogram", "reward_vs_success"]
+    assert all(png.startswith(PNG_MAGIC) for png in plots.values())
+    assert 'alt="reward_vs_success"' in render_html([tuned, base], rewards=rewards, plots=plots)
+    with pytest.raises(ValueError, match="one total per trajectory"):
+        make_plots([tuned], {"tuned": [1.0]})
+
+
+def test_rewards_are_read_from_logged_metadata_never_computed(reports) -> None:
+    tuned = reports[0]
+    trajectories = [t for t in tuned.trajectories[:3]]
+    assert rewards_from_metadata(trajectories) is None
+    trajectories[0].metadata["reward"] = 0.5
+    trajectories[1].metadata["reward"] = {"total": 2, "per_turn": [1, 1]}
+    try:
+        assert rewards_from_metadata(trajectories) == [0.5, 2.0, None]
+    finally:
+        for t in trajectories:
+            t.metadata.pop("reward", None)
+
+
+def test_transcripts_show_roles_tool_calls_results_and_errors() -> None:
+    task = load_tasks("customer_service", "val")[0]
+    good = evaluate(oracle_policy, [task]).trajectories[0]
+    page = transcript_html(good)
+    assert '<span class="pass">success</span>' in page and "system prompt (" in page
+    assert "&rarr; calls <b>verify_identity</b>" in page and "tool result: verify_identity" in page
+    assert 'class="msg user"' in page and "assistant, turn 0" in page
+
+    def rude(task):
+        return lambda messages: '<tool_call>{"name": "cancel_order", "arguments": {"order_id": "W1"}}</tool_call>'
+
+    bad = evaluate(rude, [task], max_turns=2).trajectories[0]
+    page = transcript_html(bad)
+    assert '<span class="fail">failure</span>' in page and "stop reason <b>max_turns</b>" in page
+    assert 'class="msg tool error"' in page and "tool error: cancel_order" in page
+
+
+def test_write_report_writes_json_markdown_html_plots_and_trajectories(tmp_path: Path, reports) -> None:
+    tuned, base, reference, comparison = reports
+    paths = write_report(tmp_path, [tuned, base, reference], comparison)
+    data = json.loads(paths["json"].read_text())
+    assert [p["config"]["policy"] for p in data["policies"]] == ["tuned", "base", "oracle"]
+    assert data["comparison"]["significant"] == comparison.significant
+    assert data["policies"][0]["episodes"] == tuned.episodes
+    assert paths["markdown"].read_text() == render_markdown([tuned, base, reference], comparison)
+    assert (tmp_path / "plots" / "turns_histogram.png").read_bytes().startswith(PNG_MAGIC)
+    assert _images(paths["html"].read_text())[1] == (tmp_path / "plots" / "turns_histogram.png").read_bytes()
+    assert len((tmp_path / "trajectories" / "tuned.jsonl").read_text().splitlines()) == len(tuned.trajectories)
+    with pytest.raises(ValueError, match="distinct"):
+        write_report(tmp_path / "again", [tuned, tuned])
+
+
+def test_missing_matplotlib_names_the_extra_to_install(reports, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    tuned, base, _, comparison = reports
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    with pytest.raises(MissingReportDependency, match=re.escape(INSTALL_HINT)):
+        render_html([tuned, base], comparison)
+    # JSON and Markdown need no matplotlib
+    paths = write_report(tmp_path, [tuned, base], comparison, html_page=False)
+    assert "html" not in paths and paths["markdown"].exists()
