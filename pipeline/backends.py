@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Protocol, Sequence, runtime_checkable
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -44,6 +45,74 @@ class GenerationBackend(Protocol):
     def release(self, key: Hashable) -> None:
         """Forget an episode's cached state."""
         ...
+
+
+class _BufferedLayer(DynamicLayer):
+    """A KV-cache layer over a preallocated buffer: appending a token writes in place.
+
+    transformers' dynamic layer concatenates on every decode step, copying the whole cache each time;
+    with dozens of episodes of a few thousand tokens that copying, not the model, dominates CPU decoding.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.keys = self.values = None
+        self.is_initialized = False
+        self._k = self._v = None
+
+    def _allocate(self, batch: int, heads: int, dim_k: int, dim_v: int, like: torch.Tensor) -> None:
+        self._k = like.new_zeros(batch, heads, self.capacity, dim_k)
+        self._v = like.new_zeros(batch, heads, self.capacity, dim_v)
+        self.dtype, self.device = like.dtype, like.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            b, h, _, d = key_states.shape
+            self._allocate(b, h, d, value_states.shape[-1], key_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[2]:  # grow (rare: capacity covers the whole call)
+            grow = max(end, 2 * self._k.shape[2]) - self._k.shape[2]
+            pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], grow, t.shape[3])], dim=2)  # noqa: E731
+            self._k, self._v = pad(self._k), pad(self._v)
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+
+def _buffered_cache(model, caches, past_len: int, capacity: int, device):
+    """A cache whose layers hold every row's past, left-padded to ``past_len``, with room to grow."""
+    from transformers import DynamicCache
+
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cache = DynamicCache()
+    cache.layers = [_BufferedLayer(capacity) for _ in range(config.num_hidden_layers)]
+    if past_len:
+        ref = next(layer for layer, n in caches if layer is not None)
+        for i, layer in enumerate(cache.layers):
+            k0, v0 = ref[i]
+            layer._allocate(len(caches), k0.shape[1], k0.shape[3], v0.shape[3], k0.to(device))
+            for b, (rows, n) in enumerate(caches):
+                if rows is not None and n:
+                    layer._k[b, :, past_len - n : past_len] = rows[i][0][0, :, :n]
+                    layer._v[b, :, past_len - n : past_len] = rows[i][1][0, :, :n]
+            layer.length = past_len
+            layer.keys, layer.values = layer._k[:, :, :past_len], layer._v[:, :, :past_len]
+    return cache
 
 
 def _returned_cache(output):
@@ -124,8 +193,6 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        from transformers import DynamicCache
-
         if not requests:
             return []
         device = self.model.device
@@ -135,9 +202,10 @@ class HFBackend:
         new = [r.prompt_ids[n:] for r, (_, n) in zip(requests, caches)]
         width = max(len(x) for x in new)
         batch = len(requests)
+        limits = [max(1, r.max_new_tokens) for r in requests]
         self.prefill_tokens += sum(len(x) for x in new)
 
-        # [past (left-padded)] [new tokens (left-padded)]
+        # [past (left-padded)] [new tokens (left-padded)] [room for the new tokens]
         mask = torch.zeros(batch, past_len + width, dtype=torch.long)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         positions = torch.zeros(batch, width, dtype=torch.long)
@@ -146,34 +214,22 @@ class HFBackend:
             mask[b, past_len + width - len(toks) :] = 1
             input_ids[b, width - len(toks) :] = torch.tensor(toks)
             positions[b, width - len(toks) :] = torch.arange(n, n + len(toks))
-        cache = None
-        if past_len:
-            layers = []
-            ref = next(layer for layer, n in caches if layer is not None)
-            for i, (k0, v0) in enumerate(ref):
-                shape = (batch, k0.shape[1], past_len, k0.shape[3])
-                k, v = k0.new_zeros(shape), v0.new_zeros(shape)
-                for b, (layer, n) in enumerate(caches):
-                    if layer is not None and n:
-                        k[b, :, past_len - n :] = layer[i][0][0, :, :n]
-                        v[b, :, past_len - n :] = layer[i][1][0, :, :n]
-                layers.append((k.to(device), v.to(device)))
-            cache = DynamicCache(ddp_cache_data=layers)
+        cache = _buffered_cache(self.model, caches, past_len, capacity=past_len + width + max(limits), device=device)
         out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                          position_ids=positions.to(device), use_cache=True, **{self._cache_arg: cache})
-        cache = _returned_cache(out)
         logits = out.logits[:, -1, :].float()
         next_pos = positions[:, -1] + 1
 
-        alive = list(range(batch))  # original row index of each live row
+        rows = list(range(batch))  # original request index of each batch row
+        done: set[int] = set()
         sampled: list[list[int]] = [[] for _ in requests]
         logps: list[list[float]] = [[] for _ in requests]
         results: list[Generation | None] = [None] * batch
-        limits = [max(1, r.max_new_tokens) for r in requests]
-        while alive:
+        while True:
             tokens, token_logps = self._sample(logits)
-            keep = []
-            for j, b in enumerate(alive):
+            for j, b in enumerate(rows):
+                if b in done:
+                    continue
                 tok = int(tokens[j])
                 sampled[b].append(tok)
                 logps[b].append(float(token_logps[j]))
@@ -181,19 +237,20 @@ class HFBackend:
                 if stopped or len(sampled[b]) >= limits[b]:
                     results[b] = Generation(sampled[b], logps[b], truncated=not stopped)
                     self._store(requests[b], cache, mask, j, sampled[b])
-                else:
-                    keep.append(j)
-            if not keep:
+                    done.add(b)
+            if len(done) == batch:
                 break
-            if len(keep) < len(alive):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
+            # Finished rows ride along (their outputs are ignored) until a quarter of the batch has
+            # finished: dropping a row copies every layer's cache, so it is done in bulk.
+            finished_here = [j for j, b in enumerate(rows) if b in done]
+            if len(finished_here) * 4 >= len(rows):
+                keep = [j for j, b in enumerate(rows) if b not in done]
+                cache.batch_select_indices(torch.tensor(keep, device=device))
                 mask, next_pos, tokens = mask[keep], next_pos[keep], tokens[keep]
-                alive = [alive[j] for j in keep]
-            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], dim=1)
+                rows = [rows[j] for j in keep]
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
             out = self.model(input_ids=tokens.view(-1, 1).to(device), attention_mask=mask.to(device),
                              position_ids=next_pos.view(-1, 1).to(device), use_cache=True, **{self._cache_arg: cache})
-            cache = _returned_cache(out)
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         return [r for r in results if r is not None]
