@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -166,6 +167,8 @@ def add_eval_parser(subparsers: Subparsers) -> None:
     parser.add_argument("--reference", metavar="SPEC", action="append", default=[],
                         help="a reference policy shown in the same table, e.g. oracle (repeatable)")
     parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory or .jsonl")
+    parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py (Python code); "
+                        "same as TURNWISE_TRUST_TOOLS=1")
     parser.add_argument("--tasks", default="test", help="split: train, val or test (logged runs: tasks are matched "
                         "by id across all splits)")
     parser.add_argument("--k", type=int, default=1, help="headline pass@k and pass^k (default 1)")
@@ -189,6 +192,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from pipeline.report import MissingReportDependency, render_text, rewards_from_metadata, write_report
     from pipeline.trajectory import load_jsonl
 
+    if args.trust_tools:  # read by every SOP environment this run builds, worker processes included
+        os.environ["TURNWISE_TRUST_TOOLS"] = "1"
     n = args.n if args.n is not None else args.k
     if args.k < 1 or n < args.k:
         raise ValueError(f"need 1 <= --k <= --n, got --k {args.k} and --n {n}.")
@@ -317,10 +322,127 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# turnwise audit / turnwise score / turnwise rm  (rewards)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _reward_and_tasks(reward: str | None, env: str):
+    """The reward (bound to the domain's tasks when they load) and the tasks by id."""
+    from pipeline.envs import load_tasks
+    from rewards import build_reward
+
+    try:
+        tasks = load_tasks(env)
+    except (OSError, ValueError):
+        tasks = []
+    return build_reward(reward, tasks=tasks), {t.id: t for t in tasks}
+
+
+def add_audit_parser(subparsers: Subparsers) -> None:
+    """``turnwise audit``: the reward's pre-training checklist on baseline rollouts (rewards.audit)."""
+    parser = subparsers.add_parser(
+        "audit",
+        help="check a reward on baseline rollouts before training on it",
+        description="Run the reward audit: range, scorer errors, per-task variance, high-reward strict "
+        "failures, format leniency, per-component statistics (and, with --hacks, the scripted hacking "
+        "policies). Writes audit.md and audit.json; exits 1 when a check fails.",
+    )
+    parser.add_argument("--reward", default=None, help="reward config: YAML path or shipped name (default: default)")
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument("--policy", default=None, help="scripted policy: oracle, noisy_oracle or a hack name "
+                     "(default: noisy_oracle)")
+    who.add_argument("--model", default=None, help="model alias, local directory or hub id (sampled rollouts)")
+    who.add_argument("--logged", type=Path, default=None, help="JSONL of trajectories or chat conversations")
+    parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory or .jsonl")
+    parser.add_argument("--tasks", default="test", help="split to roll out on: train, val or test")
+    parser.add_argument("--limit", type=int, default=30, help="roll out on the first N tasks")
+    parser.add_argument("--k", type=int, default=4, help="rollouts per task (seeds seed..seed+k-1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --model")
+    parser.add_argument("--max-turns", type=int, default=20, help="assistant-turn budget per episode")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="token budget per model turn")
+    parser.add_argument("--hacks", action="store_true", help="also check every scripted hacking policy")
+    parser.add_argument("--hack-tasks", type=int, default=50, help="tasks per hacking policy (with --hacks)")
+    parser.add_argument("--probe-tasks", type=int, default=10, help="tasks to build format probes for")
+    parser.add_argument("--high-reward", type=float, default=0.5, help="a strict failure at or above this is flagged")
+    parser.add_argument("--max-zero-variance", type=float, default=0.5, help="most task groups allowed zero variance")
+    parser.add_argument("--out", type=Path, default=Path("runs/audit"), help="directory for audit.md and audit.json")
+    parser.set_defaults(func=run_audit)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from pipeline.envs import load_tasks
+    from rewards.audit import AuditConfig, audit, model_rollouts, scripted_rollouts
+    from rewards.logged import load_conversations
+
+    reward, by_id = _reward_and_tasks(args.reward, args.env)
+    split = load_tasks(args.env, args.tasks)
+    if args.logged is not None:
+        trajectories = [c.trajectory for c in load_conversations(args.logged, by_id)]
+        source = str(args.logged)
+    elif args.model is not None:
+        trajectories = model_rollouts(args.model, split[: args.limit], k=args.k, seed=args.seed,
+                                      temperature=args.temperature, max_turns=args.max_turns,
+                                      max_new_tokens=args.max_new_tokens)
+        source = f"{args.model} (T={args.temperature}), {args.limit} {args.tasks} tasks x {args.k}"
+    else:
+        policy = args.policy or "noisy_oracle"
+        trajectories = scripted_rollouts(policy, split[: args.limit], k=args.k, seed=args.seed,
+                                         max_turns=args.max_turns)
+        source = f"{policy}, {min(args.limit, len(split))} {args.tasks} tasks x {args.k} seeds"
+    config = AuditConfig(high_reward=args.high_reward, max_zero_variance_frac=args.max_zero_variance,
+                         leniency_tasks=args.probe_tasks, hacks=args.hacks, hack_tasks=args.hack_tasks)
+    report = audit(reward, trajectories, split, config, source=source)
+    paths = report.save(args.out)
+    print(report.to_text())
+    print(f"report: {paths['markdown']}  json: {paths['json']}")
+    return 0 if report.passed else 1
+
+
+def add_score_parser(subparsers: Subparsers) -> None:
+    """``turnwise score FILE.jsonl``: offline reward breakdowns of logged conversations (rewards.logged)."""
+    parser = subparsers.add_parser(
+        "score",
+        help="score logged conversations offline with a reward",
+        description="Score chat-format conversations (one JSON object per line: messages, optional task_id, "
+        "seed, outcome) with a reward config. With a known task id the strict outcome comes from replaying the "
+        "assistant messages in the task's sandbox. A rule-only reward needs no model.",
+    )
+    parser.add_argument("file", type=Path, help="JSONL of conversations (or of trajectory records)")
+    parser.add_argument("--reward", default=None, help="reward config: YAML path or shipped name (default: default)")
+    parser.add_argument("--env", default="customer_service", help="task set the task ids refer to")
+    parser.add_argument("--per-turn", action="store_true", help="also print per-turn rewards and reasons")
+    parser.add_argument("--out", type=Path, default=None, help="write the breakdowns and summary as JSON here")
+    parser.set_defaults(func=run_score)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.trajectory import atomic_write_text
+    from rewards.logged import load_conversations, score_conversations
+
+    reward, by_id = _reward_and_tasks(args.reward, args.env)
+    conversations = load_conversations(args.file, by_id)
+    if not conversations:
+        raise ValueError(f"{args.file} holds no conversations.")
+    report = score_conversations(reward, conversations, source=str(args.file))
+    print(report.to_text(per_turn=args.per_turn))
+    for row in report.rows:
+        for warning in row["warnings"]:
+            print(f"warning: line {row['line']}: {warning}", file=sys.stderr)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"breakdowns: {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser, add_train_parser)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser, add_train_parser,
+                                                     add_audit_parser, add_score_parser)
 """Every subcommand's parser builder, in the order ``--help`` lists them."""
 
 
