@@ -103,7 +103,13 @@ def _check_customer_service(payload: dict) -> None:
     _require(payload, "expected_changes", dict, "payload.")
 
 
-DOMAIN_CHECKS = {"customer_service": _check_customer_service}
+def _check_sop(payload: dict) -> None:
+    from pipeline.envs.sop import check_sop_payload  # sop.py imports this module
+
+    check_sop_payload(payload)
+
+
+DOMAIN_CHECKS = {"customer_service": _check_customer_service, "sop": _check_sop}
 
 
 def check_task_row(row: Any) -> Task:
@@ -143,12 +149,17 @@ def read_task_file(path: Path) -> list[Task]:
 
 
 def load_tasks(path_or_name: str | Path, split: str | None = None) -> list[Task]:
-    """Load tasks by domain name (``"customer_service"``), directory of split files, or JSONL file.
+    """Load tasks by domain name (``"customer_service"``), directory of split files, JSONL file, or ``sop:PATH``.
 
     ``split`` picks ``train``/``val``/``test`` from a name or directory; ``None`` loads every split.
+    ``sop:PATH`` reads an SOP-Bench folder, one task per row of its CSV (see :mod:`pipeline.envs.sop`).
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}, or None for all.")
+    if str(path_or_name).startswith("sop:"):
+        from pipeline.envs.sop import load_sop_tasks
+
+        return load_sop_tasks(str(path_or_name), split)
     source = Path(path_or_name)
     if not source.exists() and (DATA_ROOT / str(path_or_name) / "tasks").is_dir():
         source = DATA_ROOT / str(path_or_name) / "tasks"
@@ -159,6 +170,6 @@ def load_tasks(path_or_name: str | Path, split: str | None = None) -> list[Task]
         tasks = read_task_file(source)
         return [t for t in tasks if split is None or t.split == split]
     raise FileNotFoundError(
-        f"No task set {str(path_or_name)!r}: pass a domain name ({', '.join(sorted(DOMAIN_CHECKS))}), a directory "
-        "of <split>.jsonl files, or a .jsonl file."
+        f"No task set {str(path_or_name)!r}: pass a domain name ({', '.join(sorted(set(DOMAIN_CHECKS) - {'sop'}))}), a "
+        "directory of <split>.jsonl files, a .jsonl file, or sop:PATH for an SOP-Bench folder."
     )

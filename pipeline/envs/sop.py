@@ -1,0 +1,293 @@
+"""SOP-task environments: follow a standard operating procedure with tools, then give a structured answer.
+
+Task: one row of an SOP folder (:mod:`pipeline.envs.sop_folder`, the SOP-Bench format). The agent reads
+the SOP, the tool specs and the row's input columns; it calls tools through the usual ``<tool_call>``
+protocol and finishes with ``<final_output>{json}</final_output>`` holding the output columns. There is
+no simulated user: a message with neither a tool call nor a final output gets a short reminder, and the
+episode otherwise runs until ``max_turns``.
+
+The verdict (:class:`~pipeline.envs.base.Outcome`):
+
+- ``fields``: each output column, right or wrong. A value is right when it equals the expected one
+  after stripping whitespace and ignoring case (:func:`values_match`); the null-likes ``null``,
+  ``None``, ``""`` and ``N/A`` all equal each other; a JSON number also matches the same number
+  written as text (``12.5`` and ``"12.50"``). A missing field is wrong, even when the expected value
+  is null-like (omitting is not answering). Extra fields are ignored. Keys match exactly, else
+  ignoring case and surrounding whitespace.
+- ``success``: a final output was parsed and every field is right.
+- ``completed``: a final output was emitted and parsed. A malformed one (unclosed tag, no JSON object
+  inside) still ends the episode, with ``completed`` false and the reason in ``details["parse_error"]``:
+  the final output is a commitment, not a draft to retry.
+- ``details["emitted"]`` (same as ``completed``) and ``details["field_accuracy"]`` are what the dense
+  reward ``field_acc + format_coef * (emitted - 1)`` in ``rewards`` reads; evaluation reads only
+  ``success``, ``completed`` and ``fields``.
+
+Parsing the final output (:func:`parse_final_output`): the first ``<final_output>...</final_output>``
+block counts. Its body may be bare JSON, or JSON wrapped in prose or a code fence: the first ``{`` at
+which a JSON object decodes is taken. Python-style dicts (single quotes) are not JSON and do not parse.
+The final output must be a message without tool calls: a message that calls tools is a tool turn, and
+any final output in it is not read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.chat import format_tool_call
+from pipeline.envs.base import STOP_FINAL_OUTPUT, Outcome, Task, Tool, ToolEnvironment
+from pipeline.envs.sop_folder import SopFolder, load_folder
+from pipeline.envs.tasks import DATA_ROOT, SPLITS, _FieldError, _require
+
+PREFIX = "sop:"
+FINAL_OPEN, FINAL_CLOSE = "<final_output>", "</final_output>"
+_FINAL_RE = re.compile(re.escape(FINAL_OPEN) + r"(.*?)" + re.escape(FINAL_CLOSE), re.DOTALL)
+#: Values that all mean "no value" when scoring (compared after strip and casefold).
+NULL_LIKES = frozenset({"", "null", "none", "n/a"})
+#: Share of rows per split, assigned by a stable hash of the row id (adding rows never moves old ones).
+SPLIT_SHARES = {"train": 0.70, "val": 0.15, "test": 0.15}
+
+INSTRUCTIONS = (
+    "You are an operations agent. Process one case by following the standard operating procedure (SOP) below "
+    "exactly. Use the tools to look up what you need; never guess a value that a tool can give you. There is no "
+    "one to talk to: every reply must either call tools or give the final output."
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------
+
+
+def normalize(value: Any) -> str | None:
+    """A value as comparable text (stripped, case-folded), or ``None`` for a null-like value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (dict, list)):
+        text = json.dumps(value, sort_keys=True)
+    else:
+        text = str(value)
+    text = text.strip().casefold()
+    return None if text in NULL_LIKES else text
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def values_match(expected: Any, actual: Any) -> bool:
+    """Whether an output value equals the expected one (see the module docstring).
+
+    >>> values_match("Approve_Repair", " approve_repair "), values_match("N/A", None), values_match("", "none")
+    (True, True, True)
+    >>> values_match("12.50", 12.5), values_match("007", "7"), values_match("deny", None)
+    (True, False, False)
+    """
+    e, a = normalize(expected), normalize(actual)
+    if e is None or a is None:
+        return e is None and a is None
+    if e == a:
+        return True
+    if _is_number(expected) or _is_number(actual):
+        try:
+            return float(e) == float(a)
+        except ValueError:
+            return False
+    return False
+
+
+def parse_final_output(text: str) -> tuple[dict | None, str | None]:
+    """The JSON object in a message's ``<final_output>`` block, or ``(None, why not)``."""
+    if FINAL_OPEN not in text:
+        return None, f"no {FINAL_OPEN} block"
+    match = _FINAL_RE.search(text)
+    if match is None:
+        return None, f"{FINAL_OPEN} is not closed with {FINAL_CLOSE}"
+    body = match.group(1)
+    decoder = json.JSONDecoder()
+    for start in (i for i, ch in enumerate(body) if ch == "{"):
+        try:
+            value, _ = decoder.raw_decode(body, start)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value, None
+    return None, f"no JSON object inside {FINAL_OPEN}"
+
+
+def _find_key(answer: dict, name: str) -> str | None:
+    if name in answer:
+        return name
+    wanted = name.strip().casefold()
+    return next((k for k in answer if isinstance(k, str) and k.strip().casefold() == wanted), None)
+
+
+def score_fields(expected: dict[str, Any], answer: dict | None) -> dict[str, dict[str, Any]]:
+    """Per output field: ``{"expected", "actual", "present", "correct"}``; ``answer`` None scores all wrong."""
+    records = {}
+    for name, want in expected.items():
+        key = _find_key(answer, name) if answer is not None else None
+        got = answer[key] if key is not None else None
+        records[name] = {"expected": want, "actual": got, "present": key is not None,
+                         "correct": key is not None and values_match(want, got)}
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------
+
+
+def resolve_folder(spec: str | Path) -> Path:
+    """An SOP folder from ``sop:PATH`` (or PATH): as given, else under the repo root, else under data/sop/."""
+    text = str(spec)
+    text = text[len(PREFIX):] if text.startswith(PREFIX) else text
+    path = Path(text).expanduser()
+    for candidate in (path, DATA_ROOT.parent / path, DATA_ROOT / "sop" / path):
+        if candidate.is_dir():
+            return candidate.resolve()
+    shipped = sorted(p.name for p in (DATA_ROOT / "sop").iterdir() if p.is_dir()) if (DATA_ROOT / "sop").is_dir() else []
+    raise FileNotFoundError(f"No SOP folder {text!r}. Pass sop:PATH with PATH a folder in the SOP-Bench format"
+                            + (f"; shipped: {', '.join(f'sop:data/sop/{n}' for n in shipped)}." if shipped else "."))
+
+
+def split_of(row_id: str) -> str:
+    """The split of a row, from a stable hash of its id (:data:`SPLIT_SHARES`)."""
+    u = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") / 2**64
+    total = 0.0
+    for split, share in SPLIT_SHARES.items():
+        total += share
+        if u < total:
+            return split
+    return "test"
+
+
+def folder_tasks(folder: SopFolder) -> list[Task]:
+    """One task per CSV row, in file order. Ids are ``<name>-<row id>`` (the id column, else the row index)."""
+    tasks = []
+    for index, row in enumerate(folder.table.rows):
+        row_id = row[folder.id_column].strip() if folder.id_column else str(index)
+        intent = row[folder.intent_column].strip() if folder.intent_column else folder.name
+        payload = {"folder": str(folder.path), "name": folder.name, "row_id": row_id,
+                   "inputs": {c: row[c] for c in folder.input_columns},
+                   "expected": {c: row[c] for c in folder.output_columns}}
+        tasks.append(Task(id=f"{folder.name}-{row_id}", domain="sop", split=split_of(row_id),
+                          intents=[intent or folder.name], payload=payload))
+    return tasks
+
+
+def load_sop_tasks(spec: str | Path, split: str | None = None) -> list[Task]:
+    """The tasks of an SOP folder (``sop:PATH``); ``split`` picks train/val/test, ``None`` gives all rows."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}, or None for all.")
+    tasks = folder_tasks(load_folder(resolve_folder(spec)))
+    return [t for t in tasks if split is None or t.split == split]
+
+
+def check_sop_payload(payload: dict) -> None:
+    """The schema of an SOP task's payload, for task files (JSONL) holding SOP tasks."""
+    for key in ("folder", "name", "row_id"):
+        _require(payload, key, str, "payload.")
+    for key in ("inputs", "expected"):
+        _require(payload, key, dict, "payload.")
+    if not payload["expected"]:
+        raise _FieldError("payload.expected", "must hold at least one output field")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The environment
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tools_section(schemas: list[dict]) -> str:
+    # The same listing as pipeline.chat.tools_prompt, without its "text goes to the customer" line.
+    lines = ["# Tools", "To call a tool, reply with only a tool call, written exactly like this:",
+             format_tool_call("tool_name", {"arg": "value"}), "The result comes back in a tool message.",
+             "Available tools (JSON schema):"]
+    for schema in schemas:
+        fn = schema["function"]
+        lines.append(json.dumps({k: fn[k] for k in ("name", "description", "parameters")}, separators=(",", ":")))
+    return "\n".join(lines)
+
+
+def _final_example(columns: list[str]) -> str:
+    return FINAL_OPEN + json.dumps({c: "..." for c in columns}) + FINAL_CLOSE
+
+
+class SopEnv(ToolEnvironment):
+    """Episodes over one row of an SOP folder (see the module docstring).
+
+    ``folder`` (a path or ``sop:PATH``) is optional: each task names its own folder, and giving one here
+    only checks it (and the trust its tools need) up front. ``trust_tools`` allows running the folder's
+    tools.py; ``None`` reads ``$TURNWISE_TRUST_TOOLS``.
+    """
+
+    name = "sop"
+
+    def __init__(self, folder: str | Path | None = None, max_turns: int = 20, trust_tools: bool | None = None) -> None:
+        super().__init__(max_turns=max_turns)
+        self.trust_tools = trust_tools
+        self.folder: SopFolder | None = None
+        if folder is not None:
+            self.folder = load_folder(resolve_folder(folder))
+            self.folder.check_trust(trust_tools)
+
+    def _setup(self, task: Task, seed: int) -> list[dict]:
+        self.folder = load_folder(task.payload["folder"])
+        self.folder.check_trust(self.trust_tools)
+        self.answer: dict | None = None
+        self.final_tag = False
+        self.parse_error: str | None = None
+        self.reminders = 0
+        inputs = json.dumps(task.payload["inputs"], indent=1, ensure_ascii=False)
+        return [{"role": "user", "content": f"Case inputs:\n{inputs}\n\nProcess this case by following the SOP, "
+                                            f"then give the final output."}]
+
+    def _tools(self) -> dict[str, Tool]:
+        return self.folder.bind_tools(self.trust_tools)
+
+    def _system_prompt(self) -> str:
+        columns = list(self.task.payload["expected"])
+        final = ("# Final output\nWhen the SOP is done, reply with only the final output: a JSON object with the "
+                 f"fields {', '.join(columns)}, inside the tags, like this:\n{_final_example(columns)}\n"
+                 "It ends the case and cannot be changed afterwards. If the SOP gives no value for a field, use null.")
+        return f"{INSTRUCTIONS}\n\n# SOP\n{self.folder.sop}\n\n{_tools_section(self.tool_schemas)}\n\n{final}"
+
+    def _on_message(self, text: str) -> tuple[list[dict], str | None]:
+        if FINAL_OPEN in text:
+            self.final_tag = True
+            self.answer, self.parse_error = parse_final_output(text)
+            return [], STOP_FINAL_OUTPUT
+        self.reminders += 1
+        reminder = ("There is no one to talk to in this task, so that message was not read. Call a tool, or finish "
+                    f"with the final output: {_final_example(list(self.task.payload['expected']))}")
+        return [{"role": "user", "content": reminder}], None
+
+    def _judge(self, stop_reason: str | None) -> Outcome:
+        records = score_fields(self.task.payload["expected"], self.answer)
+        fields = {name: r["correct"] for name, r in records.items()}
+        emitted = self.answer is not None
+        known = {_find_key(self.answer, name) for name in records} if emitted else set()
+        return Outcome(
+            success=emitted and all(fields.values()),
+            completed=emitted,
+            stop_reason=stop_reason,
+            violations=[],
+            fields=fields,
+            details={
+                "emitted": emitted,
+                "final_output_tag": self.final_tag,
+                "parse_error": self.parse_error,
+                "field_accuracy": sum(fields.values()) / len(fields),
+                "field_values": records,
+                "missing_fields": [name for name, r in records.items() if not r["present"]],
+                "extra_fields": [k for k in self.answer if k not in known] if emitted else [],
+                "reminders": self.reminders,
+            },
+        )
