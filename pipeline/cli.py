@@ -166,7 +166,8 @@ def add_eval_parser(subparsers: Subparsers) -> None:
                         "and seeds")
     parser.add_argument("--reference", metavar="SPEC", action="append", default=[],
                         help="a reference policy shown in the same table, e.g. oracle (repeatable)")
-    parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory or .jsonl")
+    parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory, .jsonl or "
+                        "sop:PATH (an SOP task folder)")
     parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py (Python code); "
                         "same as TURNWISE_TRUST_TOOLS=1")
     parser.add_argument("--tasks", default="test", help="split: train, val or test (logged runs: tasks are matched "
@@ -302,9 +303,11 @@ def add_train_parser(subparsers: Subparsers) -> None:
         description="Multi-turn GRPO with TRL. Options are those of turnwise's TaskArguments and RolloutConfig, "
         "TRL's GRPOConfig and ModelConfig; give them in a YAML recipe (--config) and/or as flags. "
         "Run `turnwise train --help-all` to list them.",
+        usage="turnwise train [--config FILE.yaml] [--option value ...]",
     )
-    parser.add_argument("options", nargs=argparse.REMAINDER, help="--config FILE.yaml and/or --option value pairs")
-    parser.set_defaults(func=run_train)
+    # The options belong to TrlParser, so argparse leaves them alone: `main` hands every argument it does
+    # not know to ``args.options`` (an argparse.REMAINDER positional would refuse a leading --option).
+    parser.set_defaults(func=run_train, options=[], pass_through=True)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -327,10 +330,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _reward_and_tasks(reward: str | None, env: str):
-    """The reward (bound to the domain's tasks when they load) and the tasks by id."""
+    """The reward (bound to the domain's tasks when they load) and the tasks by id.
+
+    An SOP folder (``sop:PATH``) gets the SOP reward (configs/rewards/sop.yaml) unless one is named.
+    """
     from pipeline.envs import load_tasks
     from rewards import build_reward
 
+    if reward is None and env.startswith("sop:"):
+        reward = "sop"
     try:
         tasks = load_tasks(env)
     except (OSError, ValueError):
@@ -347,13 +355,17 @@ def add_audit_parser(subparsers: Subparsers) -> None:
         "failures, format leniency, per-component statistics (and, with --hacks, the scripted hacking "
         "policies). Writes audit.md and audit.json; exits 1 when a check fails.",
     )
-    parser.add_argument("--reward", default=None, help="reward config: YAML path or shipped name (default: default)")
+    parser.add_argument("--reward", default=None, help="reward config: YAML path or shipped name (default: default; "
+                        "sop for an SOP folder)")
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--policy", default=None, help="scripted policy: oracle, noisy_oracle or a hack name "
                      "(default: noisy_oracle)")
     who.add_argument("--model", default=None, help="model alias, local directory or hub id (sampled rollouts)")
     who.add_argument("--logged", type=Path, default=None, help="JSONL of trajectories or chat conversations")
-    parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory or .jsonl")
+    parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory, .jsonl or "
+                        "sop:PATH")
+    parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py (Python code); "
+                        "same as TURNWISE_TRUST_TOOLS=1")
     parser.add_argument("--tasks", default="test", help="split to roll out on: train, val or test")
     parser.add_argument("--limit", type=int, default=30, help="roll out on the first N tasks")
     parser.add_argument("--k", type=int, default=4, help="rollouts per task (seeds seed..seed+k-1)")
@@ -375,6 +387,8 @@ def run_audit(args: argparse.Namespace) -> int:
     from rewards.audit import AuditConfig, audit, model_rollouts, scripted_rollouts
     from rewards.logged import load_conversations
 
+    if args.trust_tools:
+        os.environ["TURNWISE_TRUST_TOOLS"] = "1"
     reward, by_id = _reward_and_tasks(args.reward, args.env)
     split = load_tasks(args.env, args.tasks)
     if args.logged is not None:
@@ -409,8 +423,12 @@ def add_score_parser(subparsers: Subparsers) -> None:
         "assistant messages in the task's sandbox. A rule-only reward needs no model.",
     )
     parser.add_argument("file", type=Path, help="JSONL of conversations (or of trajectory records)")
-    parser.add_argument("--reward", default=None, help="reward config: YAML path or shipped name (default: default)")
-    parser.add_argument("--env", default="customer_service", help="task set the task ids refer to")
+    parser.add_argument("--reward", default=None, help="reward config: YAML path or shipped name (default: default; "
+                        "sop for an SOP folder)")
+    parser.add_argument("--env", default="customer_service", help="task set the task ids refer to (sop:PATH for an "
+                        "SOP folder)")
+    parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py when replaying; "
+                        "same as TURNWISE_TRUST_TOOLS=1")
     parser.add_argument("--per-turn", action="store_true", help="also print per-turn rewards and reasons")
     parser.add_argument("--out", type=Path, default=None, help="write the breakdowns and summary as JSON here")
     parser.set_defaults(func=run_score)
@@ -422,6 +440,8 @@ def run_score(args: argparse.Namespace) -> int:
     from pipeline.trajectory import atomic_write_text
     from rewards.logged import load_conversations, score_conversations
 
+    if args.trust_tools:
+        os.environ["TURNWISE_TRUST_TOOLS"] = "1"
     reward, by_id = _reward_and_tasks(args.reward, args.env)
     conversations = load_conversations(args.file, by_id)
     if not conversations:
@@ -463,7 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``turnwise`` command line; return the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        args.options = [*args.options, *unknown]
     _configure_logging(verbose=args.verbose)
     try:
         return args.func(args)

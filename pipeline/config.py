@@ -8,20 +8,32 @@ A run is described by four dataclasses: :class:`TaskArguments` (which tasks, val
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
+
+#: The reward an SOP folder trains on when no reward_config is given (strict success + dense field score).
+SOP_REWARD = Path(__file__).resolve().parents[1] / "configs" / "rewards" / "sop.yaml"
+TRUST_ENV = "TURNWISE_TRUST_TOOLS"  # as pipeline.envs.sop_folder.TRUST_ENV (not imported: keeps this module light)
 
 
 @dataclass
 class TaskArguments:
-    tasks: str = field(default="customer_service", metadata={"help": "Task set: a domain name, directory or .jsonl."})
+    tasks: str = field(default="customer_service", metadata={
+        "help": "Task set: a domain name, directory or .jsonl, or sop:PATH for an SOP task folder."})
+    env: str | None = field(default=None, metadata={
+        "help": "Overrides tasks; the flag `turnwise eval`, audit and score use (--env sop:data/sop/warranty_claims)."})
+    trust_tools: bool = field(default=False, metadata={
+        "help": "Run an SOP folder's tools.py (Python code); same as TURNWISE_TRUST_TOOLS=1."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training tasks."})
     val_split: str = field(default="val", metadata={"help": "Held-out split for validation."})
     val_limit: int = field(default=16, metadata={"help": "Validation tasks per validation run."})
     val_every: int = field(default=0, metadata={"help": "Validate every N optimiser steps (0: only at the end)."})
     reward_config: str | None = field(default=None, metadata={
-        "help": "Reward YAML (see configs/rewards/); default: the package's default reward."})
+        "help": "Reward YAML (see configs/rewards/); default: configs/rewards/sop.yaml for an SOP folder, "
+                "else the package's default reward."})
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
 
     def __post_init__(self) -> None:
@@ -29,6 +41,12 @@ class TaskArguments:
             raise ValueError(f"val_limit must be at least 1, got {self.val_limit}.")
         if self.val_every < 0:
             raise ValueError(f"val_every must be 0 (end only) or a positive step count, got {self.val_every}.")
+        if self.env is not None:  # a flag --env overrides a recipe's tasks
+            self.tasks = self.env
+        if self.reward_config is None and self.tasks.startswith("sop:"):
+            self.reward_config = str(SOP_REWARD)
+        if self.trust_tools:  # the environment variable also reaches accelerate's worker processes
+            os.environ[TRUST_ENV] = "1"
 
 
 def parse_train_args(argv: Sequence[str] | None = None):

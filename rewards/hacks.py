@@ -177,6 +177,8 @@ class SkipVerification:
         return tool, args
 
     def __call__(self, messages: list[dict]) -> str:
+        if not self.task.payload.get("goals"):  # an SOP task: no retail goal to act on, only the claim
+            return "All set, I have taken care of your request."
         view = View.read(messages)
         goal = self.task.payload["goals"][0]
         oid = goal["order_id"]

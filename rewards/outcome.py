@@ -125,15 +125,21 @@ class FieldAccuracy:
     """Per-field accuracy with a small format term: ``field_acc + format_coef * (emitted - 1)``.
 
     ``field_acc`` is the fraction of ``Outcome.fields`` the strict check marks right, and ``emitted``
-    the fraction of fields the agent produced at all. A missing output costs ``format_coef``; a
-    well-formatted but wrong output earns nothing, so the format term can only take reward away and never
-    pays for a format the strict check rejects. ``None`` for tasks without output fields.
+    says whether the agent produced its output at all. Where the environment reports one final output
+    for the whole episode (``Outcome.details["emitted"]``, as SOP tasks do: a ``<final_output>`` block
+    that parsed), ``emitted`` is that 0 or 1; otherwise it is the fraction of fields produced. A missing
+    output costs ``format_coef``; a well-formatted but wrong output earns nothing, so the format term can
+    only take reward away and never pays for a format the strict check rejects. ``None`` for tasks
+    without output fields.
 
     >>> from pipeline.envs.base import Outcome
     >>> from rewards.logged import from_chat
     >>> fields = {"refund": {"expected": 28.0, "actual": 28.0}, "ticket": {"expected": "T1", "actual": None}}
     >>> FieldAccuracy(format_coef=0.1)(from_chat([], outcome=Outcome(False, True, "final_output", fields=fields)))
     Score(value=0.45, reason='1/2 fields right, 1/2 emitted')
+    >>> no_output = Outcome(False, False, "max_turns", fields={"decision": False}, details={"emitted": False})
+    >>> FieldAccuracy(format_coef=0.1)(from_chat([], outcome=no_output))
+    Score(value=-0.1, reason='0/1 fields right, no final output')
     """
 
     name = "field_accuracy"
@@ -148,10 +154,15 @@ class FieldAccuracy:
         if not fields:
             return None
         right = sum(field_correct(v) for v in fields.values())
-        emitted = sum(_emitted(v) for v in fields.values())
         n = len(fields)
-        value = right / n + self.format_coef * (emitted / n - 1.0)
-        return Score(round(value, 6), f"{right}/{n} fields right, {emitted}/{n} emitted")
+        details = trajectory.outcome.details
+        if "emitted" in details:  # one final output for the episode: a field cannot be "emitted" on its own
+            emitted, said = float(bool(details["emitted"])), "final output" if details["emitted"] else "no final output"
+        else:
+            count = sum(_emitted(v) for v in fields.values())
+            emitted, said = count / n, f"{count}/{n} emitted"
+        value = right / n + self.format_coef * (emitted - 1.0)
+        return Score(round(value, 6), f"{right}/{n} fields right, {said}")
 
 
 class PolicyCompliance:

@@ -214,3 +214,28 @@ def test_model_prepare_on_the_real_embedded_model_is_idempotent(embedded_model_d
     result = _run(sys.executable, "-m", "pipeline", "model", "prepare", "--cache-dir", str(cache))
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"already prepared: {embedded_model_dir}\n"
+
+
+def test_train_hands_every_option_to_the_recipe_parser(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`turnwise train --config FILE --flag value` reaches TrlParser whole, a leading --option included."""
+    import pipeline.trainer as trainer
+
+    seen = {}
+
+    def fake_train(task_args, rollout_config, grpo_args, model_args):
+        seen.update(task_args=task_args, rollout_config=rollout_config, grpo_args=grpo_args)
+        return {"steps": 0, "val": {"val/success": 0.0}, "adapter": "a", "output_dir": "o", "samples": "s"}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.delenv("TURNWISE_TRUST_TOOLS", raising=False)
+    assert main(["train", "--config", "configs/grpo_cpu_quick.yaml", "--max_turns", "3", "--env",
+                 "sop:data/sop/warranty_claims", "--trust-tools", "--learning_rate", "0.5"]) == 0
+    assert seen["rollout_config"].max_turns == 3 and seen["grpo_args"].learning_rate == 0.5
+    assert seen["task_args"].tasks == "sop:data/sop/warranty_claims"
+    assert seen["task_args"].reward_config.endswith("configs/rewards/sop.yaml")
+    assert os.environ["TURNWISE_TRUST_TOOLS"] == "1"
+    assert "trained 0 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--policy", "oracle", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

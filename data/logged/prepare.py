@@ -1,12 +1,18 @@
 """Regenerate the sample of logged conversations that `turnwise score` is demonstrated and tested on.
 
-    python data/logged/prepare.py            # writes data/logged/sample_conversations.jsonl
+    python data/logged/prepare.py            # writes data/logged/sample_conversations.jsonl and
+                                             # data/logged/sop_warranty_claims.jsonl
 
 Each line is one chat-format conversation: ``{"messages": [...], "task_id": ..., "seed": ..., "policy":
 ...}``, as a production log would hold it (no environment info, no outcome). They are played by the
 oracle and by every scripted hacking policy of `rewards.hacks` on test tasks, so the sample shows what
 the reward says about good and bad agents. Two lines carry no task id: their outcome is unknown, and
 only the rule scorers apply. Everything is deterministic: the same code gives the same file.
+
+``sop_warranty_claims.jsonl`` does the same for the SOP folder ``sop:data/sop/warranty_claims``
+(``turnwise score data/logged/sop_warranty_claims.jsonl --env sop:data/sop/warranty_claims``): the
+oracle, and agents that answer one field wrong, wrap the JSON in prose, break it, never answer, or
+call a tool with a wrong argument.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pipeline.rollout import run_policy  # noqa: E402
 from rewards.hacks import HACKS, policy_factory  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "sample_conversations.jsonl"
+SOP_ENV = "sop:data/sop/warranty_claims"
+SOP_OUT = Path(__file__).resolve().parent / "sop_warranty_claims.jsonl"
 
 
 def build(seed: int = 0) -> list[dict]:
@@ -40,14 +48,59 @@ def build(seed: int = 0) -> list[dict]:
     return rows
 
 
+class _SopAgent:
+    """The SOP oracle with one scripted flaw (``kind``), for the SOP sample."""
+
+    def __init__(self, task, kind: str) -> None:
+        from pipeline.envs import oracle_policy
+
+        self.oracle, self.kind = oracle_policy(task), kind
+
+    def __call__(self, messages: list[dict]) -> str:
+        if self.kind == "never_answers":
+            return "I have reviewed the claim and everything looks in order."
+        reply = self.oracle(messages)
+        if not reply.startswith("<final_output>"):
+            if self.kind == "wrong_argument" and sum(m["role"] == "assistant" for m in messages) == 0:
+                return reply.replace('"serial_number": "', '"serial_number": "X')
+            return reply
+        body = reply[len("<final_output>"): -len("</final_output>")]
+        if self.kind == "wrong_decision":
+            fields = json.loads(body)
+            fields["decision"] = "escalate" if fields["decision"] != "escalate" else "deny"
+            return "<final_output>" + json.dumps(fields) + "</final_output>"
+        if self.kind == "json_in_prose":
+            return f"All SOP steps are done.\n<final_output>My decision: {body}. Thank you.</final_output>"
+        if self.kind == "malformed_json":
+            return "<final_output>" + body.replace('", "', '" "', 1) + "</final_output>"
+        return reply
+
+
+SOP_KINDS = ("oracle", "wrong_decision", "json_in_prose", "malformed_json", "never_answers", "wrong_argument")
+
+
+def build_sop(seed: int = 0) -> list[dict]:
+    """Two conversations per kind of agent on the SOP test split, and one without a task id."""
+    tasks = load_tasks(SOP_ENV, "test")
+    rows = []
+    for j, kind in enumerate(SOP_KINDS):
+        for task in tasks[2 * j: 2 * j + 2]:
+            trajectory = run_policy(make_env(task, max_turns=8), task, _SopAgent(task, kind), seed=seed)
+            rows.append({"task_id": task.id, "seed": seed, "policy": kind, "messages": trajectory.messages})
+    task = tasks[len(SOP_KINDS) * 2]
+    trajectory = run_policy(make_env(task, max_turns=8), task, _SopAgent(task, "oracle"), seed=seed)
+    rows.append({"policy": "oracle", "messages": trajectory.messages})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    rows = build(args.seed)
-    args.out.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-    print(f"wrote {len(rows)} conversations to {args.out}")
+    for rows, out in ((build(args.seed), args.out), (build_sop(args.seed), SOP_OUT)):
+        out.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+        print(f"wrote {len(rows)} conversations to {out}")
 
 
 if __name__ == "__main__":

@@ -511,3 +511,76 @@ def test_turnwise_eval_refuses_untrusted_tools_py_and_trust_tools_allows_it(code
     assert not (tmp_path / "tools_py_ran.marker").exists()
     assert cli.main([*argv, "--trust-tools"]) == 0
     assert re.search(r"success\s+1\.000", capsys.readouterr().out)
+
+
+def test_turnwise_audit_passes_the_sop_reward_on_an_sop_folder(tmp_path, capsys):
+    """With no --reward, an SOP folder gets configs/rewards/sop.yaml, and its audit passes."""
+    argv = ["audit", "--env", SHIPPED, "--limit", "6", "--k", "3", "--probe-tasks", "2", "--hacks", "--hack-tasks", "3",
+            "--out", str(tmp_path / "audit")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Reward audit: sop" in out and "RESULT: PASS" in out
+    assert re.search(r"field_accuracy\s+episode\s+0\.50", out)
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert report["passed"] and report["reward"] == "sop"
+    rows = {r["policy"]: r for r in report["hacking_table"]}
+    assert all(r["strict_successes"] == 0 for name, r in rows.items() if name != "oracle")
+
+
+def test_turnwise_score_replays_a_logged_sop_file(tmp_path, capsys):
+    out_json = tmp_path / "scores.json"
+    assert cli.main(["score", "data/logged/sop_warranty_claims.jsonl", "--env", SHIPPED, "--out", str(out_json)]) == 0
+    assert "with reward 'sop'" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    by_policy = {}
+    for row in report["conversations"]:
+        by_policy.setdefault(row["policy"], []).append(row)
+    assert [r["outcome_source"] for r in report["conversations"]].count("replayed") == 12
+    assert all(r["success"] for r in by_policy["oracle"][:2] + by_policy["json_in_prose"])
+    # the dense term: one field of three wrong keeps 2/3; no parsed final output costs format_coef
+    for row in by_policy["wrong_decision"]:
+        assert row["components"]["field_accuracy"] == pytest.approx(2 / 3) and not row["success"]
+    for row in by_policy["malformed_json"] + by_policy["never_answers"]:
+        assert row["components"]["field_accuracy"] == pytest.approx(-0.1) and not row["success"]
+    ranked = report["summary"]["by_policy"]
+    assert ranked["json_in_prose"] > ranked["wrong_decision"] > ranked["malformed_json"] > ranked["never_answers"]
+
+
+def test_audit_and_score_refuse_untrusted_tools_py_and_trust_tools_allows_it(coded, tmp_path, capsys):
+    task = task_of(coded)
+    chat = {"task_id": task.id, "messages": [{"role": "assistant", "content": format_tool_call("fee", {"order_id": "O1"})},
+                                             {"role": "assistant", "content": answer()}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    argv = ["score", str(tmp_path / "chat.jsonl"), "--env", f"sop:{coded}"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("turnwise: error:") and "--trust-tools" in err
+    assert not (tmp_path / "tools_py_ran.marker").exists()
+    assert cli.main([*argv, "--trust-tools"]) == 0
+    assert re.search(r"replayed\s+yes", capsys.readouterr().out)
+
+
+def test_turnwise_train_takes_an_sop_folder_with_the_sop_reward(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`turnwise train --env sop:PATH` trains on the folder's rows with the SOP reward (one tiny step)."""
+    import pipeline.trainer as trainer_module
+    from pipeline.config import SOP_REWARD, TaskArguments
+
+    rewards_built = []
+    default_reward = trainer_module.default_reward
+    monkeypatch.setattr(trainer_module, "default_reward", lambda path=None: rewards_built.append(path) or
+                        default_reward(path))
+
+    assert TaskArguments(env=SHIPPED).reward_config == str(SOP_REWARD)
+    assert TaskArguments(tasks=SHIPPED, reward_config="mine.yaml").reward_config == "mine.yaml"
+    assert TaskArguments().reward_config is None  # customer service keeps the package default
+    argv = ["train", "--env", SHIPPED, "--model_name_or_path", str(tiny_model_dir), "--use_peft", "--lora_r", "4",
+            "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path / "run"),
+            "--per_device_train_batch_size", "2", "--num_generations", "2", "--max_steps", "1", "--logging_steps", "1",
+            "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--beta", "0.0", "--max_turns", "2",
+            "--max_new_tokens", "4", "--max_total_tokens", "8000", "--train_limit", "2", "--val_limit", "2"]
+    assert cli.main(argv) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    sample = json.loads((tmp_path / "run" / "samples" / "step-000001.jsonl").read_text().splitlines()[0])
+    assert sample["task_id"].startswith("warranty_claims-")
+    assert set(sample["outcome"]["fields"]) == {"decision", "reason_code", "recall_id"}
+    assert rewards_built == [str(SOP_REWARD)]

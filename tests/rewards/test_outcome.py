@@ -109,3 +109,24 @@ def test_on_real_episodes_the_oracle_beats_an_empty_policy(test_tasks):
         g, b = scorer(good), scorer(bad)
         g, b = getattr(g, "value", g), getattr(b, "value", b)
         assert g > b, scorer
+
+
+def test_field_accuracy_on_sop_episodes_charges_only_a_missing_final_output():
+    """SOP tasks report one final output per episode: emitted is 0 or 1, whatever the fields say."""
+    import json
+
+    from pipeline.envs import load_tasks
+
+    task = load_tasks("sop:data/sop/warranty_claims", "test")[0]
+    expected = task.payload["expected"]
+
+    def final(**changes):
+        return lambda messages: "<final_output>" + json.dumps({**expected, **changes}) + "</final_output>"
+
+    cases = [(oracle_policy(task), 1.0), (final(), 1.0), (final(decision="nonsense"), 2 / 3),
+             (final(decision="x", reason_code="x", recall_id="x"), 0.0),  # emitted, all wrong: no format credit
+             (lambda messages: "<final_output>{broken</final_output>", -0.1),  # malformed: not emitted
+             (lambda messages: "Still working on it.", -0.1)]  # budget ran out without a final output
+    for policy, value in cases:
+        trajectory = run_policy(make_env(task, max_turns=8), task, policy)
+        assert FieldAccuracy(format_coef=0.1)(trajectory).value == pytest.approx(value, abs=1e-6)
