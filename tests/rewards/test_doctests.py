@@ -1,4 +1,5 @@
-"""Every rewards module's doctests run, and every registered scorer carries a doctest example."""
+"""Every rewards module's doctests run (and the LLM backends' the judge uses), and every registered scorer
+carries a doctest example."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 from rewards.composite import SCORERS, resolve_scorer
 
 MODULES = ["rewards.base", "rewards.composite", "rewards.evidence", "rewards.rules", "rewards.outcome",
-           "rewards.logged", "rewards.naive", "rewards.audit", "rewards.hacks"]
-HEAVY = {"reward_model", "judge"}  # their modules import torch / a backend; their doctests run in their own tests
+           "rewards.logged", "rewards.naive", "rewards.audit", "rewards.hacks", "rewards.model", "rewards.judge",
+           "pipeline.llm"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -21,7 +22,7 @@ def test_doctests(name: str) -> None:
     assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"
 
 
-@pytest.mark.parametrize("key", sorted(set(SCORERS) - HEAVY))
+@pytest.mark.parametrize("key", sorted(SCORERS))
 def test_every_registered_scorer_has_a_doctest(key: str) -> None:
     scorer = resolve_scorer(key)
     module = importlib.import_module(scorer.__module__)

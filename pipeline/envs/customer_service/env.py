@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.chat import ToolCall, ToolError, tools_prompt
 from pipeline.envs.base import BUDGET_STOPS, Outcome, Task, Tool, ToolEnvironment, collect_tools, episode_rng
 from pipeline.envs.customer_service.db import Database, state_changes
 from pipeline.envs.customer_service.policy import CONFIRMABLE_ACTIONS, Session
 from pipeline.envs.customer_service.tools import RetailTools
+from pipeline.simulators.base import UserSimulator
 from pipeline.simulators.scripted import ScriptedCustomer
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "customer_service"
@@ -51,15 +52,18 @@ class CustomerServiceEnv(ToolEnvironment):
 
     name = "customer_service"
 
-    def __init__(self, max_turns: int = 20) -> None:
+    def __init__(self, max_turns: int = 20, customer: Callable[..., UserSimulator] | None = None) -> None:
+        """``customer``: a factory ``(customer, goals, rng) -> UserSimulator`` that plays the customer
+        (default: :class:`ScriptedCustomer`; an LLM one: :class:`pipeline.simulators.llm.LLMCustomerFactory`)."""
         super().__init__(max_turns=max_turns)
+        self.customer_factory = customer or ScriptedCustomer
 
     def _setup(self, task: Task, seed: int) -> list[dict]:
         payload = task.payload
         self.db = Database(payload["db"])
         self.initial_state = self.db.state()
         self.session = Session()
-        self.customer = ScriptedCustomer(payload["customer"], payload["goals"], episode_rng(task.id, seed, "customer"))
+        self.customer = self.customer_factory(payload["customer"], payload["goals"], episode_rng(task.id, seed, "customer"))
         self.agent_messages: list[str] = []
         return [{"role": "user", "content": self.customer.start()}]
 

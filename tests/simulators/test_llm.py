@@ -1,0 +1,151 @@
+"""Tests for pipeline/simulators/llm.py: the LLM customer with fake backends (no model, no network)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from pipeline.envs import load_tasks, make_env, oracle_policy
+from pipeline.llm import ScriptedBackend
+from pipeline.rollout import run_policy
+from pipeline.simulators import UserSimulator
+from pipeline.simulators.llm import DONE, LEAVE, LLMCustomer, LLMCustomerFactory, persona_prompt
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return load_tasks("customer_service", "test")
+
+
+def task_with(tasks, intent):
+    return next(t for t in tasks if t.intents == [intent])
+
+
+class FakeCustomerModel:
+    """Plays a customer from nothing but its prompt, the way an instruct model would (crudely).
+
+    It reads its facts from the system prompt and answers the agent's last message: identity when
+    asked, the order number when asked, yes to a proposal, goodbye + [DONE] once told the outcome.
+    """
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.prompts: list[list[dict]] = []
+
+    def chat(self, messages, max_tokens=256, temperature=0.0):
+        self.prompts.append(list(messages))
+        system = messages[0]["content"]
+        email = re.search(r"email (\S+),", system).group(1)
+        zipcode = re.search(r"zip code (\d{5})", system).group(1)
+        order = re.search(r"order number is (#W\d+)", system).group(1)
+        agent = messages[-1]["content"].lower() if messages[-1]["role"] == "user" else ""
+        if not agent or agent.startswith("(the support chat opens"):
+            return re.search(r"^1\. (.*?) Facts you know", system, re.M).group(1)
+        if "email" in agent:
+            return f"Sure, it's {email} and my zip is {zipcode}."
+        if "order number" in agent:
+            return f"It's order {order}."
+        if "would you like" in agent or "shall i" in agent:
+            return "Yes, please go ahead."
+        return f"Great, thanks. Bye! {DONE}"
+
+
+def test_llm_customer_is_a_user_simulator(tasks):
+    t = tasks[0]
+    customer = LLMCustomer(ScriptedBackend(["Hi"]), t.payload["customer"], t.payload["goals"])
+    assert isinstance(customer, UserSimulator)
+
+
+def test_persona_prompt_carries_persona_goals_facts_and_allowed_actions(tasks):
+    t = task_with(tasks, "address_change")
+    customer, goal = t.payload["customer"], t.payload["goals"][0]
+    prompt = persona_prompt(customer, t.payload["goals"])
+    assert customer["name"] in prompt and customer["email"] in prompt and customer["zip_code"] in prompt
+    assert f"#{goal['order_id']}" in prompt and goal["new_address"]["street"] in prompt
+    assert "Actions you agree to: address." in prompt
+    assert DONE in prompt and LEAVE in prompt
+
+
+def test_the_oracle_solves_a_task_against_an_llm_customer(tasks):
+    task = task_with(tasks, "cancel")
+    model = FakeCustomerModel()
+    env = make_env(task, customer=LLMCustomerFactory(model))
+    trajectory = run_policy(env, task, oracle_policy(task))
+    outcome = trajectory.outcome
+    assert outcome.success and outcome.stop_reason == "resolved", outcome
+    assert outcome.details["goals_met"] == 1 and outcome.details["frustration"] == 0
+    # The model spoke every customer line, and the [DONE] marker never reached the agent.
+    users = [m["content"] for m in trajectory.messages if m["role"] == "user"]
+    assert users[0].startswith("I need to cancel my order") and "Yes, please go ahead." in users
+    assert not any(DONE in u for u in users)
+    # The model sees the agent as the other side of the chat, and its own lines as the assistant's.
+    last = model.prompts[-1]
+    assert last[0]["role"] == "system" and last[-1]["role"] == "user" and "cancelled" in last[-1]["content"]
+    assert [m["role"] for m in last[1:3]] == ["assistant", "user"]
+
+
+def test_consent_only_for_a_proposed_action_the_goal_accepts(tasks):
+    task = task_with(tasks, "cancel")  # accepts "cancel" only
+    customer = LLMCustomer(ScriptedBackend(["Yes, go ahead."]), task.payload["customer"], task.payload["goals"])
+    customer.start()
+    state = {}
+    assert customer.respond("Would you like me to cancel the order?", state).confirmed_action == "cancel"
+    assert customer.respond("Shall I refund it instead?", state).confirmed_action is None  # not allowed
+    assert customer.respond("It has shipped.", state).confirmed_action is None  # nothing proposed
+    no = LLMCustomer(ScriptedBackend(["No, I'd rather keep it."]), task.payload["customer"], task.payload["goals"])
+    assert no.respond("Would you like me to cancel the order?", state).confirmed_action is None
+
+
+def test_markers_end_the_conversation_and_are_stripped(tasks):
+    t = tasks[0]
+    done = LLMCustomer(ScriptedBackend([f"Thanks, bye! {DONE}"]), t.payload["customer"], t.payload["goals"])
+    reply = done.respond("It shipped.", {})
+    assert (reply.text, reply.stop) == ("Thanks, bye!", "resolved")
+    left = LLMCustomer(ScriptedBackend([f"Useless. {LEAVE}"]), t.payload["customer"], t.payload["goals"])
+    assert left.respond("Hmm.", {}).stop == "user_left"
+
+
+def test_the_customer_leaves_after_patience_turns_without_progress(tasks):
+    t = tasks[0]
+    customer = LLMCustomer(ScriptedBackend(["Hello?"]), t.payload["customer"], t.payload["goals"], patience=3)
+    stops = [customer.respond("Our store was founded in 1998.", {"x": 1}).stop for _ in range(3)]
+    assert stops == [None, None, "user_left"] and customer.frustration == 3
+    # A change in the sandbox is progress and resets it.
+    customer = LLMCustomer(ScriptedBackend(["Ok."]), t.payload["customer"], t.payload["goals"], patience=2)
+    customer.respond("a", {"x": 1})
+    assert customer.respond("b", {"x": 2}).stop is None and customer.frustration == 0
+
+
+def test_default_patience_is_twice_the_personas(tasks):
+    t = tasks[0]
+    customer = LLMCustomer(ScriptedBackend(["x"]), t.payload["customer"], t.payload["goals"], rng=random.Random(1))
+    assert customer.patience == 2 * t.payload["customer"]["persona"]["patience"]
+    with pytest.raises(ValueError, match="patience"):
+        LLMCustomer(ScriptedBackend(["x"]), t.payload["customer"], t.payload["goals"], patience=0)
+    with pytest.raises(ValueError, match="at least one goal"):
+        LLMCustomer(ScriptedBackend(["x"]), t.payload["customer"], [])
+
+
+def test_an_empty_opening_falls_back_to_the_goal(tasks):
+    t = tasks[0]
+    customer = LLMCustomer(ScriptedBackend([f"  {DONE} "]), t.payload["customer"], t.payload["goals"])
+    assert customer.start().startswith("I'd like to know where my order is")
+
+
+def test_a_failing_backend_does_not_crash_the_episode(tasks):
+    class Broken:
+        name = "broken"
+
+        def chat(self, messages, max_tokens=256, temperature=0.0):
+            if len(messages) > 2:
+                raise RuntimeError("throttled")
+            return "Where is my order?"
+
+    task = tasks[0]
+    env = make_env(task, customer=LLMCustomerFactory(Broken()))
+    env.reset(task, seed=0)
+    step = env.step("Could you give me your email address?")
+    assert "simulator_error" in step.info and "throttled" in step.info["simulator_error"]
