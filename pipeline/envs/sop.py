@@ -168,13 +168,21 @@ def split_of(row_id: str) -> str:
     return "test"
 
 
+def _portable(path: Path) -> str:
+    """A folder inside the repository as a repo-relative path (task files then work on any checkout)."""
+    try:
+        return path.relative_to(DATA_ROOT.parent).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def folder_tasks(folder: SopFolder) -> list[Task]:
     """One task per CSV row, in file order. Ids are ``<name>-<row id>`` (the id column, else the row index)."""
     tasks = []
     for index, row in enumerate(folder.table.rows):
         row_id = row[folder.id_column].strip() if folder.id_column else str(index)
         intent = row[folder.intent_column].strip() if folder.intent_column else folder.name
-        payload = {"folder": str(folder.path), "name": folder.name, "row_id": row_id,
+        payload = {"folder": _portable(folder.path), "name": folder.name, "row_id": row_id,
                    "inputs": {c: row[c] for c in folder.input_columns},
                    "expected": {c: row[c] for c in folder.output_columns}}
         tasks.append(Task(id=f"{folder.name}-{row_id}", domain="sop", split=split_of(row_id),
@@ -239,7 +247,7 @@ class SopEnv(ToolEnvironment):
             self.folder.check_trust(trust_tools)
 
     def _setup(self, task: Task, seed: int) -> list[dict]:
-        self.folder = load_folder(task.payload["folder"])
+        self.folder = load_folder(resolve_folder(task.payload["folder"]))
         self.folder.check_trust(self.trust_tools)
         self.answer: dict | None = None
         self.final_tag = False

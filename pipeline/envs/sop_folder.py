@@ -436,7 +436,8 @@ class SopFolder:
                 f"{self.path / TOOLS_PY} is Python code, and turnwise runs a task folder's code only when you trust "
                 f"it (tools that need it: {', '.join(self.code_tools)}). Read it first; to allow it, pass "
                 f"trust_tools=True to make_env, set {TRUST_ENV}=1 in the environment, or add --trust-tools to "
-                f"`turnwise eval`. To need no code, give each tool an {LOOKUP_KEY} in {TOOLSPECS} instead.")
+                f"`turnwise eval`, `train`, `audit` or `score`. To need no code, give each tool an {LOOKUP_KEY} in "
+                f"{TOOLSPECS} instead.")
 
     def bind_tools(self, trust_tools: bool | None = None) -> dict[str, Tool]:
         """This episode's tools; tools.py's class, if any, is instantiated afresh (no state is shared)."""

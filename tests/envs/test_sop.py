@@ -141,6 +141,9 @@ def test_sop_folder_is_found_from_any_working_directory(tmp_path, monkeypatch):
     assert [t.id for t in load_tasks(SHIPPED, "test")] == expected
     assert [t.id for t in load_tasks("sop:warranty_claims", "test")] == expected
     assert [t.id for t in load_tasks(f"sop:{DATA_ROOT / 'sop' / 'warranty_claims'}", "test")] == expected
+    task = load_tasks(SHIPPED, "test")[0]
+    assert task.payload["folder"] == "data/sop/warranty_claims"  # repo-relative: task files move between checkouts
+    assert run_policy(make_env(task), task, oracle_policy(task)).outcome.success
     with pytest.raises(FileNotFoundError, match="sop:data/sop/warranty_claims"):
         load_tasks("sop:no/such/folder")
     with pytest.raises(ValueError, match="Unknown split"):
