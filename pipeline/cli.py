@@ -457,12 +457,70 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_rm_parser(subparsers: Subparsers) -> None:
+    """``turnwise rm train``: train the learned reward model on preference pairs (rewards.model)."""
+    from rewards.model import RMTrainConfig  # a dataclass; torch and TRL load only when training
+
+    parser = subparsers.add_parser(
+        "rm",
+        help="train the learned reward model",
+        description="The learned reward model: a sequence classifier scored by rewards.model.RewardModelScorer.",
+    )
+    actions = parser.add_subparsers(dest="rm_action", required=True, metavar="ACTION")
+    train = actions.add_parser(
+        "train",
+        help="train a reward model with TRL's RewardTrainer on preference pairs (CPU)",
+        description="Train a Bradley-Terry reward model on {chosen, rejected} conversation pairs "
+        "(data/preferences/, built by data/preferences/prepare.py), then report its pairwise accuracy on the "
+        "held-out pairs. Saves OUTPUT_DIR/final (use it as params.model of the reward_model scorer) and "
+        "OUTPUT_DIR/metrics.json.",
+        epilog="example:\n  turnwise rm train --limit 96 --eval-limit 60 --output-dir runs/rm",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = RMTrainConfig.__dataclass_fields__
+    for name, kind in (("train_pairs", Path), ("eval_pairs", str), ("model", str), ("output_dir", Path),
+                       ("max_length", int), ("train_layers", int), ("epochs", float), ("batch_size", int),
+                       ("learning_rate", float), ("limit", int), ("eval_limit", int), ("seed", int)):
+        spec = defaults[name]
+        train.add_argument(f"--{name.replace('_', '-')}", type=kind, default=spec.default,
+                           help=f"{spec.metadata['help']} (default: {spec.default})")
+    train.add_argument("--no-eval-before", dest="eval_before", action="store_false",
+                       help="skip scoring the held-out pairs with the untrained model (saves one pass over them)")
+    train.add_argument("--out", type=Path, default=None, help="also write the metrics JSON here")
+    train.set_defaults(func=run_rm_train)
+
+
+def run_rm_train(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.trajectory import atomic_write_text
+    from rewards.model import RMTrainConfig, train_reward_model
+
+    fields = RMTrainConfig.__dataclass_fields__
+    config = RMTrainConfig(**{name: getattr(args, name) for name in fields})
+    metrics = train_reward_model(config)
+    held_out, before = metrics["held_out"], metrics["held_out_before"]
+    print(f"trained on {metrics['train_pairs']} pairs, {metrics['steps']} steps, {metrics['wall_time_s']:.0f} s "
+          f"(train loss {metrics['train_loss']:.3f})")
+    if held_out:
+        untrained = f" (untrained: {before['accuracy']:.3f})" if before else ""
+        print(f"held-out pairwise accuracy: {held_out['accuracy']:.3f} on {held_out['pairs']} pairs{untrained}; "
+              f"mean margin {held_out['mean_margin']:.3f}")
+        for kind, accuracy in held_out["by_corruption"].items():
+            print(f"  {kind:>22}: {accuracy:.3f}")
+    print(f"model: {metrics['model_dir']}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
+        print(f"metrics: {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser, add_train_parser,
-                                                     add_audit_parser, add_score_parser)
+                                                     add_audit_parser, add_score_parser, add_rm_parser)
 """Every subcommand's parser builder, in the order ``--help`` lists them."""
 
 

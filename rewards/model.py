@@ -240,6 +240,8 @@ class RMTrainConfig:
     limit: int | None = field(default=None, metadata={"help": "use only the first N train pairs (smoke runs)"})
     eval_limit: int | None = field(default=None, metadata={"help": "use only the first N held-out pairs"})
     seed: int = field(default=0, metadata={"help": "seed for the head's initialisation and data order"})
+    eval_before: bool = field(default=True, metadata={"help": "also score the held-out pairs before training (the "
+                                                              "untrained head's accuracy; a second pass over them)"})
 
     def __post_init__(self) -> None:
         self.train_pairs = Path(self.train_pairs)
@@ -333,7 +335,7 @@ def train_reward_model(config: RMTrainConfig) -> dict[str, Any]:
         "chosen_ids": [encode(tokenizer, p["chosen"], config.max_length) for p in train],
         "rejected_ids": [encode(tokenizer, p["rejected"], config.max_length) for p in train],
     })
-    before = pairwise_accuracy(model, tokenizer, held_out, config.max_length) if held_out else None
+    before = pairwise_accuracy(model, tokenizer, held_out, config.max_length) if held_out and config.eval_before else None
     args = TRLRewardConfig(
         output_dir=str(config.output_dir),
         per_device_train_batch_size=config.batch_size,
@@ -349,6 +351,9 @@ def train_reward_model(config: RMTrainConfig) -> dict[str, Any]:
         max_length=None,  # already cut to length by encode(); the trainer would drop long pairs instead
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # TRL turns checkpointing on by default to save memory; with the lower layers frozen it only
+        # recomputes the trained top layers, which costs CPU time and saves little.
+        gradient_checkpointing=False,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train()
