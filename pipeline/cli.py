@@ -519,8 +519,11 @@ def run_rm_train(args: argparse.Namespace) -> int:
 # Dispatch
 # ---------------------------------------------------------------------------------------------------
 
+from pipeline.cli_sagemaker import add_sagemaker_parser  # noqa: E402  (turnwise sagemaker ...; cheap to import)
+
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser, add_train_parser,
-                                                     add_audit_parser, add_score_parser, add_rm_parser)
+                                                     add_audit_parser, add_score_parser, add_rm_parser,
+                                                     add_sagemaker_parser)
 """Every subcommand's parser builder, in the order ``--help`` lists them."""
 
 

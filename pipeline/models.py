@@ -358,6 +358,8 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
 
     path = Path(text).expanduser()
     if path.is_dir():
+        if is_adapter(path):
+            return str(path)
         if not (path / "config.json").is_file():
             raise ValueError(
                 f"Model directory {path} has no config.json, so it is not a Hugging Face checkpoint. "
@@ -423,6 +425,8 @@ def load_model(
     source = resolve_model(name_or_path)
     from transformers import AutoModelForCausalLM
 
+    if is_adapter(source):
+        return _load_adapter(Path(source), dtype=dtype, device=device)
     tokenizer = load_tokenizer(source)
     kwargs = _source_kwargs(source)
     if dtype is not None:
@@ -433,6 +437,47 @@ def load_model(
         model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     logger.info("Loaded %s (%s, %s) from %s", type(model).__name__, model.dtype, model.device, source)
+    return model, tokenizer
+
+
+ADAPTER_FILE = "adapter_config.json"
+"""A PEFT LoRA adapter directory holds this file (and no ``config.json``)."""
+
+
+def is_adapter(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a saved PEFT adapter (what ``turnwise train`` and a SageMaker job write)."""
+    path = Path(path)
+    return (path / ADAPTER_FILE).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base_model(path: str | os.PathLike[str]) -> str:
+    """The base model an adapter was trained on, as its ``adapter_config.json`` names it."""
+    config = json.loads((Path(path) / ADAPTER_FILE).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{Path(path) / ADAPTER_FILE} names no base_model_name_or_path; set it to the model the "
+                         f"adapter was trained on (an alias such as {DEFAULT_MODEL!r}, a directory or a hub id).")
+    return str(base)
+
+
+def _load_adapter(path: Path, *, dtype=None, device=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The adapter's base model with the adapter merged in, and the tokenizer saved beside the adapter.
+
+    Merging gives a plain model, so evaluation and generation run at base-model speed.
+    """
+    from peft import PeftModel
+
+    base = adapter_base_model(path)
+    try:
+        model, tokenizer = load_model(base, dtype=dtype, device=device)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot load the base model {base!r} of the adapter in {path} ({error}). Edit "
+                         f"base_model_name_or_path in {path / ADAPTER_FILE} to name a model available here.") from error
+    if any(path.glob("tokenizer*")):
+        tokenizer = load_tokenizer(path)
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info("Merged the adapter %s into %s", path, base)
     return model, tokenizer
 
 

@@ -1,0 +1,315 @@
+"""pipeline/sagemaker.py and ``turnwise sagemaker``: requests, validation, secrets, and a job against moto.
+
+moto runs in server mode (`ThreadedMotoServer`), so boto3 makes real HTTP calls and botocore validates
+every request against the service model before sending it. moto does not run containers, so a small
+fake platform (`FakePlatform`) plays SageMaker's part behind it: a new job goes Starting -> Training ->
+Completed over successive DescribeTrainingJob calls, writes trainer-format log lines to CloudWatch and puts
+a model.tar.gz (a LoRA adapter of the tiny test model) where SageMaker would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main as turnwise
+from pipeline.sagemaker import (SubmitConfig, TrainingJob, build_request, image_uri, make_bundle, metric_definitions,
+                                parse_metrics, submit, validate_request)
+
+REPO = Path(__file__).resolve().parents[1]
+ROLE = "arn:aws:iam::123456789012:role/SageMakerExecutionRole"
+RECIPE = str(REPO / "configs" / "grpo_cpu_quick.yaml")
+REGION = "us-east-1"
+# Built at run time so that this file itself holds no key-shaped string.
+PLANTED_KEY_ID = "AKIA" + "TURNWISETESTKEY1"
+PLANTED_SECRET = "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYPLANTEDSECRET"
+LOG_LINES = [
+    "Invoking script with the following command: /usr/bin/python3 sagemaker_entry/train.py --config ...",
+    "{'loss': '0.0123', 'grad_norm': '0.51', 'learning_rate': '2e-05', 'rollout/reward/mean': '0.25', "
+    "'rollout/success': '0', 'rollout/turns/mean': '5.5', 'epoch': '0.5'}",
+    "{'loss': '-0.004', 'rollout/reward/mean': '0.4375', 'rollout/success': '0.25', 'epoch': '1'}",
+    "{'val/success': '0.5', 'val/pass@1': '0.5', 'val/completion': '1', 'epoch': '1'}",
+]
+
+
+def test_image_uri_table_and_override():
+    assert image_uri("us-west-2", "4.49").startswith("763104351884.dkr.ecr.us-west-2.amazonaws.com/huggingface-pytorch")
+    assert ".amazonaws.com.cn/" in image_uri("cn-north-1")
+    with pytest.raises(ValueError, match="pass image_uri"):
+        image_uri("mars-north-1")
+    config = SubmitConfig(config=RECIPE, role=ROLE, bucket="b-1", image_uri="my.registry/img:1", job_name="j")
+    assert build_request(config, REGION, "s3://b-1/s.tar.gz", {})["AlgorithmSpecification"]["TrainingImage"] == \
+        "my.registry/img:1"
+
+
+def test_metric_regexes_match_trainer_log_lines():
+    metrics = parse_metrics(LOG_LINES)
+    assert metrics["rollout/reward/mean"] == [0.25, 0.4375]
+    assert metrics["rollout/success"] == [0.0, 0.25] and metrics["val/success"] == [0.5]
+    assert metrics["loss"] == [0.0123, -0.004] and "learning_rate" not in metrics
+    assert all(len(d["Regex"]) <= 500 for d in metric_definitions())
+
+
+def test_dry_run_prints_a_request_botocore_accepts(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    status = turnwise(["sagemaker", "submit", "--config", RECIPE, "--role", ROLE, "--bucket", "my-bucket",
+                       "--job-name", "turnwise-dry-run", "--spot", "--max-runtime", "3600", "--instance-count", "2",
+                       "--train", str(REPO / "data" / "customer_service" / "tasks"), "--model", "s3://my-bucket/base",
+                       "-H", "max_steps=50", "--tag", "team=support", "--subnet", "subnet-0abc",
+                       "--security-group", "sg-0abc", "--kms-key", "alias/turnwise", "--network-isolation",
+                       "--dry-run"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    request = json.loads(out.out)
+    validate_request(request)  # botocore's ParamValidator against the SageMaker service model
+    assert request["EnableManagedSpotTraining"] and request["StoppingCondition"] == {
+        "MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert request["CheckpointConfig"]["S3Uri"] == "s3://my-bucket/turnwise/turnwise-dry-run/checkpoints"
+    hps = {k: json.loads(v) for k, v in request["HyperParameters"].items()}
+    assert hps["config"] == "configs/grpo_cpu_quick.yaml" and hps["max_steps"] == "50"
+    assert hps["num_generations"] == 4 and "model_name_or_path" not in hps  # the model channel is the base
+    assert hps["sagemaker_program"] == "sagemaker_entry/train.py" and hps["sagemaker_torch_distributed_enabled"]
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]}
+    assert channels == {"train": "s3://my-bucket/turnwise/turnwise-dry-run/input/train", "model": "s3://my-bucket/base"}
+    assert request["VpcConfig"]["Subnets"] == ["subnet-0abc"] and request["EnableNetworkIsolation"]
+    assert request["OutputDataConfig"]["KmsKeyId"] == "alias/turnwise"
+    assert {m["Name"] for m in request["AlgorithmSpecification"]["MetricDefinitions"]} >= {
+        "rollout/reward/mean", "rollout/success", "val/success"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"role": "SageMakerRole"}, "is not an IAM role ARN"),
+    ({"bucket": "s3://my-bucket"}, "takes a bucket name, not a URI"),
+    ({"bucket": "My_Bucket"}, "is not a valid S3 bucket name"),
+    ({"instance_type": "g5.2xlarge"}, "note the 'ml.' prefix"),
+    ({"instance_count": 0}, "positive integer"),
+    ({"checkpoint_s3_uri": "bucket/ckpt"}, "is not an S3 URI"),
+    ({"inputs": {"train": "/no/such/dir"}}, "does not exist"),
+    ({"inputs": {"train": "s3:/typo"}}, "is not an S3 URI"),
+    ({"spot": True, "max_runtime_s": 100, "max_wait_s": 50}, "must be at least max_runtime_s"),
+    ({"max_wait_s": 50}, "managed spot training only"),
+    ({"subnets": ["subnet-1"]}, "needs both subnets and security_group_ids"),
+])
+def test_bad_submissions_fail_before_anything_is_sent(change, message):
+    with pytest.raises((ValueError, OSError), match=message):
+        SubmitConfig(**{"config": RECIPE, "role": ROLE, "bucket": "my-bucket", **change})
+
+
+# -- against moto ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_tarball(tiny_model_dir, tmp_path_factory) -> bytes:
+    """model.tar.gz as a training job leaves it: adapter/ (LoRA + tokenizer) and train_result.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("job-model")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(out / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "adapter")
+    (out / "train_result.json").write_text(json.dumps({"steps": 2, "adapter": "adapter"}))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(out / "adapter", arcname="adapter")
+        tar.add(out / "train_result.json", arcname="train_result.json")
+    return buffer.getvalue()
+
+
+class FakePlatform:
+    """SageMaker's side of a job behind moto: status transitions, CloudWatch logs, model.tar.gz."""
+
+    def __init__(self, endpoint: str, model_tarball: bytes) -> None:
+        self.endpoint, self.model_tarball = endpoint, model_tarball
+        self.describes: dict[str, int] = {}
+
+    def client(self, service: str):
+        import boto3
+
+        return boto3.client(service, region_name=REGION, endpoint_url=self.endpoint)
+
+    def advance(self, job) -> None:
+        from datetime import datetime, timezone
+
+        n = self.describes[job.training_job_name] = self.describes.get(job.training_job_name, 0) + 1
+        stages = [("InProgress", "Starting", "Preparing the instances for training"),
+                  ("InProgress", "Training", "Training image download completed. Training in progress."),
+                  ("Completed", "Completed", "Training job completed")]
+        status, secondary, message = stages[min(n, len(stages)) - 1]
+        now = datetime.now(timezone.utc)
+        job.training_job_status, job.secondary_status = status, secondary
+        job.secondary_status_transitions = [{"Status": secondary, "StartTime": now, "StatusMessage": message}]
+        if n == 2:  # the container ran: its stdout reached CloudWatch, its model dir reached S3
+            logs = self.client("logs")
+            group = "/aws/sagemaker/TrainingJobs"
+            if group not in [g["logGroupName"] for g in logs.describe_log_groups()["logGroups"]]:
+                logs.create_log_group(logGroupName=group)
+            stream = f"{job.training_job_name}/algo-1-1700000000"
+            logs.create_log_stream(logGroupName=group, logStreamName=stream)
+            stamp = int(now.timestamp() * 1000)
+            logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=[
+                {"timestamp": stamp + i, "message": line} for i, line in enumerate(LOG_LINES)])
+            bucket, _, key = job.model_artifacts["S3ModelArtifacts"][5:].partition("/")
+            self.client("s3").put_object(Bucket=bucket, Key=key, Body=self.model_tarball)
+
+
+@pytest.fixture
+def moto_aws(monkeypatch, adapter_tarball):
+    """A moto server on a free port; boto3 pointed at it (AWS_ENDPOINT_URL) with throwaway credentials."""
+    from moto.sagemaker.models import SageMakerModelBackend
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": PLANTED_KEY_ID,
+                        "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET, "AWS_DEFAULT_REGION": REGION}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    platform = FakePlatform(endpoint, adapter_tarball)
+    original = SageMakerModelBackend.describe_training_job
+
+    def describe(self, training_job_name):
+        if training_job_name in self.training_jobs:
+            platform.advance(self.training_jobs[training_job_name])
+        return original(self, training_job_name)
+
+    monkeypatch.setattr(SageMakerModelBackend, "describe_training_job", describe)
+    platform.client("s3").create_bucket(Bucket="turnwise-test")
+    yield platform
+    server.stop()
+
+
+def bundle_members(platform, job_name: str) -> dict[str, bytes]:
+    body = platform.client("s3").get_object(
+        Bucket="turnwise-test", Key=f"turnwise/{job_name}/source/sourcedir.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_submit_wait_logs_metrics_download_against_moto(moto_aws, tmp_path, tiny_model_dir):
+    config = SubmitConfig(config=RECIPE, role=ROLE, bucket="turnwise-test", job_name="turnwise-moto-1", spot=True,
+                          inputs={"train": str(REPO / "data" / "customer_service" / "tasks")},
+                          hyperparameters={"max_steps": "2"}, tags={"team": "support"})
+    job = submit(config)
+    assert isinstance(job, TrainingJob) and job.name == "turnwise-moto-1"
+
+    described = job.describe()  # what moto stored is what was sent
+    assert described["RoleArn"] == ROLE and described["EnableManagedSpotTraining"]
+    assert json.loads(described["HyperParameters"]["max_steps"]) == "2"
+    assert described["CheckpointConfig"]["S3Uri"] == "s3://turnwise-test/turnwise/turnwise-moto-1/checkpoints"
+    s3 = moto_aws.client("s3")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="turnwise-test")["Contents"]]
+    assert "turnwise/turnwise-moto-1/input/train/train.jsonl" in keys
+    members = bundle_members(moto_aws, "turnwise-moto-1")
+    assert {"sagemaker_entry/train.py", "requirements.txt", "configs/grpo_cpu_quick.yaml", "pipeline/trainer.py"} <= set(members)
+    assert not any(name.startswith((".git/", ".venv/")) or "__pycache__" in name for name in members)
+
+    seen = []
+    final = job.wait(poll_s=0.01, on_progress=lambda d: seen.append(d["SecondaryStatus"]))
+    assert final["TrainingJobStatus"] == "Completed" and seen == ["Training", "Completed"]
+    assert job.status() == "Completed"
+    assert list(job.logs()) == LOG_LINES
+    assert job.metrics()["rollout/reward/mean"] == [0.25, 0.4375]
+    out = job.download(tmp_path / "jobs")
+    assert out == tmp_path / "jobs" / "turnwise-moto-1"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+    # The downloaded adapter loads (base model merged in) for `turnwise eval`.
+    from pipeline.models import load_model
+
+    model, tokenizer = load_model(str(out / "adapter"))
+    assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.padding_side == "left"
+
+
+def test_cli_status_logs_download_against_moto(moto_aws, tmp_path, capsys):
+    submit(SubmitConfig(config=RECIPE, role=ROLE, bucket="turnwise-test", job_name="turnwise-moto-2"))
+    assert turnwise(["sagemaker", "wait", "turnwise-moto-2", "--poll", "0.01"]) == 0
+    assert turnwise(["sagemaker", "status", "turnwise-moto-2"]) == 0
+    assert turnwise(["sagemaker", "logs", "turnwise-moto-2"]) == 0
+    assert turnwise(["sagemaker", "metrics", "turnwise-moto-2"]) == 0
+    assert turnwise(["sagemaker", "download", "turnwise-moto-2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "turnwise-moto-2: Completed" in out and LOG_LINES[1] in out
+    assert "rollout/reward/mean: last 0.4375" in out and (tmp_path / "turnwise-moto-2" / "adapter").is_dir()
+    # moto does not implement StopTrainingJob: the error names the job and comes back as a clear CLI error
+    assert turnwise(["sagemaker", "stop", "turnwise-moto-2"]) == 1
+    assert "Cannot stop training job 'turnwise-moto-2'" in capsys.readouterr().err
+
+
+# -- secrets --------------------------------------------------------------------------------------
+
+
+def planted_tree(root: Path) -> Path:
+    """A source tree with secrets planted where people leave them."""
+    for rel in ("sagemaker_entry/train.py", "sagemaker_entry/requirements.txt", "pipeline/trainer.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"# {rel}\n")
+    (root / ".env").write_text(f"AWS_ACCESS_KEY_ID={PLANTED_KEY_ID}\nAWS_SECRET_ACCESS_KEY={PLANTED_SECRET}\n")
+    (root / "scripts").mkdir()
+    (root / "scripts" / "deploy.py").write_text(f'KEY = "{PLANTED_KEY_ID}"  # someone pasted a key\n')
+    (root / "aws_notes.cfg").write_text(f"[default]\naws_secret_access_key = {PLANTED_SECRET}\n")
+    (root / "credentials").write_text("token\n")
+    for rel in (".git/config", ".venv/bin/python", "outputs/run/adapter.bin", "pipeline/__pycache__/x.pyc"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x\n")
+    return root
+
+
+def test_source_bundle_leaves_out_secrets_and_never_prints_them(moto_aws, tmp_path, capsys, caplog):
+    source = planted_tree(tmp_path / "src")
+    bundle = make_bundle(tmp_path / "out" / "sourcedir.tar.gz", source)
+    assert sorted(bundle.files) == ["pipeline/trainer.py", "requirements.txt", "sagemaker_entry/requirements.txt",
+                                    "sagemaker_entry/train.py"]
+    reasons = dict(bundle.excluded)
+    assert reasons[".env"] == "secret file name" and reasons["credentials"] == "secret file name"
+    assert reasons["scripts/deploy.py"] == "holds a credential" and reasons["aws_notes.cfg"] == "holds a credential"
+    assert {".git/", ".venv/", "outputs/", "pipeline/__pycache__/"} <= set(reasons)
+
+    # Submitted for real (to moto): neither the .env file nor the key reaches S3, and neither is printed.
+    # turnwise's own loggers at DEBUG (the CLI leaves botocore's at WARNING: its DEBUG log shows request headers)
+    caplog.set_level(logging.DEBUG, logger="pipeline")
+    config = SubmitConfig(config=RECIPE, role=ROLE, bucket="turnwise-test", job_name="turnwise-secrets",
+                          source_dir=source)
+    submit(config)
+    members = bundle_members(moto_aws, "turnwise-secrets")
+    assert ".env" not in members and "scripts/deploy.py" not in members and "aws_notes.cfg" not in members
+    for content in members.values():
+        assert PLANTED_KEY_ID.encode() not in content and PLANTED_SECRET.encode() not in content
+    assert turnwise(["sagemaker", "submit", "--config", RECIPE, "--role", ROLE, "--bucket", "turnwise-test",
+                     "--job-name", "turnwise-secrets-2", "--dry-run"]) == 0
+    printed = capsys.readouterr()
+    everything = printed.out + printed.err + caplog.text
+    assert "left out of the source bundle: scripts/deploy.py (holds a credential)" in caplog.text
+    assert PLANTED_KEY_ID not in everything and PLANTED_SECRET not in everything
+
+
+def test_quickstart_notebook_runs_against_moto(moto_aws, tmp_path, monkeypatch):
+    """examples/sagemaker_quickstart.ipynb top to bottom in a real kernel (nbclient), its AWS calls going to
+    moto over HTTP; its last step runs `turnwise eval` on the downloaded adapter (1 task, 1 turn)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    for name, value in {"TURNWISE_SAGEMAKER_ROLE": ROLE, "TURNWISE_SAGEMAKER_BUCKET": "turnwise-test",
+                        "TURNWISE_NOTEBOOK_OUT": str(tmp_path / "out"), "TURNWISE_POLL_S": "0.01",
+                        "TURNWISE_EVAL_LIMIT": "1", "TURNWISE_EVAL_MAX_TURNS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    notebook = nbformat.read(REPO / "examples" / "sagemaker_quickstart.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "examples")}}).execute()
+    text = "\n".join(output.get("text", "") + json.dumps(output.get("data", {}))
+                     for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", []))
+    assert "Completed / Completed" in text and LOG_LINES[1] in text
+    assert "adapter_model.safetensors" in text and "'n_tasks': 1" in text
+    assert (tmp_path / "out" / "eval" / "report.json").exists()
+    assert PLANTED_KEY_ID not in text and PLANTED_SECRET not in text
