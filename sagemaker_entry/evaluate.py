@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (the toolkit does): make the source bundle importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sagemaker_entry.environment import SageMakerEnv, has_option
+from sagemaker_entry.environment import SageMakerEnv, as_bool, has_option, pop_option
 
 logger = logging.getLogger("sagemaker_entry.evaluate")
 
@@ -34,9 +34,24 @@ def model_in(channel: Path) -> Path:
     return channel
 
 
+FLAGS = ("no-html", "trust-tools")
+"""``turnwise eval`` switches; as hyperparameters they arrive with a value (``--no_html true``)."""
+
+
 def eval_options(argv: list[str], sm: SageMakerEnv) -> list[str]:
-    """``turnwise eval`` options: the hyperparameters (underscores read as dashes) plus the container's locations."""
+    """``turnwise eval`` options: the hyperparameters (underscores read as dashes) plus the container's locations.
+
+    The HTML page is off unless ``--html true``: it needs matplotlib, which the DLC does not promise.
+    """
     options = [a.replace("_", "-") if a.startswith("--") else a for a in argv]
+    html = as_bool(pop_option(options, "html", "false"), "html")
+    for flag in FLAGS:
+        if has_option(options, flag):
+            value = pop_option(options, flag)
+            if as_bool(value, flag.replace("-", "_")):
+                options.append(f"--{flag}")
+    if not html and "--no-html" not in options:
+        options.append("--no-html")
     who = ("model", "policy", "trajectories")
     if not any(has_option(options, name) for name in who):
         channel = sm.channel("model")

@@ -142,3 +142,28 @@ def test_val_channel_replaces_the_val_split(tmp_path):
     (val / "second.jsonl").write_text("x\n")
     with pytest.raises(ValueError, match="must hold val.jsonl"):
         task_dir(sm, tmp_path / "scratch2")
+
+
+def test_evaluate_entry_reports_on_a_job_model_channel(tmp_path, tiny_model_dir, monkeypatch):
+    """evaluate.py on a training job's unpacked model.tar.gz (adapter/ inside) writes the report to
+    SM_MODEL_DIR/eval and a copy to SM_OUTPUT_DATA_DIR. Shrunk: 1 test task, 1 turn of 4 tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sagemaker_entry import evaluate
+
+    channel = tmp_path / "model"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.save_pretrained(channel / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(channel / "adapter")
+    for name, value in {"SM_CHANNEL_MODEL": channel, "SM_MODEL_DIR": tmp_path / "out_model",
+                        "SM_OUTPUT_DATA_DIR": tmp_path / "out_data"}.items():
+        monkeypatch.setenv(name, str(value))
+    options = evaluate.eval_options(["--limit", "1", "--no_html", "false"], SageMakerEnv.from_environ())
+    assert "--no-html" in options and str(channel / "adapter") in options  # html off by default
+    status = evaluate.main(["--limit", "1", "--max_turns", "1", "--max_new_tokens", "4", "--tasks", "test"])
+    assert status == 0
+    report = json.loads((tmp_path / "out_model" / "eval" / "report.json").read_text())
+    assert report["policies"][0]["metrics"]["n_tasks"] == 1
+    assert (tmp_path / "out_data" / "eval" / "report.md").exists()
