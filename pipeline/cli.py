@@ -479,8 +479,9 @@ def add_rm_parser(subparsers: Subparsers) -> None:
     )
     defaults = RMTrainConfig.__dataclass_fields__
     for name, kind in (("train_pairs", Path), ("eval_pairs", str), ("model", str), ("output_dir", Path),
-                       ("max_length", int), ("train_layers", int), ("epochs", float), ("batch_size", int),
-                       ("learning_rate", float), ("limit", int), ("eval_limit", int), ("seed", int)):
+                       ("max_length", int), ("backbone_layers", int), ("train_layers", int), ("epochs", float),
+                       ("batch_size", int), ("learning_rate", float), ("limit", int), ("eval_limit", int),
+                       ("seed", int)):
         spec = defaults[name]
         train.add_argument(f"--{name.replace('_', '-')}", type=kind, default=spec.default,
                            help=f"{spec.metadata['help']} (default: {spec.default})")

@@ -76,7 +76,8 @@ def parse_verdict(text: str, min_score: int = 1, max_score: int = 5) -> Verdict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise JudgeVerdictError(f"judge verdict is not a JSON object ({exc.msg} at char {exc.pos}): {shown!r}") from None
+        raise JudgeVerdictError(f"judge verdict is not a JSON object ({exc.msg} at char {exc.pos}): "
+                                f"{shown!r}") from None
     if not isinstance(data, dict):
         raise JudgeVerdictError(f"judge verdict must be a JSON object, got {type(data).__name__}: {shown!r}")
     if set(data) != {"score", "reason"}:

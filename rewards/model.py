@@ -233,6 +233,8 @@ class RMTrainConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "backbone: alias, local directory or hub id"})
     output_dir: Path = field(default=Path("runs/rm"), metadata={"help": "where the trained model is saved"})
     max_length: int = field(default=320, metadata={"help": "tokens per conversation (longer ones lose their middle)"})
+    backbone_layers: int = field(default=-1, metadata={"help": "keep only the backbone's first N decoder layers "
+                                                                "(-1: all); fewer is proportionally cheaper on CPU"})
     train_layers: int = field(default=4, metadata={"help": "last decoder layers trained with the head (-1: all)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the train pairs"})
     batch_size: int = field(default=8, metadata={"help": "pairs per optimizer step"})
@@ -256,6 +258,9 @@ class RMTrainConfig:
             raise ValueError(f"max_length must be at least 16 tokens, got {self.max_length}.")
         if self.batch_size < 1 or self.epochs <= 0 or self.learning_rate <= 0:
             raise ValueError("batch_size must be >= 1, epochs and learning_rate > 0.")
+        if self.backbone_layers == 0 or self.backbone_layers < -1:
+            raise ValueError(f"backbone_layers is a count of first layers to keep, or -1 for all; "
+                             f"got {self.backbone_layers}.")
         if self.train_layers < -1:
             raise ValueError(f"train_layers is a count of last layers, or -1 for all; got {self.train_layers}.")
 
@@ -274,6 +279,25 @@ def load_pairs(path: Path | str, limit: int | None = None) -> list[dict]:
             if limit is not None and len(pairs) >= limit:
                 break
     return pairs
+
+
+def truncate_backbone(model: Any, layers: int) -> int:
+    """Keep the backbone's first ``layers`` decoder layers (``-1``: all); returns how many it has now.
+
+    A reward model reads features, not next tokens, and a decoder's middle layers carry most of what a
+    classifier needs; dropping the top layers cuts training and scoring cost in proportion on CPU. The
+    config is updated, so the saved model loads with its new depth.
+    """
+    import torch
+
+    base = getattr(model, model.base_model_prefix)
+    if layers == -1 or layers >= len(base.layers):
+        return len(base.layers)
+    base.layers = torch.nn.ModuleList(list(base.layers)[:layers])
+    model.config.num_hidden_layers = layers
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:layers]
+    return layers
 
 
 def freeze_lower_layers(model: Any, train_layers: int) -> tuple[int, int]:
@@ -326,9 +350,10 @@ def train_reward_model(config: RMTrainConfig) -> dict[str, Any]:
     start = time.time()
     set_seed(config.seed)
     model, tokenizer = load_reward_model(config.model)
+    depth = truncate_backbone(model, config.backbone_layers)
     trainable, total = freeze_lower_layers(model, config.train_layers)
-    logger.info("reward model %s: training %d of %d parameters (last %s layers + head)", config.model, trainable,
-                total, "all" if config.train_layers == -1 else config.train_layers)
+    logger.info("reward model %s (%d layers): training %d of %d parameters (last %s layers + head)", config.model,
+                depth, trainable, total, "all" if config.train_layers == -1 else config.train_layers)
     train = load_pairs(config.train_pairs, config.limit)
     held_out = load_pairs(config.eval_pairs, config.eval_limit) if config.eval_pairs else []
     dataset = Dataset.from_dict({
@@ -343,7 +368,7 @@ def train_reward_model(config: RMTrainConfig) -> dict[str, Any]:
         learning_rate=config.learning_rate,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=2,
-        logging_steps=5,
+        logging_steps=1,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
@@ -364,7 +389,8 @@ def train_reward_model(config: RMTrainConfig) -> dict[str, Any]:
     tokenizer.save_pretrained(final)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
-        "train_pairs": len(train), "eval_pairs": len(held_out), "trainable_params": trainable, "total_params": total,
+        "train_pairs": len(train), "eval_pairs": len(held_out), "backbone_layers": depth,
+        "trainable_params": trainable, "total_params": total,
         "train_loss": result.training_loss, "loss_log": losses, "steps": trainer.state.global_step,
         "held_out_before": before, "held_out": after, "wall_time_s": round(time.time() - start, 1),
         "threads": torch.get_num_threads(), "config": {k: str(v) for k, v in asdict(config).items()},

@@ -25,6 +25,7 @@ from rewards.model import (
     load_reward_model,
     reward_logits,
     rm_messages,
+    truncate_backbone,
 )
 
 from .conftest import ORDER, assistant, call, chat, result, user
@@ -114,6 +115,17 @@ def test_a_missing_model_directory_is_a_recorded_failure(tmp_path: Path):
     assert not b.ok and "reward_model" in b.failed and b.total == 0.0
 
 
+def test_a_truncated_backbone_saves_and_scores_at_its_new_depth(rm_dir: Path, tmp_path: Path):
+    model, tokenizer = load_reward_model(rm_dir)
+    assert truncate_backbone(model, -1) == 2 and truncate_backbone(model, 5) == 2  # nothing to cut
+    assert truncate_backbone(model, 1) == 1
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, _ = load_reward_model(tmp_path)
+    assert reloaded.config.num_hidden_layers == 1 and len(reloaded.model.layers) == 1
+    assert -1.0 < RewardModelScorer(str(tmp_path))(refund_chat()).value < 1.0
+
+
 def test_config_errors_say_how_to_fix(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="prepare.py"):
         RMTrainConfig(train_pairs=tmp_path / "missing.jsonl")
@@ -121,6 +133,8 @@ def test_config_errors_say_how_to_fix(tmp_path: Path):
         RMTrainConfig(max_length=4)
     with pytest.raises(ValueError, match="train_layers"):
         RMTrainConfig(train_layers=-2)
+    with pytest.raises(ValueError, match="backbone_layers"):
+        RMTrainConfig(backbone_layers=0)
     assert RMTrainConfig(eval_pairs="none").eval_pairs is None
 
 
@@ -137,6 +151,7 @@ def test_rm_train_trains_the_top_layer_and_head_only_and_reports_accuracy(
     assert "held-out pairwise accuracy:" in printed and "on 4 pairs" in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["steps"], metrics["train_pairs"], metrics["eval_pairs"]) == (4, 8, 4)  # 8 pairs / 4 x 2 epochs
+    assert len(metrics["loss_log"]) == 4 and all(math.isfinite(x) for x in metrics["loss_log"])
     assert math.isfinite(metrics["train_loss"]) and 0.0 <= metrics["held_out"]["accuracy"] <= 1.0
     assert set(metrics["held_out"]["by_corruption"]) <= {"skipped_verification", "policy_violation",
                                                           "hallucinated_claim", "rude_or_evasive"}
