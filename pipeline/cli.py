@@ -101,33 +101,52 @@ def run_model_path(args: argparse.Namespace) -> int:
 
 
 def add_demo_parser(subparsers: Subparsers) -> None:
-    """``turnwise demo``: the end-to-end CPU demo, implemented in `pipeline.demo`."""
-    from pipeline.models import DEFAULT_MODEL
-
+    """``turnwise demo [--config RECIPE.yaml]``: the whole pipeline from one recipe, implemented in `pipeline.demo`."""
     parser = subparsers.add_parser(
         "demo",
-        help="run the small end-to-end demo on CPU",
-        description="Run the end-to-end demo (pipeline.demo) with the embedded model.",
+        help="run the whole pipeline: prepare the model, SFT, GRPO, evaluate (default: the ~10-minute CPU demo)",
+        description="Prepare the model, warm-start it by SFT on oracle demonstrations, train it with multi-turn "
+        "GRPO, then evaluate base, SFT-only and SFT+GRPO on the same held-out tasks and seeds (paired-bootstrap "
+        "intervals) and write the report. Stages and budgets come from a pipeline recipe (pipeline.demo).",
+        epilog="examples:\n  turnwise demo                                  # configs/demo.yaml, ~10 min on 2 CPU cores\n"
+        "  turnwise demo --config configs/cpu_full.yaml    # the run that shows learning (hours on CPU)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, local directory or hub id")
-    parser.add_argument("--seed", type=int, default=0, help="seed for tasks, sampling and training")
-    parser.add_argument("--output-dir", type=Path, default=None, help="where to write results")
+    parser.add_argument("--config", type=Path, default=None, help="pipeline recipe (default: configs/demo.yaml)")
+    parser.add_argument("--model", default=None, help="override the recipe's model: alias, local directory or hub id")
+    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed (tasks, sampling, training)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="override the recipe's output_dir")
     parser.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from pipeline import demo
 
+    args.config = args.config or demo.DEMO_RECIPE
     summary = demo.main(args)
     print()
-    print(f"turnwise demo finished in {summary['wall_time_s']:.0f} s")
-    for name in ("oracle", "model"):
-        m = summary[name]
-        label = "oracle" if name == "oracle" else summary["model_name"]
-        print(f"  {label:>14}: success {m['success']:.3f}  completion {m['completion']:.3f}  "
-              f"turns {m['turns_mean']:.1f}  on {m['n_tasks']} test tasks")
-    for name, path in summary["reports"].items():
-        print(f"  {name} report: {path}")
+    print(f"turnwise demo finished in {summary['wall_time_s']:.0f} s ({args.config}; stages "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_times_s"].items()) + ")")
+    print(f"held-out success on {summary['n_tasks']} {summary['eval']['split']} tasks (same tasks and seeds):")
+    for key in ("base", "sft", "grpo", "oracle"):
+        if key in summary:
+            m = summary[key]
+            print(f"  {m['label']:>24}: success {m['success']:.3f}  completion {m['completion']:.3f}  "
+                  f"turns {m['turns_mean']:.1f}  tool calls {m['tool_calls_mean']:.1f}")
+    for name in ("grpo_vs_sft", "sft_vs_base"):
+        if f"delta_{name}" in summary:
+            print(f"  {summary[f'delta_{name}']['statement']}")
+    paths = summary["paths"]
+    print(f"report: {summary['report']['html'] or summary['report']['markdown']}")
+    for key, label in (("grpo_adapter", "adapter (SFT+GRPO)"), ("sft_adapter", "adapter (SFT only)")):
+        if key in paths:
+            print(f"{label}: {paths[key]}")
+    print(f"logs: {paths['log']}")
+    for key, label in (("sft_val_curve", "SFT val curve"), ("sft_logs", "SFT log history"),
+                       ("grpo_logs", "GRPO log history"), ("grpo_samples", "GRPO trajectory samples")):
+        if key in paths:
+            print(f"  {label}: {paths[key]}")
+    print(f"summary: {paths['summary']}")
     return 0
 
 
@@ -318,9 +337,52 @@ def run_train(args: argparse.Namespace) -> int:
     task_args, rollout_config, grpo_args, model_args = parse_train_args(options)
     result = train(task_args, rollout_config, grpo_args, model_args)
     print(f"trained {result['steps']} steps; val success {result['val']['val/success']:.3f}")
+    if result.get("foothold"):
+        f = result["foothold"]
+        print(f"  foothold (before training): success {f['success']:.3f} on {f['n_tasks']} val tasks"
+              f"{'  <- no foothold: see the warning above' if f['success'] == 0 else ''}")
     print(f"  adapter: {result['adapter']}")
     print(f"  logs and checkpoints: {result['output_dir']}")
     print(f"  trajectory samples: {result['samples']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# turnwise sft
+# ---------------------------------------------------------------------------------------------------
+
+
+def add_sft_parser(subparsers: Subparsers) -> None:
+    """``turnwise sft [--config FILE.yaml] [--option value ...]``: the SFT warm start (pipeline.sft)."""
+    parser = subparsers.add_parser(
+        "sft",
+        help="warm-start a LoRA adapter by SFT on oracle demonstrations",
+        description="Generate oracle demonstrations from the train split, fine-tune a LoRA adapter on their "
+        "assistant tokens with TRL's SFTTrainer, evaluate val success after every epoch and stop when it stops "
+        "improving. Writes OUTPUT_DIR/adapter (start `turnwise train --adapter` from it), val_curve.json, "
+        "log_history.json and demonstrations.jsonl. Options are those of pipeline.sft.SFTArguments, TRL's "
+        "SFTConfig and ModelConfig; run `turnwise sft --help-all` to list them.",
+        usage="turnwise sft [--config FILE.yaml] [--option value ...]",
+        epilog="example:\n  turnwise sft --num_demos 64 --num_train_epochs 4 --output_dir outputs/sft",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=run_sft, options=[], pass_through=True)
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from pipeline.sft import parse_sft_args, run_sft as sft
+
+    options = ["--help" if o == "--help-all" else o for o in args.options]
+    result = sft(*parse_sft_args(options))
+    best = result["best_val_success"]
+    print(f"SFT on {result['demos']} oracle demonstrations ({result['assistant_tokens']} assistant tokens trained of "
+          f"{result['tokens']}), epochs evaluated {result['epochs']}, {result['wall_time_s']:.0f} s")
+    if best is not None:
+        print(f"  best val success {best:.3f} at epoch {result['best_epoch']}"
+              f"{' (stopped early)' if result['stopped_early'] else ''}")
+    print(f"  adapter: {result['adapter']}")
+    print(f"  val curve: {result['val_curve']}")
+    print(f"  logs: {result['log_history']}")
     return 0
 
 
@@ -522,9 +584,9 @@ def run_rm_train(args: argparse.Namespace) -> int:
 
 from pipeline.cli_sagemaker import add_sagemaker_parser  # noqa: E402  (turnwise sagemaker ...; cheap to import)
 
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser, add_train_parser,
-                                                     add_audit_parser, add_score_parser, add_rm_parser,
-                                                     add_sagemaker_parser)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser, add_sft_parser,
+                                                     add_train_parser,
+                                                     add_audit_parser, add_score_parser, add_rm_parser, add_sagemaker_parser)
 """Every subcommand's parser builder, in the order ``--help`` lists them."""
 
 

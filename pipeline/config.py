@@ -35,8 +35,19 @@ class TaskArguments:
         "help": "Reward YAML (see configs/rewards/); default: configs/rewards/sop.yaml for an SOP folder, "
                 "else the package's default reward."})
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "A LoRA adapter directory to start from (say, `turnwise sft`'s <output_dir>/adapter): its weights are "
+                "trained further and its LoRA settings replace lora_r etc. model_name_or_path must be its base."})
+    foothold_tasks: int = field(default=8, metadata={
+        "help": "Before training, measure the starting policy's greedy success on this many val tasks and warn when "
+                "it is 0 (RL cannot amplify what never happens). 0 disables the check."})
 
     def __post_init__(self) -> None:
+        if self.foothold_tasks < 0:
+            raise ValueError(f"foothold_tasks must be 0 (no check) or a task count, got {self.foothold_tasks}.")
+        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"adapter={self.adapter!r} is not a LoRA adapter directory (no adapter_config.json). "
+                             "Pass the adapter/ directory `turnwise sft` or `turnwise train` wrote.")
         if self.val_limit < 1:
             raise ValueError(f"val_limit must be at least 1, got {self.val_limit}.")
         if self.val_every < 0:
@@ -57,3 +68,22 @@ def parse_train_args(argv: Sequence[str] | None = None):
 
     parser = TrlParser((TaskArguments, RolloutConfig, GRPOConfig, ModelConfig), prog="turnwise train")
     return parser.parse_args_and_config(list(argv) if argv is not None else None)
+
+
+def parse_recipe(types: tuple, argv: Sequence[str] | None = None, config: dict | None = None,
+                 defaults: dict | None = None, prog: str | None = None):
+    """Parse dataclasses ``types`` from ``defaults``, then a recipe, then flags (each overriding the one before).
+
+    The recipe is the mapping ``config`` (say, one stage's section of a pipeline recipe) or a ``--config
+    FILE.yaml`` in ``argv``. A key that no dataclass knows fails with the key named.
+    """
+    from trl import TrlParser
+
+    parser = TrlParser(types, prog=prog)
+    for layer, where in ((defaults, "turnwise defaults"), (config, "the recipe")):
+        if layer:
+            unknown = parser.set_defaults_with_config(**layer)
+            if unknown:
+                raise ValueError(f"Unknown option(s) in {where}: {', '.join(unknown[::2])}. Check the spelling; "
+                                 f"`{prog or 'turnwise'} --help` lists the options.")
+    return parser.parse_args_and_config(list(argv) if argv is not None else [])

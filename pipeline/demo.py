@@ -1,50 +1,296 @@
-"""The README's main job on the embedded default model.
+"""The whole pipeline in one run: prepare the model, SFT warm start, multi-turn GRPO, held-out evaluation.
 
-Today it prepares the embedded model, then evaluates the scripted oracle (what "solved" looks like)
-and the untrained model (the number training has to move) on the customer-service test split, and
-writes both reports. Training joins this pipeline when the trainer lands.
+``turnwise demo`` (the README's ``make demo``) runs ``configs/demo.yaml``, shrunk to about ten minutes on
+a 2-core CPU; ``turnwise demo --config configs/cpu_full.yaml`` is the run that shows learning. A
+*pipeline recipe* is a YAML mapping with shared keys and one section per stage:
+
+```yaml
+model_name_or_path: smollm2-135m   # shared by every stage
+output_dir: outputs/demo           # stages write to <output_dir>/sft, /grpo, /report
+seed: 0
+tasks: customer_service
+sft:  {...}   # `turnwise sft` options (pipeline.sft.SFTArguments, TRL SFTConfig, ModelConfig); omit to skip
+grpo: {...}   # `turnwise train` options; starts from the SFT adapter when SFT ran; omit to skip
+eval: {...}   # EvalArguments: the held-out evaluation of base, SFT-only and SFT+GRPO
+```
+
+Every stage section is parsed by the stage's own typed configs before anything runs, so a typo fails
+in a second, not after the SFT. The evaluation runs every policy on the same tasks and seeds, compares
+SFT+GRPO against SFT-only (and SFT against the base) with paired-bootstrap 95% intervals, and writes the
+report and ``summary.json`` (the numbers, the SFT val curve, the GRPO health signals, wall time, machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import platform
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: Shrunk so the demo finishes in a few minutes on a 2-core CPU: the model runs on a sample of the
-#: test split with a short turn budget; the oracle runs on all of it.
-DEMO_MODEL_TASKS = 8
-DEMO_MAX_TURNS = 8
-DEMO_MAX_NEW_TOKENS = 96
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
+SHARED_KEYS = ("model_name_or_path", "output_dir", "seed", "tasks")
+STAGES = ("sft", "grpo", "eval")
 
 
-def run(model: str, seed: int = 0, output_dir: Path | None = None, model_tasks: int = DEMO_MODEL_TASKS) -> dict[str, Any]:
-    from pipeline.envs import load_tasks, oracle_policy
-    from pipeline.evaluation import evaluate
-    from pipeline.models import DEFAULT_MODEL, prepare_embedded_model
+@dataclass
+class EvalArguments:
+    """The held-out evaluation at the end of a pipeline run (``eval:`` section)."""
+
+    split: str = field(default="test", metadata={"help": "Held-out split every policy is evaluated on."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N tasks of the split (None: all)."})
+    n: int = field(default=1, metadata={"help": "Episodes per task (environment seeds seed..seed+n-1)."})
+    max_turns: int = field(default=20, metadata={"help": "Assistant-turn budget per episode."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Token budget per model turn."})
+    max_total_tokens: int = field(default=8192, metadata={"help": "Token budget per episode."})
+    batch_size: int = field(default=16, metadata={"help": "Episodes generated together."})
+    bootstrap: int = field(default=10_000, metadata={"help": "Paired-bootstrap resamples for the intervals."})
+    oracle: bool = field(default=True, metadata={"help": "Also evaluate the scripted oracle (what solved looks like)."})
+    base: bool = field(default=True, metadata={"help": "Also evaluate the starting model without any adapter."})
+    html: bool = field(default=True, metadata={"help": "Write report.html and plots (needs matplotlib)."})
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"eval.limit must be at least 1 (or null for the whole split), got {self.limit}.")
+        if self.n < 1 or self.max_turns < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("eval.n, max_turns, max_new_tokens and batch_size must be at least 1.")
+
+
+def load_recipe(path: Path | str) -> dict[str, Any]:
+    """A pipeline recipe as a mapping; fails on a missing file, a non-mapping or an unknown top-level key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Pipeline recipe {path} does not exist. Pass --config with one of configs/demo.yaml, "
+                         "configs/cpu_full.yaml, or your own.")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Pipeline recipe {path} must be a YAML mapping, not {type(recipe).__name__}.")
+    unknown = sorted(set(recipe) - set(SHARED_KEYS) - set(STAGES))
+    if unknown:
+        raise ValueError(f"Pipeline recipe {path}: unknown top-level key(s) {', '.join(unknown)}. Allowed: "
+                         f"{', '.join(SHARED_KEYS)} and the stage sections {', '.join(STAGES)}; put stage options "
+                         "inside their section.")
+    for stage in STAGES:
+        if recipe.get(stage) is not None and not isinstance(recipe[stage], dict):
+            raise ValueError(f"Pipeline recipe {path}: section {stage!r} must be a mapping of options.")
+    return recipe
+
+
+@dataclass
+class Plan:
+    """The parsed stages of a pipeline recipe, with every output path resolved."""
+
+    model: str
+    output_dir: Path
+    seed: int
+    tasks: str
+    sft: tuple | None  # (SFTArguments, SFTConfig, ModelConfig)
+    grpo_section: dict | None
+    eval: EvalArguments
+
+
+def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | None = None,
+         seed: int | None = None) -> Plan:
+    """Parse every stage of ``recipe`` (flags ``output_dir``, ``model``, ``seed`` override its shared keys)."""
+    from pipeline.models import DEFAULT_MODEL
+    from pipeline.sft import parse_sft_args
+
+    out = Path(output_dir or recipe.get("output_dir") or "outputs/demo")
+    model = model or recipe.get("model_name_or_path") or DEFAULT_MODEL
+    seed = recipe.get("seed", 0) if seed is None else seed
+    tasks = recipe.get("tasks", "customer_service")
+    sft = None
+    if recipe.get("sft") is not None:
+        sft = parse_sft_args([], config={**recipe["sft"], "model_name_or_path": model, "output_dir": str(out / "sft"),
+                                         "seed": seed, "tasks": tasks})
+    grpo_section = None
+    if recipe.get("grpo") is not None:
+        grpo_section = {**recipe["grpo"], "model_name_or_path": model, "output_dir": str(out / "grpo"), "seed": seed,
+                        "tasks": tasks}
+        parse_grpo(grpo_section)  # fail fast on a bad option, before the SFT runs
+    eval_args = EvalArguments(**(recipe.get("eval") or {}))
+    return Plan(model, out, seed, tasks, sft, grpo_section, eval_args)
+
+
+def parse_grpo(section: dict[str, Any], adapter: str | None = None):
+    """``(TaskArguments, RolloutConfig, GRPOConfig, ModelConfig)`` of a ``grpo:`` section."""
+    from trl import GRPOConfig, ModelConfig
+
+    from pipeline.config import TaskArguments, parse_recipe
+    from pipeline.trainer import RolloutConfig
+
+    config = {**section, "adapter": adapter} if adapter else section
+    return parse_recipe((TaskArguments, RolloutConfig, GRPOConfig, ModelConfig), [], config, prog="turnwise train")
+
+
+def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, model: str | None = None,
+        seed: int | None = None) -> dict[str, Any]:
+    """Run a pipeline recipe: prepare, SFT, GRPO, evaluate. Returns the summary (also ``summary.json``)."""
+    from pipeline.models import ALIASES, prepare_embedded_model
+    from pipeline.trainer import train
 
     start = time.time()
-    out = Path(output_dir or "outputs/demo")
-    if model == DEFAULT_MODEL:
-        prepare_embedded_model()
-    tasks = load_tasks("customer_service", "test")
-    oracle = evaluate(oracle_policy, tasks, seed=seed)
-    oracle.config["policy"] = "oracle"
-    logger.info("oracle: success %.3f on %d test tasks", oracle.success_rate, len(tasks))
-    sample = tasks[:: max(1, len(tasks) // model_tasks)][:model_tasks]
-    untrained = evaluate(model, sample, seed=seed, max_turns=DEMO_MAX_TURNS, max_new_tokens=DEMO_MAX_NEW_TOKENS,
-                         progress=True)
-    paths = {"oracle": oracle.save(out / "oracle"), "model": untrained.save(out / "model")}
-    return {
-        "oracle": oracle.metrics, "model": untrained.metrics, "model_name": model,
-        "reports": {name: str(p["markdown"]) for name, p in paths.items()},
-        "wall_time_s": round(time.time() - start, 1),
-    }
+    load_at_start = _load()
+    p = plan(load_recipe(recipe_path), output_dir, model, seed)
+    p.output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = p.output_dir / "run.log"
+    handler = _log_to(log_path)
+    times: dict[str, float] = {}
+    summary: dict[str, Any] = {"recipe": str(recipe_path), "model": p.model, "output_dir": str(p.output_dir),
+                               "seed": p.seed, "paths": {"log": str(log_path)}}
+    try:
+        t = time.time()
+        if p.model in ALIASES:
+            prepare_embedded_model(name=p.model)
+        times["prepare"] = round(time.time() - t, 1)
+
+        sft_adapter = None
+        if p.sft is not None:
+            from pipeline.sft import run_sft
+
+            t = time.time()
+            logger.info("stage sft: %d oracle demonstrations, up to %s epochs", p.sft[0].num_demos,
+                        p.sft[1].num_train_epochs)
+            sft_result = run_sft(*p.sft)
+            times["sft"] = round(time.time() - t, 1)
+            sft_adapter = sft_result["adapter"]
+            summary["sft_result"] = sft_result
+            summary["sft_val_curve"] = json.loads(Path(sft_result["val_curve"]).read_text())
+            summary["paths"].update(sft_adapter=sft_adapter, sft_logs=sft_result["log_history"],
+                                    sft_val_curve=sft_result["val_curve"])
+
+        grpo_adapter = None
+        if p.grpo_section is not None:
+            t = time.time()
+            task_args, rollout_config, grpo_args, model_args = parse_grpo(p.grpo_section, sft_adapter)
+            if sft_adapter:
+                model_args.use_peft = False  # the SFT adapter is the LoRA being trained
+            logger.info("stage grpo: %d steps from %s", grpo_args.max_steps, sft_adapter or p.model)
+            grpo_result = train(task_args, rollout_config, grpo_args, model_args)
+            times["grpo"] = round(time.time() - t, 1)
+            grpo_adapter = grpo_result["adapter"]
+            summary["grpo_result"] = {k: v for k, v in grpo_result.items()}
+            summary["grpo_signals"] = training_signals(json.loads(Path(grpo_result["log_history"]).read_text()))
+            summary["paths"].update(grpo_adapter=grpo_adapter, grpo_logs=grpo_result["log_history"],
+                                    grpo_samples=grpo_result["samples"])
+
+        t = time.time()
+        summary.update(evaluate_policies(p, sft_adapter, grpo_adapter))
+        times["eval"] = round(time.time() - t, 1)
+    finally:
+        logging.getLogger("pipeline").removeHandler(handler)
+        logging.getLogger("rewards").removeHandler(handler)
+        handler.close()
+    summary["stage_times_s"] = times
+    summary["wall_time_s"] = round(time.time() - start, 1)
+    summary["machine"] = {**machine(), "load_avg_at_start": load_at_start, "load_avg_at_end": _load()}
+    from pipeline.trajectory import atomic_write_text
+
+    summary["paths"]["summary"] = str(p.output_dir / "summary.json")
+    atomic_write_text(p.output_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None) -> dict[str, Any]:
+    """Evaluate base, SFT-only and SFT+GRPO (those that ran) and the oracle on the same tasks and seeds."""
+    from pipeline.envs import load_tasks, oracle_policy
+    from pipeline.evaluation import compare, evaluate
+    from pipeline.report import MissingReportDependency, write_report
+
+    e = p.eval
+    tasks = load_tasks(p.tasks, e.split)[: e.limit]
+    budgets = dict(k=1, n=e.n, seed=p.seed, max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
+                   max_total_tokens=e.max_total_tokens, batch_size=e.batch_size)
+    policies = [("grpo", grpo_adapter, "SFT+GRPO" if sft_adapter else "GRPO"), ("sft", sft_adapter, "SFT only"),
+                ("base", p.model if e.base else None, f"base ({p.model})")]
+    reports = {}
+    for key, source, label in policies:
+        if source is not None:
+            logger.info("stage eval: %s on %d %s tasks", label, len(tasks), e.split)
+            reports[key] = evaluate(source, tasks, label=label, **budgets)
+    if e.oracle:
+        reports["oracle"] = evaluate(oracle_policy, tasks, label="oracle", **budgets)
+    comparisons = {}
+    for cand, base in (("grpo", "sft"), ("sft", "base"), ("grpo", "base")):
+        if cand in reports and base in reports:
+            comparisons[f"{cand}_vs_{base}"] = compare(reports[cand], reports[base], n_boot=e.bootstrap, seed=p.seed)
+    headline = next(iter(comparisons.values()), None)
+    out = p.output_dir / "report"
+    ordered = [reports[k] for k in ("grpo", "sft", "base", "oracle") if k in reports]
+    try:
+        paths = write_report(out, ordered, headline, html_page=e.html)
+    except MissingReportDependency as error:
+        logger.warning("%s; writing the report without HTML.", error)
+        paths = write_report(out, ordered, headline, html_page=False)
+    result: dict[str, Any] = {key: {"success": r.metrics["success"], "completion": r.metrics["completion"],
+                                    "turns_mean": r.metrics["turns_mean"], "tool_calls_mean": r.metrics["tool_calls_mean"],
+                                    "max_turns_rate": r.metrics["max_turns_rate"],
+                                    "truncation_rate": r.metrics["truncation_rate"], "label": r.label}
+                              for key, r in reports.items()}
+    for name, c in comparisons.items():
+        result[f"delta_{name}"] = {"mean": c.difference, "ci_low": c.ci_low, "ci_high": c.ci_high,
+                                   "significant": c.significant, "n_pairs": c.n_pairs, "statement": c.statement()}
+    result["n_tasks"] = len(tasks)
+    result["eval"] = asdict(e)
+    result["report"] = {"html": str(paths.get("html", "")), "markdown": str(paths["markdown"]),
+                        "json": str(paths["json"])}
+    return result
+
+
+def training_signals(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The signs of a bad GRPO run, from its log history: the training-reward and val-success series,
+    and the mean zero-advantage-group, truncation and turn-budget-exhaustion fractions."""
+    def series(key: str) -> list[float]:
+        return [float(h[key]) for h in log_history if key in h]
+
+    def mean(key: str) -> float | None:
+        values = series(key)
+        return sum(values) / len(values) if values else None
+
+    return {"reward": series("rollout/reward/mean"), "success": series("rollout/success"),
+            "val_success": series("val/success"), "zero_adv_groups_mean": mean("analysis/zero_adv_groups"),
+            "truncated_frac_mean": mean("rollout/truncated_frac"), "max_turns_frac_mean": mean("rollout/max_turns_frac"),
+            "turns_mean": mean("rollout/turns/mean")}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _log_to(path: Path) -> logging.Handler:
+    """Copy turnwise's log records (the CLI's level) into ``path`` for the run."""
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("pipeline", "rewards"):
+        logging.getLogger(name).addHandler(handler)
+    return handler
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args.model, seed=args.seed, output_dir=args.output_dir)
+    return run(args.config, output_dir=args.output_dir, model=args.model, seed=args.seed)

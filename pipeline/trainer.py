@@ -347,16 +347,31 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     from trl import get_peft_config
 
     from pipeline.envs import load_tasks
-    from pipeline.models import DEFAULT_MODEL, load_model
+    from pipeline.models import DEFAULT_MODEL, adapter_base_model, load_model
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    model, tokenizer = load_model(model_args.model_name_or_path or DEFAULT_MODEL)
+    base = adapter_base_model(task_args.adapter) if task_args.adapter else None
+    model_name = model_args.model_name_or_path or base or DEFAULT_MODEL
+    model, tokenizer = load_model(model_name)
     train_tasks = load_tasks(task_args.tasks, task_args.train_split)[: task_args.train_limit]
-    val_tasks = load_tasks(task_args.tasks, task_args.val_split)[: task_args.val_limit]
+    all_val = load_tasks(task_args.tasks, task_args.val_split)
+    val_tasks = all_val[: task_args.val_limit]
     rollout = EpisodeRollout(train_tasks, rollout_config, seed=grpo_args.seed)
     reward = TrajectoryReward(reward_fn or default_reward(task_args.reward_config), rollout)
     grpo_args.max_completion_length = max(grpo_args.max_completion_length or 0, rollout_config.max_total_tokens)
     peft_config = get_peft_config(model_args)
+    if task_args.adapter:  # continue training an existing adapter (an SFT warm start): its LoRA config wins
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, task_args.adapter, is_trainable=True)
+        peft_config = None
+        logger.info("starting from the adapter %s (LoRA r=%d) on %s", task_args.adapter,
+                    model.peft_config["default"].r, model_name)
+    checkpoint = get_last_checkpoint(grpo_args.output_dir) if task_args.resume else None
+    foothold = None
+    if task_args.foothold_tasks and checkpoint is None:
+        foothold = check_foothold(model, tokenizer, all_val[: task_args.foothold_tasks], rollout_config.max_turns,
+                                  rollout_config.max_new_tokens)
     trainer = TurnwiseGRPOTrainer(model=model, processing_class=tokenizer, args=grpo_args,
                                   train_dataset=task_dataset(train_tasks), peft_config=peft_config, rollout=rollout,
                                   reward=reward, rollout_config=rollout_config)
@@ -364,16 +379,53 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
                                     rollout_config.max_new_tokens)
     trainer.add_callback(validation)
     trainer.add_callback(SampleWriter(trainer))
-    checkpoint = None
-    if task_args.resume:
-        checkpoint = get_last_checkpoint(grpo_args.output_dir)
-        if checkpoint is None:
-            logger.warning("--resume: no checkpoint in %s; starting from scratch.", grpo_args.output_dir)
+    if task_args.resume and checkpoint is None:
+        logger.warning("--resume: no checkpoint in %s; starting from scratch.", grpo_args.output_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
     final = validation.validate()
     trainer.log(final)
     adapter_dir = Path(grpo_args.output_dir) / "adapter"
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(unwrapped, "peft_config"):  # record the name the user gave (an alias), not the resolved cache path
+        unwrapped.peft_config["default"].base_model_name_or_path = model_name
     trainer.save_model(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    from pipeline.trajectory import atomic_write_text
+
+    atomic_write_text(Path(grpo_args.output_dir) / "log_history.json", json.dumps(trainer.state.log_history, indent=2))
     return {"adapter": str(adapter_dir), "output_dir": grpo_args.output_dir, "samples": str(Path(grpo_args.output_dir) / "samples"),
-            "val": final, "steps": trainer.state.global_step}
+            "val": final, "steps": trainer.state.global_step, "foothold": foothold,
+            "log_history": str(Path(grpo_args.output_dir) / "log_history.json")}
+
+
+FOOTHOLD_GUIDANCE = (
+    "RL only amplifies what the policy already does some of the time: when no rollout succeeds, the success part "
+    "of the reward is the same for every rollout of a task and GRPO has little to push on. Before spending the "
+    "budget: warm-start with SFT on oracle demonstrations (`turnwise sft --output_dir outputs/sft`, then "
+    "`turnwise train ... --adapter outputs/sft/adapter`); simplify the tasks (train on single-intent tasks "
+    "first, e.g. a filtered tasks .jsonl, or fewer turns to get right); or raise the budget (max_turns, "
+    "max_new_tokens, num_generations, temperature) so that some rollouts can succeed.")
+
+
+def check_foothold(model, tokenizer, tasks: Sequence[Task], max_turns: int, max_new_tokens: int) -> dict[str, Any]:
+    """The foothold check: the starting policy's greedy success on ``tasks`` (a val sample), with the training
+    budgets. Warns, with guidance (:data:`FOOTHOLD_GUIDANCE`), when it is 0. Returns the numbers."""
+    from pipeline.evaluation import evaluate
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        report = evaluate((model, tokenizer), tasks, max_turns=max_turns, max_new_tokens=max_new_tokens,
+                          label="starting policy")
+    model.train(was_training)
+    m = report.metrics
+    result = {"success": m["success"], "n_tasks": m["n_tasks"], "completion": m["completion"],
+              "tool_calls_mean": m["tool_calls_mean"], "stop_reasons": m["stop_reasons"]}
+    if m["success"] == 0:
+        logger.warning("foothold check: the starting policy solved 0 of %d val tasks (greedy; completion %.2f, "
+                       "%.1f tool calls per episode, stop reasons %s). %s", m["n_tasks"], m["completion"],
+                       m["tool_calls_mean"], m["stop_reasons"], FOOTHOLD_GUIDANCE)
+    else:
+        logger.info("foothold check: the starting policy solves %.3f of %d val tasks (greedy).", m["success"],
+                    m["n_tasks"])
+    return result

@@ -1,0 +1,374 @@
+"""SFT warm start: oracle demonstrations, and TRL's ``SFTTrainer`` on a LoRA adapter.
+
+Why a warm start: RL only amplifies what the policy already does some of the time. The untrained
+embedded model never calls a tool, so every rollout of a task fails the same way, every group has
+zero advantage and GRPO has nothing to push on. A few dozen expert conversations teach the format
+(tool calls, asking for identity first, confirming before acting); RL then improves the decisions.
+
+Demonstrations come from the scripted oracle (:func:`pipeline.envs.oracle_policy`) played *through the
+environment* (:func:`pipeline.rollout.run_policy`), so each demonstration is exactly the messages the
+environment produces: the same system prompt, tool results and customer replies the policy will see
+in training and evaluation. Only demonstrations the oracle solved are kept.
+
+Tokenisation mirrors the rollout engine (:class:`pipeline.rollout.RolloutEngine`) token for token: the
+opening is rendered with the generation prompt, each assistant message is its text's tokens followed
+by the end-of-turn token (what the model must learn to sample to stop), and what the template puts
+between assistant messages is tokenised as one piece. So SFT trains on the very sequences a rollout
+of the oracle's texts would hold, and its assistant mask is the rollout's ``assistant_mask``.
+
+The loss is on assistant tokens only. TRL's ``assistant_only_loss`` needs a chat template with
+``{% generation %}`` markers; SmolLM2's has none and TRL ships no training template for it, so this
+module builds the mask itself (``assistant_masks``) and TRL turns it into labels (-100 elsewhere).
+
+Training stops when validation success stops improving: :class:`ValSuccessCallback` runs the
+external evaluation (:func:`pipeline.evaluation.evaluate`, greedy) on a val sample after every epoch,
+saves the adapter whenever val success reaches its best so far, stops after ``patience`` epochs
+without a strict improvement, and writes the curve to ``<output_dir>/val_curve.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers import TrainerCallback
+
+from pipeline.envs import load_tasks, make_env, oracle_policy
+from pipeline.envs.base import Task
+from pipeline.rollout import run_policy
+from pipeline.trajectory import Trajectory, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+#: turnwise's defaults for ``turnwise sft``, applied under a recipe's values (TRL's own defaults are for
+#: GPU runs on short single-turn data: ``max_length=1024`` would cut every demonstration here).
+SFT_DEFAULTS: dict[str, Any] = {
+    "model_name_or_path": "smollm2-135m",
+    "use_peft": True,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "output_dir": "outputs/sft",
+    "learning_rate": 2.0e-4,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 4,
+    "max_length": 4096,
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "report_to": [],
+}
+
+
+@dataclass
+class SFTArguments:
+    """What ``turnwise sft`` trains on and how it decides to stop (TRL's ``SFTConfig`` holds the rest)."""
+
+    tasks: str = field(default="customer_service", metadata={"help": "Task set: a domain name, directory or .jsonl."})
+    train_split: str = field(default="train", metadata={"help": "Split the demonstrations come from."})
+    num_demos: int = field(default=64, metadata={
+        "help": "Oracle demonstrations to generate (tasks drawn without replacement from a seeded shuffle of the "
+                "train split; more than the split holds replays tasks with further environment seeds)."})
+    demo_seed: int = field(default=0, metadata={"help": "Seed of the task shuffle and first environment seed."})
+    demo_max_turns: int = field(default=20, metadata={"help": "Assistant-turn budget of demonstration episodes."})
+    val_split: str = field(default="val", metadata={"help": "Held-out split for the per-epoch val success."})
+    val_limit: int = field(default=16, metadata={"help": "Val tasks per evaluation (0: no validation, keep the last "
+                                                         "epoch's adapter)."})
+    val_max_turns: int = field(default=20, metadata={"help": "Assistant-turn budget of validation episodes."})
+    val_max_new_tokens: int = field(default=128, metadata={"help": "Token budget per validation turn."})
+    val_at_start: bool = field(default=True, metadata={
+        "help": "Also evaluate before training (epoch 0 of the curve: the starting model)."})
+    patience: int = field(default=2, metadata={
+        "help": "Stop after this many epochs without a strict improvement in val success (0: never stop early)."})
+
+    def __post_init__(self) -> None:
+        if self.num_demos < 1:
+            raise ValueError(f"num_demos must be at least 1, got {self.num_demos}.")
+        if self.val_limit < 0 or self.patience < 0:
+            raise ValueError(f"val_limit and patience must be >= 0, got {self.val_limit} and {self.patience}.")
+        if self.demo_max_turns < 1 or self.val_max_turns < 1 or self.val_max_new_tokens < 1:
+            raise ValueError("demo_max_turns, val_max_turns and val_max_new_tokens must be at least 1.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Demonstrations
+# ---------------------------------------------------------------------------------------------------
+
+
+def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = 20) -> list[Trajectory]:
+    """``n`` oracle episodes played through the environment, on tasks from a seeded shuffle of ``tasks``.
+
+    The first pass uses environment seed ``seed`` on every task; a second pass (when ``n`` exceeds the
+    number of tasks) uses ``seed + 1``, and so on, so the customer words things differently. Episodes the
+    oracle fails are dropped with a warning (they would teach a wrong conversation).
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks to generate demonstrations from.")
+    order = list(range(len(tasks)))
+    random.Random(seed).shuffle(order)
+    demos, failed = [], []
+    for i in range(n):
+        task = tasks[order[i % len(tasks)]]
+        episode_seed = seed + i // len(tasks)
+        trajectory = run_policy(make_env(task, max_turns=max_turns), task, oracle_policy(task), seed=episode_seed)
+        (demos if trajectory.outcome.success else failed).append(trajectory)
+    if failed:
+        logger.warning("the oracle failed %d of %d demonstration episodes (%s); they were dropped.", len(failed), n,
+                       ", ".join(f"{t.task_id}@{t.seed}: {t.outcome.stop_reason}" for t in failed[:5]))
+    if not demos:
+        raise ValueError("the oracle solved none of the demonstration episodes; check the task set and its oracle.")
+    return demos
+
+
+def tokenize_demonstration(messages: Sequence[dict], tokenizer) -> dict[str, list[int]]:
+    """Token ids (length T) and assistant mask (T) of a conversation, built as the rollout engine builds them.
+
+    ``messages`` is an episode as the environment produced it: the opening (system prompt and first
+    customer message), then assistant messages each followed by the environment's replies. The mask is
+    1 on each assistant message's tokens plus its end-of-turn token, 0 on everything else. Raises
+    :class:`~pipeline.rollout.TemplateError` for a template that is not prefix-preserving.
+    """
+    from pipeline.rollout import TemplateError
+
+    def render(msgs: Sequence[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if first is None:
+        raise ValueError("the conversation has no assistant message to learn from.")
+    end_of_turn = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else ""
+    rendered = render(messages[:first], True)
+    ids = encode(rendered)
+    mask = [0] * len(ids)
+    i = first
+    while i < len(messages):
+        text = messages[i]["content"]
+        sampled = encode(text) + ([tokenizer.eos_token_id] if end_of_turn else [])
+        ids += sampled
+        mask += [1] * len(sampled)
+        j = i + 1
+        while j < len(messages) and messages[j]["role"] != "assistant":
+            j += 1
+        if j == len(messages):  # the episode ended on the environment's last replies: nothing more to predict
+            break
+        with_assistant = render(messages[: i + 1], False)
+        after = render(messages[:j], True)
+        head = rendered + text
+        if not with_assistant.startswith(head) or not after.startswith(with_assistant):
+            raise TemplateError("The chat template does not render conversations prefix-preservingly, so SFT "
+                                "sequences cannot match the rollouts'. Use a template without such rewriting.")
+        tail = with_assistant[len(head):]
+        if end_of_turn and tail.startswith(end_of_turn):
+            tail = tail[len(end_of_turn):]
+        added = encode(tail + after[len(with_assistant):])
+        ids += added
+        mask += [0] * len(added)
+        rendered = after
+        i = j
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def demonstration_dataset(demos: Sequence[Trajectory], tokenizer, max_length: int | None = None):
+    """A ``datasets.Dataset`` with ``input_ids`` and ``assistant_masks`` per demonstration (TRL builds labels).
+
+    A demonstration longer than ``max_length`` would be cut by TRL, losing its last assistant turns
+    (usually the ending); those are dropped with a warning instead.
+    """
+    from datasets import Dataset
+
+    rows = [tokenize_demonstration(t.messages, tokenizer) for t in demos]
+    if max_length is not None:
+        long = [len(r["input_ids"]) for r in rows if len(r["input_ids"]) > max_length]
+        if long:
+            logger.warning("%d of %d demonstrations are longer than max_length=%d tokens (up to %d) and were dropped; "
+                           "raise max_length to keep them.", len(long), len(rows), max_length, max(long))
+        rows = [r for r in rows if len(r["input_ids"]) <= max_length]
+    if not rows:
+        raise ValueError(f"no demonstration fits in max_length={max_length} tokens; raise max_length.")
+    return Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation per epoch, early stopping, the best adapter
+# ---------------------------------------------------------------------------------------------------
+
+
+class ValSuccessCallback(TrainerCallback):
+    """Evaluates val success after every epoch (and before training), keeps the best adapter, stops early.
+
+    The adapter in ``adapter_dir`` is always the latest epoch whose val success equals the best so far
+    (ties go to the later epoch, which has seen more data). Training stops once ``patience`` epochs in a
+    row bring no strict improvement. ``curve`` holds one record per evaluation and is written as JSON to
+    ``curve_path`` after each one, so a killed run keeps its curve.
+    """
+
+    def __init__(self, trainer, tokenizer, tasks: Sequence[Task], args: SFTArguments, adapter_dir: Path,
+                 curve_path: Path, base_model_name: str | None = None) -> None:
+        self.trainer, self.tokenizer, self.tasks, self.args = trainer, tokenizer, list(tasks), args
+        self.adapter_dir, self.curve_path, self.base_model_name = Path(adapter_dir), Path(curve_path), base_model_name
+        self.curve: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.stale = 0
+        self.stopped_early = False
+
+    def evaluate(self, epoch: float, step: int) -> dict[str, Any]:
+        import torch
+
+        from pipeline.evaluation import evaluate
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        was_training = model.training
+        model.eval()
+        start = time.time()
+        with torch.no_grad():
+            report = evaluate((model, self.tokenizer), self.tasks, max_turns=self.args.val_max_turns,
+                              max_new_tokens=self.args.val_max_new_tokens, label="sft")
+        model.train(was_training)
+        losses = [h["loss"] for h in self.trainer.state.log_history if "loss" in h]
+        m = report.metrics
+        record = {"epoch": round(epoch), "step": step, "val/success": m["success"], "val/completion": m["completion"],
+                  "val/turns_mean": m["turns_mean"], "val/tool_calls_mean": m["tool_calls_mean"],
+                  "train/loss": losses[-1] if losses else None, "eval_s": round(time.time() - start, 1)}
+        self.curve.append(record)
+        logger.info("epoch %d: val success %.3f (completion %.3f, %.1f tool calls/episode) on %d val tasks",
+                    record["epoch"], m["success"], m["completion"], m["tool_calls_mean"], len(self.tasks))
+        return record
+
+    def save_adapter(self) -> None:
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        save_adapter(model, self.tokenizer, self.adapter_dir, self.base_model_name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.tasks and self.args.val_at_start and not self.curve:
+            self.evaluate(0, 0)
+            self._write()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if not self.tasks:
+            self.save_adapter()  # no validation: the latest epoch is the result
+            return
+        record = self.evaluate(state.epoch or 0, state.global_step)
+        self.trainer.log({k: v for k, v in record.items() if k.startswith("val/")})
+        success = record["val/success"]
+        improved = self.best is None or success > self.best
+        if self.best is None or success >= self.best:
+            self.best, self.best_epoch = success, record["epoch"]
+            self.save_adapter()
+        self.stale = 0 if improved else self.stale + 1
+        if self.args.patience and self.stale >= self.args.patience:
+            logger.info("val success has not improved for %d epochs (best %.3f at epoch %d): stopping.",
+                        self.stale, self.best, self.best_epoch)
+            self.stopped_early = True
+            control.should_training_stop = True
+        self._write()
+
+    def summary(self) -> dict[str, Any]:
+        return {"curve": self.curve, "best_epoch": self.best_epoch, "best_val_success": self.best,
+                "stopped_early": self.stopped_early, "patience": self.args.patience, "val_tasks": len(self.tasks),
+                "val_split": self.args.val_split}
+
+    def _write(self) -> None:
+        atomic_write_text(self.curve_path, json.dumps(self.summary(), indent=2) + "\n")
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path | str, base_model_name: str | None = None) -> Path:
+    """Save a PEFT model's adapter and the tokenizer. ``base_model_name`` (say, the alias ``smollm2-135m``) is
+    recorded as the adapter's base instead of the resolved cache path, so the adapter stays loadable when
+    the cache moves."""
+    adapter_dir = Path(adapter_dir)
+    config = model.peft_config["default"]
+    if base_model_name:
+        config.base_model_name_or_path = base_model_name
+    model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    return adapter_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_sft_args(argv: Sequence[str] | None = None, config: dict | None = None):
+    """``(SFTArguments, SFTConfig, ModelConfig)`` from turnwise's defaults, a recipe and flags (flags win).
+
+    ``config`` is a recipe mapping (a pipeline recipe's ``sft:`` section); ``argv`` may also name one with
+    ``--config FILE.yaml``.
+    """
+    from trl import ModelConfig, SFTConfig
+
+    from pipeline.config import parse_recipe
+
+    return parse_recipe((SFTArguments, SFTConfig, ModelConfig), argv, config, defaults=sft_defaults(),
+                        prog="turnwise sft")
+
+
+def sft_defaults() -> dict[str, Any]:
+    """`SFT_DEFAULTS`, plus bf16 only where the hardware has it: TRL turns bf16 on by default, which fails
+    without a GPU, and CPUs without native bf16 (AVX2) run bf16 matmuls some 40x slower than float32."""
+    import torch
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return {**SFT_DEFAULTS, "bf16": bf16, "use_cpu": not torch.cuda.is_available()}
+
+
+def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
+    """Generate demonstrations, fine-tune a LoRA adapter on them, keep the best epoch's adapter.
+
+    Returns where the outputs are (``adapter``, ``output_dir``, ``val_curve``, ``log_history``) and the
+    numbers (``demos``, ``best_val_success``, ``best_epoch``, ``epochs``, ``wall_time_s``).
+    """
+    import os
+
+    from trl import SFTTrainer, get_peft_config
+
+    from pipeline.models import DEFAULT_MODEL, load_model
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if not model_args.use_peft:
+        raise ValueError("turnwise sft trains a LoRA adapter: set use_peft: true (and lora_r, lora_target_modules).")
+    if sft_config.assistant_only_loss:
+        raise ValueError("assistant_only_loss must stay false: turnwise sft masks non-assistant tokens itself "
+                         "(the template has no generation markers).")
+    start = time.time()
+    model_name = model_args.model_name_or_path or DEFAULT_MODEL
+    model, tokenizer = load_model(model_name)
+    train_tasks = load_tasks(sft_args.tasks, sft_args.train_split)
+    demos = oracle_demonstrations(train_tasks, sft_args.num_demos, seed=sft_args.demo_seed,
+                                  max_turns=sft_args.demo_max_turns)
+    dataset = demonstration_dataset(demos, tokenizer, max_length=sft_config.max_length)
+    n_tokens = sum(len(r) for r in dataset["input_ids"])
+    n_trained = sum(sum(m) for m in dataset["assistant_masks"])
+    logger.info("%d oracle demonstrations: %d tokens, %d of them assistant tokens (trained on)", len(dataset),
+                n_tokens, n_trained)
+    out = Path(sft_config.output_dir)
+    atomic_write_text(out / "demonstrations.jsonl", "".join(json.dumps(t.to_dict()) + "\n" for t in demos))
+    val_tasks = load_tasks(sft_args.tasks, sft_args.val_split)[: sft_args.val_limit] if sft_args.val_limit else []
+    sft_config.dataset_text_field = "input_ids"  # unused: the data is already tokenised
+    trainer = SFTTrainer(model=model, args=sft_config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=get_peft_config(model_args))
+    validation = ValSuccessCallback(trainer, tokenizer, val_tasks, sft_args, out / "adapter", out / "val_curve.json",
+                                    base_model_name=model_name)
+    trainer.add_callback(validation)
+    trainer.train()
+    if not (out / "adapter" / "adapter_config.json").exists():  # e.g. max_steps ended training inside epoch 1
+        validation.save_adapter()
+    atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=2) + "\n")
+    summary = validation.summary()
+    validation._write()
+    return {"adapter": str(out / "adapter"), "output_dir": str(out), "val_curve": str(out / "val_curve.json"),
+            "log_history": str(out / "log_history.json"), "demos": len(dataset), "tokens": n_tokens,
+            "assistant_tokens": n_trained, "best_val_success": summary["best_val_success"],
+            "best_epoch": summary["best_epoch"], "epochs": [r["epoch"] for r in summary["curve"]],
+            "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1)}

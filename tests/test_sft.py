@@ -1,0 +1,188 @@
+"""Tests for pipeline/sft.py: oracle demonstrations, the assistant-only loss mask, the saved adapter.
+
+Shrunk settings, each on purpose: the tiny 2-layer random Llama (logic, not quality) with a byte-level
+tokenizer, 3-4 demonstrations, validation on 2 val tasks with 2 turns of at most 4 new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from trl import GRPOConfig, ModelConfig, SFTConfig
+
+from pipeline.backends import Generation
+from pipeline.config import TaskArguments
+from pipeline.envs import load_tasks, make_env
+from pipeline.models import load_model
+from pipeline.rollout import RolloutEngine
+from pipeline.sft import SFTArguments, demonstration_dataset, oracle_demonstrations, run_sft, tokenize_demonstration
+from pipeline.trainer import RolloutConfig, train
+
+
+def token_count_reward(trajectory) -> float:
+    return sum(sum(turn.completion_ids) for turn in trajectory.turns) % 7 / 7.0
+
+
+class ReplayBackend:
+    """A generation backend that "samples" given texts, each followed by the end-of-turn token."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts = tokenizer, list(texts)
+
+    def generate(self, requests):
+        out = []
+        for _ in requests:
+            ids = self.tokenizer(self.texts.pop(0), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            out.append(Generation(token_ids=ids, logprobs=[0.0] * len(ids), truncated=False))
+        return out
+
+    def release(self, key):
+        pass
+
+
+def test_demonstrations_are_successful_oracle_episodes_through_the_environment():
+    tasks = load_tasks("customer_service", "train")[:3]
+    demos = oracle_demonstrations(tasks, n=5, seed=7)
+    assert len(demos) == 5 and all(d.outcome.success for d in demos)
+    assert {d.task_id for d in demos} == {t.id for t in tasks}  # all 3 tasks, then 2 of them again
+    assert [d.seed for d in demos] == [7, 7, 7, 8, 8]  # a second pass replays tasks with the next seed
+    # exactly the environment's messages: its opening, then assistant turns each followed by its replies
+    env = make_env(next(t for t in tasks if t.id == demos[0].task_id))
+    opening = env.reset(next(t for t in tasks if t.id == demos[0].task_id), seed=7)
+    assert demos[0].messages[: len(opening)] == opening
+    for turn in demos[0].turns:
+        assert env.step(turn.assistant).messages == turn.env_messages
+
+
+def test_tokens_and_mask_are_what_a_rollout_of_the_same_texts_records(tiny_model_dir):
+    """SFT trains on the very token sequence the rollout engine builds when the model samples the oracle's
+    texts: same ids, and the assistant mask is the rollout's assistant mask."""
+    _, tokenizer = load_model(str(tiny_model_dir))
+    task = load_tasks("customer_service", "train")[0]
+    demo = oracle_demonstrations([task], n=1)[0]
+    sequence = tokenize_demonstration(demo.messages, tokenizer)
+
+    engine = RolloutEngine(ReplayBackend(tokenizer, [t.assistant for t in demo.turns]), tokenizer,
+                           max_new_tokens=10_000, max_total_tokens=100_000, batch_size=1)
+    replayed = engine.run(lambda t: make_env(t), [task], [demo.seed])[0]
+    assert replayed.outcome.success and replayed.messages == demo.messages
+    assert sequence["input_ids"] == replayed.tokens.input_ids
+    assert sequence["assistant_masks"] == replayed.tokens.assistant_mask
+
+
+def test_non_assistant_tokens_get_label_minus_100(tiny_model_dir, tmp_path):
+    """What SFTTrainer feeds the model: labels are -100 everywhere except assistant tokens, which are
+    exactly the assistant texts, each followed by the end-of-turn token; so the loss is theirs alone."""
+    from trl import SFTTrainer
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    demos = oracle_demonstrations(load_tasks("customer_service", "train")[:2], n=2)
+    dataset = demonstration_dataset(demos, tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path), max_length=None, report_to=[], use_cpu=True, bf16=False, max_steps=1,
+                     dataset_text_field="input_ids")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    for row, demo in enumerate(demos):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        trained = labels != -100
+        assert torch.equal(ids[trained], labels[trained])
+        expected = "".join(t.assistant + tokenizer.eos_token for t in demo.turns)
+        assert tokenizer.decode(ids[trained]) == expected
+        assert 0 < trained.sum() < (batch["attention_mask"][row] == 1).sum()  # the prompts and replies are masked
+    # the loss is the mean cross-entropy over the assistant tokens alone
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+    keep = shift_labels != -100
+    manual = torch.nn.functional.cross_entropy(shift_logits[keep], shift_labels[keep])
+    with torch.no_grad():
+        loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    torch.testing.assert_close(loss, manual)
+
+
+def tiny_sft(tiny_model_dir, out, epochs=4, patience=1, **overrides):
+    sft_args = SFTArguments(num_demos=3, val_limit=2, val_max_turns=2, val_max_new_tokens=4, patience=patience)
+    config = SFTConfig(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=1,
+                       learning_rate=1e-2,  # large, so a few steps visibly move the LoRA weights
+                       max_length=None, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                       bf16=False,  # CPU bf16 without native support is ~40x slower than float32
+                       gradient_checkpointing=False, **overrides)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+    return run_sft(sft_args, config, model_args)
+
+
+def test_sft_tracks_val_success_per_epoch_stops_early_and_saves_an_adapter(tiny_model_dir, tmp_path):
+    result = tiny_sft(tiny_model_dir, tmp_path / "sft", epochs=5, patience=1)
+    curve = json.loads((tmp_path / "sft" / "val_curve.json").read_text())
+    # epoch 0 is the starting model; the random model's val success stays 0, so epoch 1 sets the best and
+    # epoch 2, no better, uses up the patience of 1: training stops after 2 of 5 epochs
+    assert [r["epoch"] for r in curve["curve"]] == [0, 1, 2]
+    assert curve["stopped_early"] and curve["best_epoch"] == 2 and curve["val_tasks"] == 2
+    assert all(r["val/success"] == 0.0 and r["train/loss"] is not None for r in curve["curve"][1:])
+    assert result["demos"] == 3 and result["epochs"] == [0, 1, 2]
+    history = json.loads((tmp_path / "sft" / "log_history.json").read_text())
+    assert any("loss" in h for h in history) and any("val/success" in h for h in history)
+    assert len((tmp_path / "sft" / "demonstrations.jsonl").read_text().splitlines()) == 3
+    adapter = tmp_path / "sft" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_model_dir)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained (lora_B starts at 0)
+
+
+def test_train_starts_from_the_sft_adapter(tiny_model_dir, tmp_path, caplog):
+    """``turnwise train --adapter`` continues the SFT adapter: with a zero learning rate the GRPO run saves
+    exactly the weights it started from. foothold_tasks=0 disables the foothold check."""
+    from safetensors.torch import load_file
+
+    tiny_sft(tiny_model_dir, tmp_path / "sft", epochs=1)
+    adapter = tmp_path / "sft" / "adapter"
+    task_args = TaskArguments(train_limit=2, val_limit=2, adapter=str(adapter), foothold_tasks=0)
+    rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=20_000)
+    grpo_args = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=2, num_generations=2,
+                           max_steps=1, learning_rate=0.0, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                           beta=0.0)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        result = train(task_args, rollout_config, grpo_args, ModelConfig(), reward_fn=token_count_reward)
+    assert result["foothold"] is None and "foothold check" not in caplog.text
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "grpo" / "adapter" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(before[name], after[name])
+    assert json.loads((tmp_path / "grpo" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_foothold_check_warns_for_an_untrained_model(tiny_model_dir, tmp_path, caplog):
+    task_args = TaskArguments(train_limit=2, val_limit=2, foothold_tasks=2)
+    rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=20_000)
+    grpo_args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=1,
+                           report_to=[], use_cpu=True, bf16=False, save_strategy="no", beta=0.0)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        result = train(task_args, rollout_config, grpo_args, model_args, reward_fn=token_count_reward)
+    assert result["foothold"]["success"] == 0.0 and result["foothold"]["n_tasks"] == 2
+    warning = next(r.getMessage() for r in caplog.records if "foothold check" in r.getMessage())
+    assert "solved 0 of 2 val tasks" in warning
+    assert "turnwise sft" in warning and "simplify the tasks" in warning and "raise the budget" in warning
+
+
+def test_bad_sft_options_fail_with_the_fix(tmp_path):
+    from pipeline.sft import parse_sft_args
+
+    with pytest.raises(ValueError, match="num_demos must be at least 1"):
+        parse_sft_args(["--num_demos", "0"])
+    with pytest.raises(ValueError, match="Unknown option.*num_demo"):
+        parse_sft_args([], config={"num_demo": 3})
+    with pytest.raises(ValueError, match="not a LoRA adapter directory"):
+        TaskArguments(adapter=str(tmp_path))
+    sft_args, config, model_args = parse_sft_args(["--num_demos", "5"], config={"num_train_epochs": 2})
+    assert sft_args.num_demos == 5 and config.num_train_epochs == 2
+    assert model_args.use_peft and model_args.model_name_or_path == "smollm2-135m" and config.max_length == 4096
