@@ -10,11 +10,15 @@ GPU.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Hashable, Protocol, Sequence, runtime_checkable
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
 
 
@@ -94,22 +98,26 @@ class _BufferedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
 
-def _buffered_cache(model, caches, past_len: int, capacity: int, device):
-    """A cache whose layers hold every row's past, left-padded to ``past_len``, with room to grow."""
+def _buffered_cache(model, pasts: list, past_len: int, capacity: int):
+    """A cache whose layers hold every row's own past (``pasts[b]``: per-layer ``(k, v)`` of shape
+    (1, H, n_b, D), or None), left-padded to ``past_len``, with room to grow to ``capacity``."""
     from transformers import DynamicCache
 
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     cache = DynamicCache()
     cache.layers = [_BufferedLayer(capacity) for _ in range(config.num_hidden_layers)]
     if past_len:
-        ref = next(layer for layer, n in caches if layer is not None)
+        ref = next(layers for layers in pasts if layers is not None)
         for i, layer in enumerate(cache.layers):
             k0, v0 = ref[i]
-            layer._allocate(len(caches), k0.shape[1], k0.shape[3], v0.shape[3], k0.to(device))
-            for b, (rows, n) in enumerate(caches):
-                if rows is not None and n:
-                    layer._k[b, :, past_len - n : past_len] = rows[i][0][0, :, :n]
-                    layer._v[b, :, past_len - n : past_len] = rows[i][1][0, :, :n]
+            layer._allocate(len(pasts), k0.shape[1], k0.shape[3], v0.shape[3], k0)
+            for b, layers in enumerate(pasts):
+                if layers is not None:
+                    k, v = layers[i]
+                    n = k.shape[2]
+                    if n:
+                        layer._k[b, :, past_len - n : past_len] = k[0]
+                        layer._v[b, :, past_len - n : past_len] = v[0]
             layer.length = past_len
             layer.keys, layer.values = layer._k[:, :, :past_len], layer._v[:, :, :past_len]
     return cache
@@ -120,16 +128,112 @@ def _returned_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+# --- attention over a shared prefix --------------------------------------------------------------------------
+# The episodes of a batch share their system prompt, usually most of the context (about 1,700 of 2,000 tokens
+# in the customer-service domain). Its keys and values are kept once, shape (1, H_kv, P, D), not once per row;
+# each row's cache holds only what follows the prefix. Attention then runs in two parts, one matmul of every
+# row's queries against the shared prefix and a batched matmul against each row's own keys, joined by one
+# softmax. A decode step reads the prefix once instead of once per episode, which on CPU is most of its cost.
+_ACTIVE_PREFIX: contextvars.ContextVar[list | None] = contextvars.ContextVar("turnwise_prefix", default=None)
+_ATTENTION_NAME = "turnwise_shared_prefix"
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of ``query`` (B, Hq, q, D) over the active shared prefix (1, Hkv, P, D) of layer
+    ``module.layer_idx``, visible to every query, then each row's own ``key``/``value`` (B, Hkv, S, D)
+    under ``attention_mask`` (B, 1, q, S) bool, True = attend. Returns (B, q, Hq, D) like transformers'
+    attention functions. Rows that see no key at all get zeros (never NaN, which would poison the cache)."""
+    prefix = _ACTIVE_PREFIX.get()
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    # (B, Hkv, g*q, D): the query heads of one key/value head side by side (no repeat of keys/values)
+    q = query.reshape(batch, kv_heads, group * q_len, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, g*q, S)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, None].expand(batch, 1, group, q_len, attention_mask.shape[-1])
+        scores = scores.masked_fill(~mask.reshape(batch, 1, group * q_len, -1), float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    layers = prefix[module.layer_idx] if prefix is not None else None
+    if layers is not None:
+        pk, pv = layers
+        qp = q.transpose(0, 1).reshape(kv_heads, batch * group * q_len, dim)  # every row against one prefix
+        prefix_scores = torch.matmul(qp, pk[0].transpose(-1, -2)).float() * scale  # (Hkv, B*g*q, P)
+        prefix_scores = prefix_scores.view(kv_heads, batch, group * q_len, -1).transpose(0, 1)
+        top = torch.maximum(top, prefix_scores.amax(-1, keepdim=True))
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = (scores - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    out = torch.matmul(weights.to(value.dtype), value).float()  # (B, Hkv, g*q, D)
+    if layers is not None:
+        prefix_weights = (prefix_scores - top).exp()
+        total = total + prefix_weights.sum(-1, keepdim=True)
+        pw = prefix_weights.transpose(0, 1).reshape(kv_heads, batch * group * q_len, -1).to(pv.dtype)
+        out = out + torch.matmul(pw, pv[0]).float().view(kv_heads, batch, group * q_len, -1).transpose(0, 1)
+    out = (out / total.clamp_min(1e-30)).to(query.dtype)
+    return out.reshape(batch, heads, q_len, -1).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_ATTENTION_NAME, shared_prefix_attention)
+
+
+@contextlib.contextmanager
+def _prefix_attention(model, prefix_layers: list | None):
+    """Run ``model`` with :func:`shared_prefix_attention` (over ``prefix_layers``, or none) for the duration."""
+    config = model.config
+    previous = config._attn_implementation
+    token = _ACTIVE_PREFIX.set(prefix_layers)
+    config._attn_implementation = _ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _ACTIVE_PREFIX.reset(token)
+
+
+def _attention_mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, 1, q, S) bool: key column ``s`` is visible to query ``i`` when it holds a real token (``valid``,
+    (B, S)) and is not after the query (queries are the last ``q_len`` columns)."""
+    width = valid.shape[1]
+    if q_len == 1:
+        return valid[:, None, None, :]
+    cols = torch.arange(width, device=valid.device)
+    causal = cols[None, :] <= (width - q_len + torch.arange(q_len, device=valid.device))[:, None]
+    return valid[:, None, None, :] & causal[None, None]
+
+
+@dataclass
+class _Prefix:
+    """A prompt prefix shared by new episodes: its ids and per-layer ``(k, v)`` of shape (1, H, P, D)."""
+
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _Entry:
+    """An episode's cache: ``ids`` it covers; ``layers`` hold the keys/values of ``ids`` after ``prefix``."""
+
+    ids: list[int]
+    prefix: _Prefix | None
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+
 class HFBackend:
     """Batched sampling with a Hugging Face causal LM and per-episode KV caches.
 
-    New episodes share one cached copy of their common prompt prefix (the system prompt). Each batched
-    call left-pads every episode's cache to a common length (masked out), prefills the episodes' new
-    tokens together, then decodes one token per step for all rows until each row stops.
-    Position ids follow each row's real length, so padding never shifts positions. When a row stops,
-    its cache is compacted (padding removed) and kept under its episode key.
+    New episodes share one cached copy of their common prompt prefix (the system prompt): its keys and
+    values are stored once and attended to by every row (:func:`shared_prefix_attention`), so neither
+    memory nor a decode step's reads grow with the number of episodes times the prefix length. Each row's
+    cache holds only what follows the prefix. A batched call left-pads every row's cache to a common
+    length (masked out), prefills the episodes' new tokens together (logits only for the last one), then
+    decodes one token per step for all rows until each row stops. Position ids follow each row's real
+    length, so padding never shifts positions. When a row stops, its cache is compacted (padding removed)
+    and kept under its episode key.
 
     ``temperature == 0`` decodes greedily. ``stop_token_ids`` end a turn (default: the tokenizer's eos).
+    ``timings`` accumulates seconds spent in prefill and decode, for benchmarks.
     """
 
     def __init__(self, model, tokenizer, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
@@ -144,13 +248,22 @@ class HFBackend:
         # transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``; accept both.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        self._caches: dict[Hashable, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        self._prefix: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._caches: dict[Hashable, _Entry] = {}
+        self._prefix: _Prefix | None = None
         self.min_shared_prefix = 32  # tokens; shorter shared prefixes are not worth a separate forward pass
         self.prefill_tokens = 0  # tokens run through prefill, for benchmarks
+        self.timings = {"prefill_s": 0.0, "decode_s": 0.0}
 
     def release(self, key: Hashable) -> None:
         self._caches.pop(key, None)
+
+    def _forward(self, input_ids, mask, positions, cache, prefix: _Prefix | None):
+        device = self.model.device
+        with _prefix_attention(self.model, prefix.layers if prefix is not None else None):
+            out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
+                             **{self._cache_arg: cache})
+        return out.logits[:, -1, :].float()
 
     def _shared_prefix(self, requests: Sequence[GenerationRequest]) -> None:
         """Compute, once, the KV cache of the prompt prefix that new episodes share.
@@ -162,63 +275,74 @@ class HFBackend:
         fresh = [r.prompt_ids for r in requests if r.key not in self._caches]
         if not self.reuse_cache or not fresh:
             return
-        if self._prefix is not None and all(p[: len(self._prefix[0])] == self._prefix[0] for p in fresh):
+        if self._prefix is not None and all(p[: len(self._prefix.ids)] == self._prefix.ids for p in fresh):
             return
         first, limit = fresh[0], min(len(p) for p in fresh) - 1
         length = next((n for n in range(limit) if any(p[n] != first[n] for p in fresh[1:])), limit)
         if length < self.min_shared_prefix:
             return
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([first[:length]], device=self.model.device), use_cache=True)
+            out = self.model(input_ids=torch.tensor([first[:length]], device=self.model.device), use_cache=True,
+                             logits_to_keep=1)
         cache = _returned_cache(out)
-        self._prefix = (first[:length], [(layer.keys, layer.values) for layer in cache.layers])
+        self._prefix = _Prefix(first[:length], [(layer.keys, layer.values) for layer in cache.layers])
         self.prefill_tokens += length
 
-    def _cached(self, request: GenerationRequest) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]:
-        """The reusable cache for a request and how many prompt tokens it covers (at least one is left to feed)."""
+    def _cached(self, request: GenerationRequest) -> tuple[_Prefix | None, list | None, int]:
+        """The reusable cache for a request: its shared prefix, the row's own layers after the prefix, and
+        how many prompt tokens both cover together (at least one prompt token is left to feed)."""
+        prompt = request.prompt_ids
         entry = self._caches.get(request.key) if self.reuse_cache else None
-        if entry is None and self.reuse_cache and self._prefix is not None:
-            prefix = self._prefix[0]
-            if len(prefix) < len(request.prompt_ids) and request.prompt_ids[: len(prefix)] == prefix:
-                entry = self._prefix
-        if entry is None:
-            return None, 0
-        ids, layers = entry
-        n = min(len(ids), len(request.prompt_ids) - 1)
-        if request.prompt_ids[:n] != ids[:n]:
-            return None, 0
-        if n < len(ids):
-            layers = [(k[:, :, :n], v[:, :, :n]) for k, v in layers]
-        return layers, n
+        if entry is not None:
+            n = min(len(entry.ids), len(prompt) - 1)
+            start = len(entry.prefix.ids) if entry.prefix is not None else 0
+            if n >= start and prompt[:n] == entry.ids[:n]:
+                layers = entry.layers
+                if layers is not None and n < len(entry.ids):
+                    layers = [(k[:, :, : n - start], v[:, :, : n - start]) for k, v in layers]
+                return entry.prefix, layers, n
+        prefix = self._prefix if self.reuse_cache else None
+        if prefix is not None and len(prefix.ids) < len(prompt) and prompt[: len(prefix.ids)] == prefix.ids:
+            return prefix, None, len(prefix.ids)
+        return None, None, 0
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         if not requests:
             return []
         device = self.model.device
+        start = time.perf_counter()
         self._shared_prefix(requests)
-        caches = [self._cached(r) for r in requests]
-        past_len = max(n for _, n in caches)
-        new = [r.prompt_ids[n:] for r, (_, n) in zip(requests, caches)]
+        resolved = [self._cached(r) for r in requests]
+        prefixes = {id(p) for p, _, _ in resolved}
+        prefix = resolved[0][0] if len(prefixes) == 1 else None
+        if prefix is None:  # rows on different prefixes (or none): give each row its whole past
+            resolved = [(None, _with_prefix(p, layers), n) for p, layers, n in resolved]
+        start_col = len(prefix.ids) if prefix is not None else 0
+        pasts = [layers for _, layers, _ in resolved]
+        own = [n - start_col for _, _, n in resolved]  # tokens in each row's own cache
+        past_len = max(own)
+        new = [r.prompt_ids[n:] for r, (_, _, n) in zip(requests, resolved)]
         width = max(len(x) for x in new)
         batch = len(requests)
         limits = [max(1, r.max_new_tokens) for r in requests]
         self.prefill_tokens += sum(len(x) for x in new)
 
-        # [past (left-padded)] [new tokens (left-padded)] [room for the new tokens]
-        mask = torch.zeros(batch, past_len + width, dtype=torch.long)
+        # Columns of the rows' own caches: [past (left-padded)] [new tokens (left-padded)] [sampled tokens]
+        valid = torch.zeros(batch, past_len + width, dtype=torch.bool)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         positions = torch.zeros(batch, width, dtype=torch.long)
-        for b, ((_, n), toks) in enumerate(zip(caches, new)):
-            mask[b, past_len - n : past_len] = 1
-            mask[b, past_len + width - len(toks) :] = 1
+        for b, ((_, _, n), m, toks) in enumerate(zip(resolved, own, new)):
+            valid[b, past_len - m : past_len] = True
+            valid[b, past_len + width - len(toks) :] = True
             input_ids[b, width - len(toks) :] = torch.tensor(toks)
             positions[b, width - len(toks) :] = torch.arange(n, n + len(toks))
-        cache = _buffered_cache(self.model, caches, past_len, capacity=past_len + width + max(limits), device=device)
-        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                         position_ids=positions.to(device), use_cache=True, **{self._cache_arg: cache})
-        logits = out.logits[:, -1, :].float()
+        cache = _buffered_cache(self.model, pasts, past_len, capacity=past_len + width + max(limits))
+        valid = valid.to(device)
+        logits = self._forward(input_ids, _attention_mask(valid, width), positions, cache, prefix)
         next_pos = positions[:, -1] + 1
+        decode_start = time.perf_counter()
+        self.timings["prefill_s"] += decode_start - start
 
         rows = list(range(batch))  # original request index of each batch row
         done: set[int] = set()
@@ -227,16 +351,17 @@ class HFBackend:
         results: list[Generation | None] = [None] * batch
         while True:
             tokens, token_logps = self._sample(logits)
+            token_list, logp_list = tokens.tolist(), token_logps.tolist()
             for j, b in enumerate(rows):
                 if b in done:
                     continue
-                tok = int(tokens[j])
+                tok = token_list[j]
                 sampled[b].append(tok)
-                logps[b].append(float(token_logps[j]))
+                logps[b].append(logp_list[j])
                 stopped = tok in self.stop_token_ids
                 if stopped or len(sampled[b]) >= limits[b]:
                     results[b] = Generation(sampled[b], logps[b], truncated=not stopped)
-                    self._store(requests[b], cache, mask, j, sampled[b])
+                    self._store(requests[b], prefix, cache, valid, j, sampled[b])
                     done.add(b)
             if len(done) == batch:
                 break
@@ -246,13 +371,12 @@ class HFBackend:
             if len(finished_here) * 4 >= len(rows):
                 keep = [j for j, b in enumerate(rows) if b not in done]
                 cache.batch_select_indices(torch.tensor(keep, device=device))
-                mask, next_pos, tokens = mask[keep], next_pos[keep], tokens[keep]
+                valid, next_pos, tokens = valid[keep], next_pos[keep], tokens[keep]
                 rows = [rows[j] for j in keep]
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-            out = self.model(input_ids=tokens.view(-1, 1).to(device), attention_mask=mask.to(device),
-                             position_ids=next_pos.view(-1, 1).to(device), use_cache=True, **{self._cache_arg: cache})
-            logits = out.logits[:, -1, :].float()
+            valid = torch.cat([valid, valid.new_ones(len(rows), 1)], dim=1)
+            logits = self._forward(tokens.view(-1, 1), _attention_mask(valid, 1), next_pos.view(-1, 1), cache, prefix)
             next_pos = next_pos + 1
+        self.timings["decode_s"] += time.perf_counter() - decode_start
         return [r for r in results if r is not None]
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,12 +395,91 @@ class HFBackend:
         tokens = torch.multinomial(probs.cpu(), 1, generator=self.generator).view(-1)
         return tokens, logprobs.cpu().gather(-1, tokens.view(-1, 1)).view(-1)
 
-    def _store(self, request: GenerationRequest, cache, mask: torch.Tensor, row: int, sampled: list[int]) -> None:
-        """Keep the row's cache, padding removed. It covers the prompt and all sampled tokens but the last
-        (whose key/value is computed when it is fed next turn)."""
+    def _store(self, request: GenerationRequest, prefix: _Prefix | None, cache, valid: torch.Tensor, row: int,
+               sampled: list[int]) -> None:
+        """Keep the row's own cache, padding removed. With the prefix it covers the prompt and all sampled
+        tokens but the last (whose key/value is computed when it is fed next turn)."""
         if not self.reuse_cache:
             return
-        keep = mask[row].nonzero().view(-1).to(self.model.device)
+        keep = valid[row].nonzero().view(-1)
         layers = [(layer.keys[row : row + 1].index_select(2, keep), layer.values[row : row + 1].index_select(2, keep))
                   for layer in cache.layers]
-        self._caches[request.key] = ((list(request.prompt_ids) + sampled[:-1]), layers)
+        self._caches[request.key] = _Entry(list(request.prompt_ids) + sampled[:-1], prefix, layers)
+
+
+def _with_prefix(prefix: _Prefix | None, layers: list | None) -> list | None:
+    """A row's whole past: the shared prefix's keys/values followed by the row's own."""
+    if prefix is None:
+        return layers
+    if layers is None:
+        return prefix.layers
+    return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)) for (pk, pv), (k, v) in zip(prefix.layers, layers)]
+
+
+class VLLMBackend:
+    """The backend protocol on vLLM (GPU): token prompts in, sampled ids and their logprobs out.
+
+    vLLM keeps KV caches itself: with ``enable_prefix_caching`` (on by default here) a later turn's
+    prompt, which extends the earlier one token for token, reuses the cached blocks, so ``key`` and
+    :meth:`release` need no bookkeeping. ``model`` is a ``vllm.LLM`` or a model name/path to build one
+    with ``llm_kwargs``. Logprobs are requested as processed (after temperature and top-p) where the
+    installed vLLM supports it, to match :class:`HFBackend`. vLLM is imported only here, and only when
+    the backend is built; it is not a turnwise dependency (install it on the GPU image).
+
+    Weight updates during training are not synchronised by this class: it serves a fixed policy
+    (evaluation, baselines, or a trainer that reloads it between steps).
+    """
+
+    def __init__(self, model, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 stop_token_ids: Sequence[int] | None = None, **llm_kwargs) -> None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(
+                "VLLMBackend needs the vllm package, which turnwise does not install: on a GPU machine run "
+                "`pip install vllm`, or use HFBackend (CPU or GPU)."
+            ) from err
+        self._vllm = vllm
+        if isinstance(model, str):
+            llm_kwargs.setdefault("enable_prefix_caching", True)
+            llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+            try:
+                model = vllm.LLM(model=model, seed=seed, **llm_kwargs)
+            except TypeError:  # older vLLM without logprobs_mode
+                llm_kwargs.pop("logprobs_mode")
+                model = vllm.LLM(model=model, seed=seed, **llm_kwargs)
+        self.llm = model
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        tokenizer = self.llm.get_tokenizer()
+        eos = tokenizer.eos_token_id
+        self.stop_token_ids = set(stop_token_ids or ([eos] if isinstance(eos, int) else eos))
+        self._calls = 0
+
+    def release(self, key: Hashable) -> None:
+        """Nothing to forget: vLLM's prefix cache evicts blocks itself."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        if not requests:
+            return []
+        vllm = self._vllm
+        self._calls += 1
+        params = [vllm.SamplingParams(max_tokens=max(1, r.max_new_tokens), temperature=self.temperature,
+                                      top_p=self.top_p, logprobs=0, stop_token_ids=sorted(self.stop_token_ids),
+                                      ignore_eos=False, seed=self.seed + 1_000_003 * self._calls + i)
+                  for i, r in enumerate(requests)]
+        prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for request, output in zip(requests, outputs):
+            completion = output.outputs[0]
+            ids = list(completion.token_ids)
+            logprobs = [float(step[token].logprob) for token, step in zip(ids, completion.logprobs)]
+            stopped = completion.finish_reason == "stop"
+            if stopped and (not ids or ids[-1] not in self.stop_token_ids):
+                raise RuntimeError(
+                    f"vLLM stopped request {request.key!r} without returning its stop token (finish_reason "
+                    f"{completion.finish_reason!r}, stop_reason {getattr(completion, 'stop_reason', None)!r}); "
+                    "turnwise stops turns only on stop token ids, so do not pass stop strings to the LLM."
+                )
+            results.append(Generation(ids, logprobs, truncated=not stopped))
+        return results

@@ -170,3 +170,47 @@ def test_new_episodes_share_the_cached_system_prompt(tiny):
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert shared.prefill_tokens == 60 + 4 * 2
     assert alone.prefill_tokens == 4 * 62
+
+
+class LongPromptEnv(EchoEnv):
+    """EchoEnv behind a long system prompt that every episode shares, as real domains have."""
+
+    def reset(self, task: Task, seed: int = 0) -> list[dict]:
+        messages = super().reset(task, seed)
+        messages[0]["content"] = "You are a careful support agent. Follow the policy. " * 4
+        return messages
+
+
+def test_shared_prefix_attention_matches_a_full_forward_pass(tiny):
+    """Episodes that share a long system prompt attend to one stored copy of it across every turn, and
+    what they sample is what the model gives on the whole sequence: logprobs match a full forward pass
+    and greedy tokens match rollouts without any cache reuse."""
+    model, tokenizer = tiny
+    eng = engine(tiny)
+    trajs = eng.run(lambda t: LongPromptEnv(4), tasks(3))
+    assert eng.backend._prefix is not None and len(eng.backend._prefix.ids) > 100
+    for traj in trajs:
+        ids = torch.tensor([traj.tokens.input_ids])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(ids).logits.float(), dim=-1)[0]
+        for start, end in traj.tokens.turn_spans:
+            expected = [float(logps[i - 1, traj.tokens.input_ids[i]]) for i in range(start, end)]
+            assert traj.tokens.logprobs[start:end] == pytest.approx(expected, abs=1e-4)
+    greedy = engine(tiny, temperature=0).run(lambda t: LongPromptEnv(4), tasks(3))
+    fresh = engine(tiny, temperature=0, reuse_cache=False).run(lambda t: LongPromptEnv(4), tasks(3))
+    assert [t.tokens.input_ids for t in greedy] == [t.tokens.input_ids for t in fresh]
+
+
+def test_episodes_on_different_shared_prefixes_can_share_a_batch(tiny):
+    """A call that mixes an episode cached on one shared prefix with new episodes on another still
+    samples what an uncached backend samples."""
+    model, tokenizer = tiny
+    cached = HFBackend(model, tokenizer, temperature=0.0)
+    plain = HFBackend(model, tokenizer, temperature=0.0, reuse_cache=False)
+    first = [list(range(60, 120)) + [200 + i] for i in range(2)]
+    second = [list(range(130, 190)) + [210 + i] for i in range(2)]
+    turn1 = cached.generate([GenerationRequest(i, p, 4) for i, p in enumerate(first)])
+    follow = first[0] + turn1[0].token_ids + [7, 8]
+    mixed = [GenerationRequest(0, follow, 4)] + [GenerationRequest(10 + i, p, 4) for i, p in enumerate(second)]
+    expected = plain.generate([GenerationRequest(r.key, r.prompt_ids, 4) for r in mixed])
+    assert [g.token_ids for g in cached.generate(mixed)] == [g.token_ids for g in expected]
