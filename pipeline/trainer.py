@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 TASK_PREFIX = "turnwise-task:"
 EPISODE_ESTIMATORS = ("group_based", "rloo", "grpo_passk")
-TURN_ESTIMATORS = ("group_based_per_turn", "monte_carlo")
+TURN_ESTIMATORS = ("group_based_per_turn", "monte_carlo", "gae")
 
 
 @dataclass
@@ -48,6 +48,10 @@ class RolloutConfig:
     advantage: str = field(default="group_based", metadata={
         "help": f"Advantage estimator: {', '.join(EPISODE_ESTIMATORS + TURN_ESTIMATORS)}."})
     gamma: float = field(default=1.0, metadata={"help": "Discount over turns for turn-level estimators."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda over turns (advantage=gae)."})
+    value_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the value head (advantage=gae)."})
+    value_epochs: int = field(default=4, metadata={
+        "help": "Value-head optimiser steps per rollout batch, on that batch's targets (advantage=gae)."})
     passk: int = field(default=2, metadata={"help": "k for the grpo_passk estimator."})
 
     def __post_init__(self) -> None:
@@ -59,6 +63,11 @@ class RolloutConfig:
                 raise ValueError(f"RolloutConfig.{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"RolloutConfig.gamma must be in [0, 1], got {self.gamma}.")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"RolloutConfig.lam must be in [0, 1], got {self.lam}.")
+        if self.value_lr <= 0 or self.value_epochs < 1:
+            raise ValueError(f"RolloutConfig.value_lr must be > 0 and value_epochs >= 1, got {self.value_lr} and "
+                             f"{self.value_epochs}.")
 
 
 def task_dataset(tasks: Sequence[Task]):
@@ -162,6 +171,12 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
                  **kwargs) -> None:
         super().__init__(*args, rollout_func=rollout, reward_funcs=[reward], **kwargs)
         self.rollout, self.reward, self.rollout_config = rollout, reward, rollout_config
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) is TensorBoardCallback:  # keep rollout/reward/mean as is, not train/rollout/...
+                self.callback_handler.remove_callback(callback)
+                self.add_callback(_namespaced_tensorboard_callback())
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -192,9 +207,35 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
             if config.advantage == "group_based_per_turn":
                 per_turn = adv.group_based_per_turn(rewards, group_ids, gamma=config.gamma,
                                                     scale=self.scale_rewards != "none")
+            elif config.advantage == "gae":
+                per_turn = self._gae(trajectories, rewards)
             else:
                 per_turn = adv.monte_carlo(rewards, gamma=config.gamma)
         return adv.broadcast_turns(per_turn, spans, width)
+
+    def _gae(self, trajectories: list[Trajectory], rewards: list[list[float]]) -> list[list[float]]:
+        """PPO's advantages over turns: a value head on the policy's hidden state at each turn's boundary
+        (:class:`~pipeline.advantages.ValueHead`, its own parameters and optimiser, never the policy's),
+        GAE(gamma, lambda) with the values before its update, then ``value_epochs`` steps of value loss
+        on this batch's lambda-returns. The hidden states come from one no-grad pass of the current policy."""
+        config = self.rollout_config
+        model = self.accelerator.unwrap_model(self.model)
+        hidden, boundaries = boundary_hidden_states(model, trajectories, self.processing_class.pad_token_id or 0)
+        if getattr(self, "value_head", None) is None:
+            self.value_head = adv.ValueHead(hidden.shape[-1]).to(hidden.device)
+            self.value_optimizer = torch.optim.Adam(self.value_head.parameters(), lr=config.value_lr)
+        with torch.no_grad():
+            values = [v.tolist() for v in self.value_head(hidden, boundaries)]
+        per_turn, targets = adv.gae(rewards, values, gamma=config.gamma, lam=config.lam)
+        for _ in range(config.value_epochs):
+            loss = adv.ValueHead.loss(self.value_head(hidden, boundaries), targets)
+            self.value_optimizer.zero_grad()
+            loss.backward()
+            self.value_optimizer.step()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["value/loss"].append(loss.detach().item())
+        self._metrics[mode]["value/mean"].append(sum(map(sum, values)) / max(1, sum(map(len, values))))
+        return per_turn
 
     def _log_rollouts(self, mode: str, trajectories: list[Trajectory], group_ids: list[str]) -> None:
         metrics = self._metrics[mode]
@@ -225,6 +266,54 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
     def sample_trajectories(self, limit: int = 4) -> list[str]:
         """JSON lines of the latest rollouts, for the trajectory sample log."""
         return [json.dumps(t.to_dict()) for t in self.rollout.last[:limit]]
+
+
+@torch.no_grad()
+def boundary_hidden_states(model, trajectories: Sequence[Trajectory], pad_id: int) -> tuple[torch.Tensor, list]:
+    """The policy's last hidden state at each assistant turn's boundary (the token before the turn), as
+    (B, K, H) with K the most turns in the batch, and per episode the indices ``range(K_i)`` into it."""
+    boundaries = adv.ValueHead.boundaries([t.tokens.turn_spans for t in trajectories])
+    length = max(b[-1] for b in boundaries) + 1
+    ids = torch.full((len(trajectories), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, t in enumerate(trajectories):
+        seq = t.tokens.input_ids[: boundaries[i][-1] + 1]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, base.base_model_prefix, base)  # the decoder without the LM head (LoRA layers included)
+    was_training = model.training
+    model.eval()
+    hidden = body(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
+    model.train(was_training)
+    out = hidden.new_zeros(len(trajectories), max(map(len, boundaries)), hidden.shape[-1], dtype=torch.float32)
+    for i, b in enumerate(boundaries):
+        out[i, : len(b)] = hidden[i, b].float()
+    return out, [list(range(len(b))) for b in boundaries]
+
+
+def _namespaced_tensorboard_callback():
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    class NamespacedTensorBoardCallback(TensorBoardCallback):
+        """TensorBoard logging that keeps metric names that already carry a namespace (``rollout/reward/mean``,
+        ``val/success``) as they are; transformers' own callback files every training metric under ``train/``."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if self.tb_writer is None:
+                self._init_summary_writer(args)
+            if self.tb_writer is None:
+                return
+            for key, value in logs.items():
+                tag = key if "/" in key and not key.startswith(("eval_", "test_")) else next(iter(rewrite_logs({key: 0})))
+                if isinstance(value, (int, float)):
+                    self.tb_writer.add_scalar(tag, value, state.global_step)
+            self.tb_writer.flush()
+
+    return NamespacedTensorBoardCallback()
 
 
 # -- the training entry point ----------------------------------------------------------------------

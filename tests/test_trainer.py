@@ -168,3 +168,42 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     again = train(task_args, rollout_config, grpo_args(3), model_args, reward_fn=token_count_reward)
     assert again["steps"] == 3
     assert (tmp_path / "samples" / "step-000003.jsonl").exists()
+
+
+def test_gae_trains_its_value_head_and_writes_token_advantages(tiny_model_dir, tmp_path):
+    """advantage=gae: a short run completes, the value head (its own parameters and optimiser) moves
+    while being fitted to the lambda-returns, and the advantages are per token, zero off assistant tokens."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, advantage="gae")
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    rows = [{"prompt": r["prompt"], "task_id": r["task_id"]} for r in trainer.train_dataset.select([0, 0, 1, 1])]
+    inputs = trainer._generate_and_score_completions(rows)
+    assert inputs["advantages"].shape == inputs["completion_ids"].shape
+    assert (inputs["advantages"][inputs["tool_mask"] == 0] == 0).all()
+    head = trainer.value_head
+    assert not any(p is q for p in head.parameters() for q in trainer.model.parameters())
+    before = [p.detach().clone() for p in head.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, head.parameters()))
+    logged = [h for h in trainer.state.log_history if "value/loss" in h]
+    assert len(logged) == 2 and all(h["value/loss"] >= 0 for h in logged)
+
+
+def test_metrics_reach_tensorboard_under_their_namespaced_names(tiny_model_dir, tmp_path):
+    """report_to=tensorboard writes rollout/... and analysis/... scalars under those exact tags (not under
+    transformers' train/ prefix)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=1, report_to=["tensorboard"])
+    trainer.train()
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    for name in ("rollout/reward/mean", "rollout/turns/mean", "analysis/zero_adv_groups", "rollout/completion"):
+        assert name in tags, (name, sorted(tags))
+    assert "train/loss" in tags  # un-namespaced metrics keep transformers' prefix
