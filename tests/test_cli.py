@@ -87,23 +87,34 @@ def test_user_errors_print_one_line_and_exit_1(
     assert "Traceback" not in captured.err
 
 
-def test_demo_dispatches_to_pipeline_demo_and_prints_where_reports_are(
+def test_demo_dispatches_to_pipeline_demo_and_prints_where_its_outputs_are(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seen: list[object] = []
-    metrics = {"success": 0.5, "completion": 1.0, "turns_mean": 4.0, "n_tasks": 2}
-    summary = {"oracle": metrics, "model": metrics, "model_name": "m", "wall_time_s": 1.0,
-               "reports": {"oracle": "out/oracle/report.md", "model": "out/model/report.md"}}
+    metrics = {"success": 0.5, "completion": 1.0, "turns_mean": 4.0, "tool_calls_mean": 2.0}
+    summary = {
+        "wall_time_s": 1.0, "stage_times_s": {"prepare": 0.1, "sft": 0.5, "grpo": 0.2, "eval": 0.2}, "n_tasks": 2,
+        "eval": {"split": "test"}, "base": {**metrics, "label": "base"}, "sft": {**metrics, "label": "SFT only"},
+        "grpo": {**metrics, "label": "SFT+GRPO"}, "oracle": {**metrics, "label": "oracle"},
+        "delta_grpo_vs_sft": {"statement": "SFT+GRPO vs SFT only: +0.000"},
+        "report": {"html": "out/report/report.html", "markdown": "out/report/report.md"},
+        "paths": {"log": "out/run.log", "sft_adapter": "out/sft/adapter", "grpo_adapter": "out/grpo/adapter",
+                  "grpo_logs": "out/grpo/log_history.json", "summary": "out/summary.json"},
+    }
     demo = ModuleType("pipeline.demo")
+    demo.DEMO_RECIPE = Path("configs/demo.yaml")  # type: ignore[attr-defined]
     demo.main = lambda args: seen.append(args) or summary  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pipeline.demo", demo)
     monkeypatch.setattr(pipeline, "demo", demo, raising=False)
 
     assert main(["demo", "--seed", "3"]) == 0
     [args] = seen
-    assert args.seed == 3 and args.model == models.DEFAULT_MODEL
+    assert args.seed == 3 and args.model is None and args.config == Path("configs/demo.yaml")
     out = capsys.readouterr().out
-    assert "out/oracle/report.md" in out and "out/model/report.md" in out
+    for where in ("report: out/report/report.html", "adapter (SFT+GRPO): out/grpo/adapter",
+                  "adapter (SFT only): out/sft/adapter", "logs: out/run.log", "summary: out/summary.json"):
+        assert where in out
+    assert "SFT+GRPO vs SFT only" in out
 
 
 def test_eval_runs_the_oracle_and_writes_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
