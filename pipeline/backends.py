@@ -106,21 +106,68 @@ def _buffered_cache(model, pasts: list, past_len: int, capacity: int):
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     cache = DynamicCache()
     cache.layers = [_BufferedLayer(capacity) for _ in range(config.num_hidden_layers)]
-    if past_len:
-        ref = next(layers for layers in pasts if layers is not None)
-        for i, layer in enumerate(cache.layers):
+    ref = next((layers for layers in pasts if layers is not None), None)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    like = torch.empty(0, dtype=model.dtype, device=model.device)
+    for i, layer in enumerate(cache.layers):
+        if ref is not None:
             k0, v0 = ref[i]
             layer._allocate(len(pasts), k0.shape[1], k0.shape[3], v0.shape[3], k0)
-            for b, layers in enumerate(pasts):
-                if layers is not None:
-                    k, v = layers[i]
-                    n = k.shape[2]
-                    if n:
-                        layer._k[b, :, past_len - n : past_len] = k[0]
-                        layer._v[b, :, past_len - n : past_len] = v[0]
-            layer.length = past_len
-            layer.keys, layer.values = layer._k[:, :, :past_len], layer._v[:, :, :past_len]
+        else:
+            layer._allocate(len(pasts), heads, dim, dim, like)
+        for b, layers in enumerate(pasts):
+            if layers is not None:
+                k, v = layers[i]
+                n = k.shape[2]
+                if n:
+                    layer._k[b, :, past_len - n : past_len] = k[0]
+                    layer._v[b, :, past_len - n : past_len] = v[0]
+        layer.length = past_len
+        layer.keys, layer.values = layer._k[:, :, :past_len], layer._v[:, :, :past_len]
     return cache
+
+
+def _chunk_cache(cache, lo: int, hi: int, start: int):
+    """A cache over rows ``lo:hi`` of ``cache``'s buffers (views, so writes land in ``cache``) whose next
+    tokens are written from column ``start``."""
+    from transformers import DynamicCache
+
+    part = DynamicCache()
+    part.layers = []
+    for layer in cache.layers:
+        view = _BufferedLayer(layer.capacity)
+        view._k, view._v = layer._k[lo:hi], layer._v[lo:hi]
+        view.dtype, view.device, view.is_initialized = layer.dtype, layer.device, True
+        view.length = start
+        view.keys, view.values = view._k[:, :, :start], view._v[:, :, :start]
+        part.layers.append(view)
+    return part
+
+
+def _prefill_chunks(lengths: Sequence[int], overhead: int = 64) -> list[tuple[int, int]]:
+    """Split rows (sorted by ``lengths``, ascending) into contiguous ranges, one prefill pass each.
+
+    A pass over rows ``i:j`` computes ``(j - i) * lengths[j - 1]`` token positions (shorter rows are padded)
+    plus a fixed cost of about ``overhead`` positions (reading the weights once). The split minimises the
+    total, so an environment reply of 400 tokens does not make 31 replies of 20 tokens pay for 400 each.
+
+    >>> _prefill_chunks([10, 10, 12, 300, 310])
+    [(0, 3), (3, 5)]
+    """
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of rows 0:j
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], n
+    while j:
+        chunks.append((cut[j], j))
+        j = cut[j]
+    return chunks[::-1]
 
 
 def _returned_cache(output):
@@ -323,6 +370,11 @@ class HFBackend:
         own = [n - start_col for _, _, n in resolved]  # tokens in each row's own cache
         past_len = max(own)
         new = [r.prompt_ids[n:] for r, (_, _, n) in zip(requests, resolved)]
+        # Rows go in order of how many new tokens they prefill, so that rows of similar length share a
+        # prefill pass (see _prefill_chunks); results are put back in request order at the end.
+        order = sorted(range(len(requests)), key=lambda b: len(new[b]))
+        requests, resolved, new = [requests[b] for b in order], [resolved[b] for b in order], [new[b] for b in order]
+        pasts, own = [pasts[b] for b in order], [own[b] for b in order]
         width = max(len(x) for x in new)
         batch = len(requests)
         limits = [max(1, r.max_new_tokens) for r in requests]
@@ -339,7 +391,17 @@ class HFBackend:
             positions[b, width - len(toks) :] = torch.arange(n, n + len(toks))
         cache = _buffered_cache(self.model, pasts, past_len, capacity=past_len + width + max(limits))
         valid = valid.to(device)
-        logits = self._forward(input_ids, _attention_mask(valid, width), positions, cache, prefix)
+        logits = []
+        for lo, hi in _prefill_chunks([len(x) for x in new]):
+            # Rows lo:hi prefill their new tokens (at most ``w``) into their rows of the shared buffers.
+            w = len(new[hi - 1])
+            part = _chunk_cache(cache, lo, hi, past_len + width - w)
+            logits.append(self._forward(input_ids[lo:hi, width - w :], _attention_mask(valid[lo:hi], w),
+                                        positions[lo:hi, width - w :], part, prefix))
+        for layer in cache.layers:
+            layer.length = past_len + width
+            layer.keys, layer.values = layer._k[:, :, : layer.length], layer._v[:, :, : layer.length]
+        logits = torch.cat(logits)
         next_pos = positions[:, -1] + 1
         decode_start = time.perf_counter()
         self.timings["prefill_s"] += decode_start - start
@@ -377,7 +439,10 @@ class HFBackend:
             logits = self._forward(tokens.view(-1, 1), _attention_mask(valid, 1), next_pos.view(-1, 1), cache, prefix)
             next_pos = next_pos + 1
         self.timings["decode_s"] += time.perf_counter() - decode_start
-        return [r for r in results if r is not None]
+        ordered: list[Generation] = [None] * batch  # type: ignore[list-item]
+        for k, b in enumerate(order):
+            ordered[b] = results[k]
+        return ordered
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B,) and their log-probabilities (B,) under the (temperature, top-p) distribution."""

@@ -214,3 +214,19 @@ def test_episodes_on_different_shared_prefixes_can_share_a_batch(tiny):
     mixed = [GenerationRequest(0, follow, 4)] + [GenerationRequest(10 + i, p, 4) for i, p in enumerate(second)]
     expected = plain.generate([GenerationRequest(r.key, r.prompt_ids, 4) for r in mixed])
     assert [g.token_ids for g in cached.generate(mixed)] == [g.token_ids for g in expected]
+
+
+def test_rows_of_very_different_lengths_prefill_in_separate_passes(tiny):
+    """A long prompt and short ones in one call prefill in separate passes (no padding of the short rows
+    to the long one), write into one decode batch, and sample what each samples alone, in request order."""
+    from pipeline.backends import _prefill_chunks
+
+    model, tokenizer = tiny
+    prompts = [[5 + i for i in range(4)], [7 + i % 90 for i in range(300)], [9, 10, 11]]
+    assert len(_prefill_chunks(sorted(map(len, prompts)))) == 2
+    together = HFBackend(model, tokenizer, temperature=0.0).generate(
+        [GenerationRequest(i, p, 5) for i, p in enumerate(prompts)])
+    alone = [HFBackend(model, tokenizer, temperature=0.0).generate([GenerationRequest(0, p, 5)])[0] for p in prompts]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    for a, b in zip(together, alone):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
