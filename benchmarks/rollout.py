@@ -12,9 +12,20 @@ number of new tokens per turn (end-of-turn is suppressed so every turn generates
 - sequential: a plain loop, one episode at a time, ``model.generate`` on the re-rendered conversation
   at each turn (no batching, no cache reuse), run on the first ``--sequential`` of the same episodes.
 
-Keys of the last output line (JSON): ``speedup`` (batched tokens/s / sequential tokens/s),
-``tokens_per_s`` (batched), ``roofline_fraction`` (batched tokens/s / (matmul FLOP/s measured here /
-FLOPs per token, 2 x parameters)), ``turn6_over_turn1`` (time of the 6th batched turn / the 1st).
+Keys of the last output line (JSON):
+
+- ``speedup``: batched tokens/s / sequential tokens/s (generated tokens over the wall time of the whole
+  rollout, environment steps and rendering included, on both sides);
+- ``tokens_per_s``: batched;
+- ``roofline_fraction``: batched tokens/s / (matmul FLOP/s measured here / FLOPs per token, taken as
+  2 x parameters; attention over the context is extra work this roof does not count);
+- ``turn6_over_turn1``: the 6th batched turn's time / the 1st's. Every turn generates the same number of
+  new tokens for every episode. A turn's time is the whole backend call: prefilling what is new in the
+  prompt (turn 1: the system prompt, once for all episodes, and each episode's first user message;
+  later turns: the environment's reply) and decoding. ``turn6_over_turn1_decode`` is the same ratio for
+  decoding alone, where the 6th turn attends to a longer context than the 1st.
+
+``--threads`` sets torch's CPU threads (default: torch's own); both sides use the same.
 """
 
 from __future__ import annotations
@@ -41,11 +52,15 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args()
     if args.quick:
-        args.new_tokens, args.sequential = 16, 2
+        args.new_tokens, args.sequential = 16, 1
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from pipeline.backends import HFBackend
     from pipeline.envs import load_tasks, make_env
@@ -60,12 +75,16 @@ def main() -> None:
     # batched engine; -1 is no token id, so no turn ends early and every turn has the same new tokens
     backend = HFBackend(model, tokenizer, temperature=0.0, stop_token_ids=[-1])
     turn_times: list[float] = []
+    decode_times: list[float] = []
+    turn_episodes: list[int] = []
     generate = backend.generate
 
     def timed(requests):
-        start = time.perf_counter()
+        start, decoding = time.perf_counter(), backend.timings["decode_s"]
         out = generate(requests)
         turn_times.append(time.perf_counter() - start)
+        decode_times.append(backend.timings["decode_s"] - decoding)
+        turn_episodes.append(len(requests))
         return out
 
     backend.generate = timed
@@ -100,7 +119,11 @@ def main() -> None:
         "sequential_tokens_per_s": round(sequential_tps, 2),
         "roofline_fraction": round(batched_tps / (flops / (2 * params)), 4),
         "turn6_over_turn1": round(turn_times[5] / turn_times[0], 3) if len(turn_times) >= 6 else None,
+        "turn6_over_turn1_decode": round(decode_times[5] / decode_times[0], 3) if len(decode_times) >= 6 else None,
         "turn_times_s": [round(x, 2) for x in turn_times],
+        "turn_decode_s": [round(x, 2) for x in decode_times],
+        "episodes_per_turn": turn_episodes,
+        "batched_prefill_tokens": backend.prefill_tokens,
         "matmul_gflops": round(flops / 1e9, 1), "flops_per_token": 2 * params,
         "episodes": args.episodes, "sequential_episodes": args.sequential, "turns": args.turns,
         "new_tokens_per_turn": args.new_tokens, "batched_s": round(batched_s, 1),

@@ -3,8 +3,10 @@
     python benchmarks/train_step.py            # 8 episodes
     python benchmarks/train_step.py --quick    # 4 episodes, under 5 minutes on a 2-core CPU
 
-Both trainers wrap the embedded model in the same LoRA adapter and run ``training_step`` (forward,
-clipped GRPO loss, backward) on a prepared batch; generation is outside the timed region. The stock
+Both trainers wrap the embedded model in the same LoRA adapter and run forward, clipped GRPO loss and
+backward (``compute_loss`` + ``backward``, what ``training_step`` does after preparing inputs) on a
+prepared batch; generation is outside the timed region, and the two
+steps are timed in turns (after a warm-up each) so that load from other processes hits both alike. The stock
 batch is single-turn completions of the *same number of trained tokens* as the multi-turn batch's
 assistant tokens, on the same opening prompts. The multi-turn batch also carries environment tokens
 (masked out of the loss but still run through the model), which is the overhead this measures.
@@ -26,17 +28,29 @@ import time
 from common import machine, write_result
 
 
-def timed_steps(trainer, inputs, repeats: int) -> list[float]:
+def timed_step(trainer, inputs) -> float:
+    """Forward, loss and backward on a prepared batch: the body of ``Trainer.training_step`` without TRL's
+    ``_prepare_inputs``, which would generate again."""
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    items = inputs.get("num_items_in_batch")
-    times = []
+    start = time.perf_counter()
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=inputs.get("num_items_in_batch"))
+    trainer.accelerator.backward(loss)
+    elapsed = time.perf_counter() - start
+    trainer.model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def alternating(a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Time ``a`` and ``b`` (trainer, inputs) in turns, after one untimed warm-up each, so that load from
+    other processes on a shared machine falls on both sides alike."""
+    timed_step(*a), timed_step(*b)
+    times_a, times_b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        trainer.training_step(trainer.model, inputs, items)
-        times.append(time.perf_counter() - start)
-        trainer.model.zero_grad(set_to_none=True)
-    return times
+        times_a.append(timed_step(*a))
+        times_b.append(timed_step(*b))
+    return times_a, times_b
 
 
 def main() -> None:
@@ -47,12 +61,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args()
     if args.quick:
-        args.episodes, args.turns, args.new_tokens, args.repeats = 4, 3, 32, 2
+        args.episodes, args.turns, args.new_tokens, args.repeats = 4, 3, 32, 3
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
@@ -83,7 +101,6 @@ def main() -> None:
     trained = int((ours_inputs["completion_mask"] * ours_inputs["tool_mask"]).sum())
     env_tokens = int((ours_inputs["completion_mask"] * (1 - ours_inputs["tool_mask"])).sum())
     per_episode = max(1, round(trained / args.episodes))
-    ours_times = timed_steps(ours, ours_inputs, args.repeats)
 
     # stock TRL: single-turn completions of the same length from the same opening prompts
     model2, _ = load_model(args.model)
@@ -97,7 +114,7 @@ def main() -> None:
     stock.model.train()
     stock_inputs = stock._generate_and_score_completions([{"prompt": o} for o in openings for _ in range(2)])
     stock_trained = int(stock_inputs["completion_mask"].sum())
-    stock_times = timed_steps(stock, stock_inputs, args.repeats)
+    ours_times, stock_times = alternating((ours, ours_inputs), (stock, stock_inputs), args.repeats)
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = {
