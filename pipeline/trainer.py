@@ -411,19 +411,17 @@ class SampleWriter(TrainerCallback):
                                     success=f"{float(logs.get('rollout/success', 0.0)):.2f}")
 
 
-def default_reward(config_path: str | None = None) -> Callable[[Trajectory], Any]:
-    """The trajectory reward from the ``rewards`` package (``build_reward``)."""
+def default_reward(config: str | None = None, tasks: Sequence[Any] = ()) -> Callable[[Trajectory], Any]:
+    """The trajectory reward from the ``rewards`` package: ``build_reward`` on a YAML path or shipped name.
+
+    The reward is bound to the training tasks, so scorers that check claims against the sandbox
+    database or count a task's required facts use the task, not only what the trajectory shows.
+    """
     try:
         from rewards import build_reward
     except ImportError as exc:
         raise RuntimeError("The rewards package does not provide build_reward(); install turnwise fully.") from exc
-    config = None
-    if config_path:
-        import yaml
-
-        with open(config_path) as f:
-            config = yaml.safe_load(f)
-    return build_reward(config)
+    return build_reward(config, tasks=list(tasks) or None)
 
 
 def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
@@ -446,7 +444,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     all_val = load_tasks(task_args.tasks, task_args.val_split)
     val_tasks = all_val[: task_args.val_limit]
     rollout = EpisodeRollout(train_tasks, rollout_config, seed=grpo_args.seed)
-    reward = TrajectoryReward(reward_fn or default_reward(task_args.reward_config), rollout)
+    reward = TrajectoryReward(reward_fn or default_reward(task_args.reward_config, train_tasks), rollout)
     grpo_args.max_completion_length = max(grpo_args.max_completion_length or 0, rollout_config.max_total_tokens)
     peft_config = get_peft_config(model_args)
     if task_args.adapter:  # continue training an existing adapter (an SFT warm start): its LoRA config wins

@@ -1,0 +1,30 @@
+"""The reward `turnwise train` builds: a shipped name or a YAML path, bound to the training tasks."""
+
+import pytest
+
+from pipeline.envs import load_tasks, make_env, oracle_policy
+from pipeline.rollout import run_policy
+from pipeline.trainer import default_reward
+
+
+@pytest.mark.parametrize("config", [None, "default", "configs/rewards/default.yaml"])
+def test_train_reward_accepts_names_and_paths_and_binds_the_tasks(config):
+    tasks = load_tasks("customer_service", "test")[:3]
+    reward = default_reward(config, tasks)
+    assert set(reward.tasks) == {t.id for t in tasks}
+    task = tasks[2]
+    breakdown = reward(run_policy(make_env(task), task, oracle_policy(task)))
+    assert breakdown.failed == {} and breakdown.total == pytest.approx(0.888, abs=1e-3)
+
+
+def test_sop_reward_by_shipped_name_scores_the_oracle_near_one():
+    task = load_tasks("sop:data/sop/warranty_claims", "test")[0]
+    reward = default_reward("sop", [task])
+    breakdown = reward(run_policy(make_env(task), task, oracle_policy(task)))
+    assert breakdown.failed == {} and breakdown.total > 0.95
+    assert "field_accuracy" in breakdown.components
+
+
+def test_unknown_reward_name_is_refused_with_the_choices():
+    with pytest.raises(Exception, match="nonexistent"):
+        default_reward("nonexistent")
