@@ -319,8 +319,9 @@ def sft_defaults() -> dict[str, Any]:
     without a GPU, and CPUs without native bf16 (AVX2) run bf16 matmuls some 40x slower than float32."""
     import torch
 
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return {**SFT_DEFAULTS, "bf16": bf16, "use_cpu": not torch.cuda.is_available()}
+    from pipeline.config import hardware_bf16
+
+    return {**SFT_DEFAULTS, "bf16": hardware_bf16(), "use_cpu": not torch.cuda.is_available()}
 
 
 def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:

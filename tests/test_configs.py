@@ -94,3 +94,15 @@ def test_a_bad_value_fails_fast_with_a_fix():
     path = CONFIGS / "grpo_cpu_quick.yaml"
     with pytest.raises(ValueError, match="advantage='ppo' is not an estimator; use one of"):
         parse_train_args(["--config", str(path), "--advantage", "ppo"])
+
+
+def test_train_bf16_follows_the_hardware_unless_asked_for():
+    """TRL defaults bf16 on; turnwise keeps it off where there is no bf16 GPU, and a flag still wins."""
+    import torch
+
+    from pipeline.config import hardware_bf16, parse_train_args
+
+    assert hardware_bf16() == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert parse_train_args(["--output_dir", "out"])[2].bf16 is hardware_bf16()
+    if not torch.cuda.is_available():
+        assert parse_train_args(["--output_dir", "out", "--bf16", "true", "--use_cpu", "true"])[2].bf16 is True

@@ -29,7 +29,7 @@ def make_trainer(tiny_model_dir, tmp_path, advantage="group_based", **overrides)
     settings = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=2,
         learning_rate=5e-2,  # large, so two steps visibly move the LoRA weights
-        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", max_completion_length=8000,
+        logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no", max_completion_length=8000,
         beta=0.0, temperature=1.0, seed=0,
     )
     args = GRPOConfig(**{**settings, **overrides})
@@ -150,7 +150,7 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
 
     def grpo_args(steps):
         return GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=steps,
-                          logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=1, beta=0.0,
+                          logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="steps", save_steps=1, beta=0.0,
                           learning_rate=1e-2)
 
     result = train(task_args, rollout_config, grpo_args(2), model_args, reward_fn=token_count_reward)

@@ -27,7 +27,7 @@ def main(model_dir: str, out_dir: str) -> None:
     config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000)
     rollout = EpisodeRollout(tasks, config)
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=2, num_generations=2, max_steps=2,
-                      learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                      learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
                       max_completion_length=8000, beta=0.0, temperature=1.0, seed=0)
     trainer = TurnwiseGRPOTrainer(
         model=model, processing_class=tokenizer, args=args, train_dataset=task_dataset(tasks),
