@@ -119,6 +119,11 @@ class EpisodeRollout:
                                 "episode": []}
         for i, traj in enumerate(trajectories):
             data = traj.tokens
+            if not data.turn_spans:  # the opening messages alone filled the token budget
+                raise ValueError(
+                    f"Task {tasks[i].id!r}: its opening messages are {len(data.input_ids)} tokens, which leaves no room "
+                    f"for an assistant turn within max_total_tokens={self.config.max_total_tokens}. Raise "
+                    "max_total_tokens (and max_completion_length with it), or shorten the system prompt.")
             start = data.turn_spans[0][0]
             out["prompt_ids"].append(data.input_ids[:start])
             out["completion_ids"].append(data.input_ids[start:])
