@@ -570,8 +570,8 @@ def test_turnwise_train_takes_an_sop_folder_with_the_sop_reward(tiny_model_dir, 
 
     rewards_built = []
     default_reward = trainer_module.default_reward
-    monkeypatch.setattr(trainer_module, "default_reward", lambda path=None: rewards_built.append(path) or
-                        default_reward(path))
+    monkeypatch.setattr(trainer_module, "default_reward", lambda path=None, tasks=(): rewards_built.append(path) or
+                        default_reward(path, tasks))
 
     assert TaskArguments(env=SHIPPED).reward_config == str(SOP_REWARD)
     assert TaskArguments(tasks=SHIPPED, reward_config="mine.yaml").reward_config == "mine.yaml"
