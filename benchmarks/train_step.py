@@ -84,7 +84,7 @@ def main() -> None:
     tasks = load_tasks("customer_service", "train")[:groups]
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     common = dict(per_device_train_batch_size=args.episodes, num_generations=2, max_steps=1, report_to=[],
-                  use_cpu=True, save_strategy="no", beta=0.0, temperature=1.0, seed=0, logging_steps=1)
+                  use_cpu=True, bf16=False, save_strategy="no", beta=0.0, temperature=1.0, seed=0, logging_steps=1)
 
     # turnwise: multi-turn episodes, scored by a reward that varies within groups
     model, tokenizer = load_model(args.model)
