@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.envs import make_env
-from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task
+from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task, field_correct
 from pipeline.rollout import RolloutEngine, run_policy
 from pipeline.trajectory import Trajectory, atomic_write_text, save_jsonl
 
@@ -168,19 +168,9 @@ def episode_result(trajectory: Trajectory, intents: Sequence[str]) -> dict[str, 
         "tool_calls": dict(Counter(c.get("name", "?") for t in turns for c in t.info.get("tool_calls", []))),
         "tool_errors": dict(Counter(e.get("kind", "error") for t in turns for e in t.info.get("tool_errors", []))),
         "violations": list(o.violations),
-        "fields": {name: _field_correct(value) for name, value in o.fields.items()},
+        "fields": {name: field_correct(value) for name, value in o.fields.items()},
         "checks": _checks(o),
     }
-
-
-def _field_correct(value: Any) -> bool:
-    """``Outcome.fields`` values are a bool (right or not) or a record with a ``correct`` entry."""
-    if isinstance(value, dict):
-        if "correct" in value:
-            return bool(value["correct"])
-        if "expected" in value and "actual" in value:
-            return value["expected"] == value["actual"]
-    return bool(value)
 
 
 def _checks(o: Outcome) -> dict[str, bool]:

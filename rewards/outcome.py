@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+from pipeline.envs.base import field_correct  # re-exported: the fields convention is the environment's
 from rewards.base import Score
 
 if TYPE_CHECKING:
@@ -95,21 +96,6 @@ class PartialCredit:
         if not parts:
             return Score(0.0, "nothing verifiable to credit")
         return Score(sum(parts) / len(parts), "; ".join(reasons))
-
-
-def field_correct(value: Any) -> bool:
-    """Whether one ``Outcome.fields`` entry is right, by the evaluation's convention (a bool, or a record
-    with ``correct``, or with ``expected`` and ``actual``).
-
-    >>> field_correct(True), field_correct({"correct": False}), field_correct({"expected": "a", "actual": "a"})
-    (True, False, True)
-    """
-    if isinstance(value, dict):
-        if "correct" in value:
-            return bool(value["correct"])
-        if "expected" in value and "actual" in value:
-            return value["expected"] == value["actual"]
-    return bool(value)
 
 
 def _emitted(value: Any) -> bool:

@@ -93,6 +93,21 @@ class Outcome:
         return cls(**row)
 
 
+def field_correct(value: Any) -> bool:
+    """Whether one ``Outcome.fields`` entry is right: a bool, or a record with ``correct``, or with
+    ``expected`` and ``actual`` (compared exactly). Evaluation and rewards both read fields through this.
+
+    >>> field_correct(True), field_correct({"correct": False}), field_correct({"expected": "a", "actual": "a"})
+    (True, False, True)
+    """
+    if isinstance(value, dict):
+        if "correct" in value:
+            return bool(value["correct"])
+        if "expected" in value and "actual" in value:
+            return value["expected"] == value["actual"]
+    return bool(value)
+
+
 @runtime_checkable
 class Environment(Protocol):
     """What rollouts, evaluation and training rely on."""

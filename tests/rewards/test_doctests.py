@@ -12,7 +12,7 @@ from rewards.composite import SCORERS, resolve_scorer
 
 MODULES = ["rewards.base", "rewards.composite", "rewards.evidence", "rewards.rules", "rewards.outcome",
            "rewards.logged", "rewards.naive", "rewards.audit", "rewards.hacks", "rewards.model", "rewards.judge",
-           "pipeline.llm"]
+           "pipeline.llm", "pipeline.envs.base"]
 
 
 @pytest.mark.parametrize("name", MODULES)
