@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 TASK_PREFIX = "turnwise-task:"
 EPISODE_ESTIMATORS = ("group_based", "rloo", "grpo_passk")
 TURN_ESTIMATORS = ("group_based_per_turn", "monte_carlo", "gae")
+VALUE_HEAD_FILE = "value_head.pt"  # in each checkpoint of an advantage=gae run
 
 
 @dataclass
@@ -242,6 +245,36 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["value/mean"].append(sum(map(sum, values)) / max(1, sum(map(len, values))))
         return per_turn
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """TRL's checkpoint plus, for advantage=gae, the value head and its optimiser (``value_head.pt``,
+        written to a temporary name and renamed), so that ``--resume`` continues the same critic."""
+        super()._save_checkpoint(model, trial)
+        if getattr(self, "value_head", None) is None or not self.args.should_save:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        path = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        state = {"hidden_size": self.value_head.proj.in_features, "head": self.value_head.state_dict(),
+                 "optimizer": self.value_optimizer.state_dict()}
+        tmp = path / f"{VALUE_HEAD_FILE}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path / VALUE_HEAD_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / VALUE_HEAD_FILE
+        if self.rollout_config.advantage != "gae":
+            return
+        if not path.exists():
+            logger.warning("%s has no %s: the value head (advantage=gae) starts again from zero.",
+                           resume_from_checkpoint, VALUE_HEAD_FILE)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.value_head = adv.ValueHead(state["hidden_size"]).to(self.accelerator.device)
+        self.value_head.load_state_dict(state["head"])
+        self.value_optimizer = torch.optim.Adam(self.value_head.parameters(), lr=self.rollout_config.value_lr)
+        self.value_optimizer.load_state_dict(state["optimizer"])
+
     def _log_rollouts(self, mode: str, trajectories: list[Trajectory], group_ids: list[str]) -> None:
         metrics = self._metrics[mode]
         totals = [float(getattr(b, "total", b)) for b in self.reward.breakdowns]
@@ -399,8 +432,6 @@ class SampleWriter(TrainerCallback):
         self.trainer, self.limit = trainer, limit
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from pathlib import Path
-
         from pipeline.trajectory import atomic_write_text
 
         if not state.is_world_process_zero or not self.trainer.rollout.last:
@@ -432,9 +463,6 @@ def default_reward(config: str | None = None, tasks: Sequence[Any] = ()) -> Call
 def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
           reward_fn: Callable[[Trajectory], Any] | None = None) -> dict[str, Any]:
     """Parse-build-train-save: the whole ``turnwise train`` run. Returns where the outputs are."""
-    import os
-    from pathlib import Path
-
     from transformers.trainer_utils import get_last_checkpoint
     from trl import get_peft_config
 

@@ -189,6 +189,27 @@ def test_gae_trains_its_value_head_and_writes_token_advantages(tiny_model_dir, t
     assert len(logged) == 2 and all(h["value/loss"] >= 0 for h in logged)
 
 
+def test_gae_resume_restores_the_value_head_and_its_optimiser(tiny_model_dir, tmp_path):
+    """advantage=gae: checkpoints carry the value head and its Adam state, so a run resumed from step 2
+    ends at step 4 with the same critic and the same LoRA weights as an uninterrupted run."""
+    straight = make_trainer(tiny_model_dir, tmp_path / "a", advantage="gae", max_steps=4, save_strategy="steps",
+                            save_steps=2)
+    straight.train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "value_head.pt").exists()
+
+    resumed = make_trainer(tiny_model_dir, tmp_path / "b", advantage="gae", max_steps=4, save_strategy="steps",
+                           save_steps=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.rollout.calls == 2
+    for a, b in zip(straight.value_head.parameters(), resumed.value_head.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    a = {n: p for n, p in straight.model.named_parameters() if "lora_" in n}
+    b = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
 def test_metrics_reach_tensorboard_under_their_namespaced_names(tiny_model_dir, tmp_path):
     """report_to=tensorboard writes rollout/... and analysis/... scalars under those exact tags (not under
     transformers' train/ prefix)."""
