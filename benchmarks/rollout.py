@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 
 from common import machine, matmul_flops, write_result
@@ -128,7 +129,7 @@ def main() -> None:
         "episodes": args.episodes, "sequential_episodes": args.sequential, "turns": args.turns,
         "new_tokens_per_turn": args.new_tokens, "batched_s": round(batched_s, 1),
         "sequential_s": round(sequential_s, 1), "model": args.model, "quick": args.quick, "machine": machine(),
-        "command": "python benchmarks/rollout.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/rollout.py", *sys.argv[1:]]),
     }
     write_result("rollout_quick" if args.quick else "rollout", result)
     print(json.dumps(result))
