@@ -1,15 +1,17 @@
 """One GRPO optimisation step: turnwise's multi-turn step against TRL's stock single-turn step.
 
     python benchmarks/train_step.py            # 8 episodes
-    python benchmarks/train_step.py --quick    # 4 episodes, under 5 minutes on a 2-core CPU
+    python benchmarks/train_step.py --quick    # 4 episodes of 2 turns, one timed step each: under 5 minutes on 2 cores
 
 Both trainers wrap the embedded model in the same LoRA adapter and run forward, clipped GRPO loss and
 backward (``compute_loss`` + ``backward``, what ``training_step`` does after preparing inputs) on a
-prepared batch; generation is outside the timed region, and the two
-steps are timed in turns (after a warm-up each) so that load from other processes hits both alike. The stock
-batch is single-turn completions of the *same number of trained tokens* as the multi-turn batch's
-assistant tokens, on the same opening prompts. The multi-turn batch also carries environment tokens
-(masked out of the loss but still run through the model), which is the overhead this measures.
+prepared batch; generation is outside the timed region, and the two steps are timed in turns (after a
+warm-up each) so that load from other processes hits both alike. The stock batch is single-turn
+completions of the *same number of trained tokens* as the multi-turn batch's assistant tokens, on the
+same opening prompts. The multi-turn batch also carries environment tokens (masked out of the loss but
+still run through the model), which is the overhead this measures. The timed steps bypass
+``Trainer.train()``, so activation checkpointing is off on both sides unless
+``--activation-checkpointing`` turns it on.
 
 Keys of the last output line (JSON): ``ratio`` (ours / stock step time, median of ``--repeats``) and
 ``peak_rss_gb`` (peak resident memory of the process).
@@ -22,8 +24,11 @@ import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
+
+import torch
 
 from common import machine, write_result
 
@@ -42,10 +47,18 @@ def timed_step(trainer, inputs) -> float:
     return elapsed
 
 
-def alternating(a, b, repeats: int) -> tuple[list[float], list[float]]:
-    """Time ``a`` and ``b`` (trainer, inputs) in turns, after one untimed warm-up each, so that load from
-    other processes on a shared machine falls on both sides alike."""
-    timed_step(*a), timed_step(*b)
+def first_rows(inputs: dict, n: int = 1) -> dict:
+    """The batch cut to its first ``n`` rows: a cheap warm-up of the same kernels."""
+    rows = inputs["completion_ids"].shape[0]
+    return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+            for k, v in inputs.items()}
+
+
+def alternating(a, b, repeats: int, warmup: bool = True) -> tuple[list[float], list[float]]:
+    """Time ``a`` and ``b`` (trainer, inputs) in turns, so that load from other processes on a shared machine
+    falls on both sides alike; ``warmup`` first runs one untimed step each on the batch's first row."""
+    for trainer, inputs in (a, b) if warmup else ():
+        timed_step(trainer, first_rows(inputs))
     times_a, times_b = [], []
     for _ in range(repeats):
         times_a.append(timed_step(*a))
@@ -60,14 +73,17 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up steps")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute activations in backward on both sides, as Trainer.train() does when "
+                             "gradient_checkpointing is on (less memory, more time)")
     args = parser.parse_args()
     if args.quick:
-        args.episodes, args.turns, args.new_tokens, args.repeats = 4, 3, 32, 3
+        # one timed step each, no warm-up: both models have already run forward passes while generating
+        args.episodes, args.turns, args.new_tokens, args.repeats, args.warmup = 4, 2, 24, 1, False
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-
-    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,7 +130,10 @@ def main() -> None:
     stock.model.train()
     stock_inputs = stock._generate_and_score_completions([{"prompt": o} for o in openings for _ in range(2)])
     stock_trained = int(stock_inputs["completion_mask"].sum())
-    ours_times, stock_times = alternating((ours, ours_inputs), (stock, stock_inputs), args.repeats)
+    if args.activation_checkpointing:  # what Trainer.train() would switch on; the timed steps bypass train()
+        for trainer in (ours, stock):
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours_times, stock_times = alternating((ours, ours_inputs), (stock, stock_inputs), args.repeats, args.warmup)
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = {
@@ -124,9 +143,9 @@ def main() -> None:
         "trained_tokens": {"ours": trained, "stock": stock_trained}, "ours_env_tokens": env_tokens,
         "ours_sequence_len": int(ours_inputs["prompt_ids"].shape[1] + ours_inputs["completion_ids"].shape[1]),
         "stock_sequence_len": int(stock_inputs["prompt_ids"].shape[1] + stock_inputs["completion_ids"].shape[1]),
-        "episodes": args.episodes, "turns": args.turns, "new_tokens_per_turn": args.new_tokens,
-        "model": args.model, "lora_r": 16, "quick": args.quick, "machine": machine(),
-        "command": "python benchmarks/train_step.py" + (" --quick" if args.quick else ""),
+        "episodes": args.episodes, "turns": args.turns, "warmup": args.warmup, "new_tokens_per_turn": args.new_tokens,
+        "model": args.model, "lora_r": 16, "quick": args.quick, "activation_checkpointing": args.activation_checkpointing,
+        "machine": machine(), "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
     }
     write_result("train_step_quick" if args.quick else "train_step", result)
     print(json.dumps(result))
