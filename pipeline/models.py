@@ -460,6 +460,23 @@ def adapter_base_model(path: str | os.PathLike[str]) -> str:
     return str(base)
 
 
+def record_adapter_base(path: str | os.PathLike[str], base: str) -> None:
+    """Name ``base`` (say, the alias ``smollm2-135m``) as the base model in a saved adapter's config.
+
+    Adapters are saved while their config still names the resolved local checkpoint, so that PEFT finds
+    the base's config.json on disk instead of asking a hub about an alias; the portable name is written
+    afterwards (to a temporary file, then renamed).
+    """
+    config_file = Path(path) / ADAPTER_FILE
+    config = json.loads(config_file.read_text())
+    if config.get("base_model_name_or_path") == base:
+        return
+    config["base_model_name_or_path"] = base
+    tmp = config_file.with_name(config_file.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
+
+
 def _load_adapter(path: Path, *, dtype=None, device=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The adapter's base model with the adapter merged in, and the tokenizer saved beside the adapter.
 

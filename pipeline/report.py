@@ -228,7 +228,7 @@ def plot_turns_histogram(reports: Sequence[EvalReport]) -> bytes:
     counts = [e["turns"] for r in reports for e in r.episodes]
     top = max(counts)
     turns = list(range(min(1, min(counts)), top + 1))
-    fig = _figure(max(6.0, 0.35 * top + 2), 4.0)
+    fig = _figure(max(6.0, 0.35 * top + 2), 4.0 + 0.25 * len(reports))
     ax = fig.add_subplot()
     width = 0.8 / len(reports)
     for i, r in enumerate(reports):
@@ -244,7 +244,8 @@ def plot_turns_histogram(reports: Sequence[EvalReport]) -> bytes:
     # explicit: stacked bars of height 0 pin autoscaling at the tallest bar, clipping its top
     tallest = max(sum(e["turns"] == t for e in r.episodes) for r in reports for t in turns)
     ax.set_ylim(0, tallest * 1.08 + 0.5)
-    ax.legend(fontsize=8)
+    # below the axes, so that it never hides a bar
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 

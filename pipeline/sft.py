@@ -286,12 +286,13 @@ def save_adapter(model, tokenizer, adapter_dir: Path | str, base_model_name: str
     """Save a PEFT model's adapter and the tokenizer. ``base_model_name`` (say, the alias ``smollm2-135m``) is
     recorded as the adapter's base instead of the resolved cache path, so the adapter stays loadable when
     the cache moves."""
+    from pipeline.models import record_adapter_base
+
     adapter_dir = Path(adapter_dir)
-    config = model.peft_config["default"]
-    if base_model_name:
-        config.base_model_name_or_path = base_model_name
     model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    if base_model_name:
+        record_adapter_base(adapter_dir, base_model_name)
     return adapter_dir
 
 

@@ -505,11 +505,12 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     final = validation.validate()
     trainer.log(final)
     adapter_dir = Path(grpo_args.output_dir) / "adapter"
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(unwrapped, "peft_config"):  # record the name the user gave (an alias), not the resolved cache path
-        unwrapped.peft_config["default"].base_model_name_or_path = model_name
     trainer.save_model(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    if trainer.args.should_save and hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config"):
+        from pipeline.models import record_adapter_base
+
+        record_adapter_base(adapter_dir, model_name)  # the name the user gave (an alias), not the cache path
     from pipeline.trajectory import atomic_write_text
 
     atomic_write_text(Path(grpo_args.output_dir) / "log_history.json", json.dumps(trainer.state.log_history, indent=2))

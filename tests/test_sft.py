@@ -186,3 +186,25 @@ def test_bad_sft_options_fail_with_the_fix(tmp_path):
     sft_args, config, model_args = parse_sft_args(["--num_demos", "5"], config={"num_train_epochs": 2})
     assert sft_args.num_demos == 5 and config.num_train_epochs == 2
     assert model_args.use_peft and model_args.model_name_or_path == "smollm2-135m" and config.max_length == 4096
+
+
+def test_an_adapter_records_the_alias_without_asking_a_hub_about_it(tiny_model_dir, tmp_path, monkeypatch):
+    """Saved under an alias (``smollm2-135m``), the adapter names the alias as its base, and saving never
+    asks a hub whether the alias has a config.json (offline that lookup fails or hangs)."""
+    import peft.utils.save_and_load as peft_save
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import adapter_base_model
+    from pipeline.sft import save_adapter
+
+    def no_hub(repo_id, filename, **kwargs):
+        raise AssertionError(f"asked a hub about {repo_id}/{filename}")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter = save_adapter(model, tokenizer, tmp_path / "adapter", base_model_name="smollm2-135m")
+    assert adapter_base_model(adapter) == "smollm2-135m"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["target_modules"]
+    assert not list(adapter.glob("*.tmp"))
