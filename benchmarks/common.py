@@ -30,6 +30,18 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def add_threads_option(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+
+
+def set_threads(threads: int | None) -> None:
+    """Fix torch's CPU threads when asked: its default collapses when other processes share the cores."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def write_result(name: str, result: dict) -> Path:
     from pipeline.trajectory import atomic_write_text
 

@@ -23,7 +23,7 @@ import json
 import sys
 import time
 
-from common import machine, write_result
+from common import add_threads_option, machine, set_threads, write_result
 
 
 def timed(policy, tasks, batch_size: int, args) -> tuple[float, dict]:
@@ -51,15 +51,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-turns", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    add_threads_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.sequential = 16, 4
 
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from pipeline.envs import load_tasks
     from pipeline.models import load_model
 

@@ -36,7 +36,7 @@ import json
 import sys
 import time
 
-from common import machine, matmul_flops, write_result
+from common import add_threads_option, machine, matmul_flops, set_threads, write_result
 
 
 def patient(task):
@@ -53,15 +53,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    add_threads_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.sequential = 16, 1
 
+    set_threads(args.threads)
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from pipeline.backends import HFBackend
     from pipeline.envs import load_tasks, make_env

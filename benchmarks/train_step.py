@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from common import machine, write_result
+from common import add_threads_option, machine, set_threads, write_result
 
 
 def timed_step(trainer, inputs) -> float:
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up steps")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    add_threads_option(parser)
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute activations in backward on both sides, as Trainer.train() does when "
                              "gradient_checkpointing is on (less memory, more time)")
@@ -85,8 +85,7 @@ def main() -> None:
         args.episodes, args.turns, args.new_tokens, args.repeats, args.warmup = 4, 2, 24, 1, False
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
