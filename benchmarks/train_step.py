@@ -146,7 +146,8 @@ def main() -> None:
         "model": args.model, "lora_r": 16, "quick": args.quick, "activation_checkpointing": args.activation_checkpointing,
         "machine": machine(), "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
     }
-    write_result("train_step_quick" if args.quick else "train_step", result)
+    write_result("train_step" + ("_quick" if args.quick else "")
+                 + ("_activation_checkpointing" if args.activation_checkpointing else ""), result)
     print(json.dumps(result))
 
 
