@@ -1,12 +1,12 @@
 """One GRPO optimisation step: turnwise's multi-turn step against TRL's stock single-turn step.
 
     python benchmarks/train_step.py            # 8 episodes
-    python benchmarks/train_step.py --quick    # 4 episodes of 2 turns, one timed step each: under 5 minutes on 2 cores
+    python benchmarks/train_step.py --quick    # 4 episodes of 2 turns, one timed step each (< 5 min, 2 cores)
 
 Both trainers wrap the embedded model in the same LoRA adapter and run forward, clipped GRPO loss and
 backward (``compute_loss`` + ``backward``, what ``training_step`` does after preparing inputs) on a
 prepared batch; generation is outside the timed region, and the two steps are timed in turns (after a
-warm-up each) so that load from other processes hits both alike. The stock batch is single-turn
+warm-up each, which ``--quick`` skips) so that load from other processes hits both alike. The stock batch is single-turn
 completions of the *same number of trained tokens* as the multi-turn batch's assistant tokens, on the
 same opening prompts. The multi-turn batch also carries environment tokens (masked out of the loss but
 still run through the model), which is the overhead this measures. The timed steps bypass
@@ -142,8 +142,9 @@ def main() -> None:
         "trained_tokens": {"ours": trained, "stock": stock_trained}, "ours_env_tokens": env_tokens,
         "ours_sequence_len": int(ours_inputs["prompt_ids"].shape[1] + ours_inputs["completion_ids"].shape[1]),
         "stock_sequence_len": int(stock_inputs["prompt_ids"].shape[1] + stock_inputs["completion_ids"].shape[1]),
-        "episodes": args.episodes, "turns": args.turns, "warmup": args.warmup, "new_tokens_per_turn": args.new_tokens,
-        "model": args.model, "lora_r": 16, "quick": args.quick, "activation_checkpointing": args.activation_checkpointing,
+        "episodes": args.episodes, "turns": args.turns, "new_tokens_per_turn": args.new_tokens, "warmup": args.warmup,
+        "model": args.model, "lora_r": 16, "quick": args.quick,
+        "activation_checkpointing": args.activation_checkpointing,
         "machine": machine(), "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
     }
     write_result("train_step" + ("_quick" if args.quick else "")

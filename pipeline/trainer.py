@@ -262,9 +262,9 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / VALUE_HEAD_FILE
         if self.rollout_config.advantage != "gae":
             return
+        path = Path(resume_from_checkpoint) / VALUE_HEAD_FILE
         if not path.exists():
             logger.warning("%s has no %s: the value head (advantage=gae) starts again from zero.",
                            resume_from_checkpoint, VALUE_HEAD_FILE)
