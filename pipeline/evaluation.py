@@ -399,19 +399,31 @@ def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_si
 
 
 class _progress:
-    """A tqdm bar on stderr as a context manager yielding ``advance(n)``; a no-op when disabled."""
+    """A tqdm bar on stderr as a context manager yielding ``advance(n)``; a no-op when disabled. When stderr
+    is not a terminal (a log file, a SageMaker job) and the bar was not forced, progress goes to the log
+    instead, about every tenth of the run."""
 
     def __init__(self, total: int, enabled: bool | None) -> None:
         self.total, self.enabled, self.bar = total, enabled, None
+        self.done, self.start = 0, time.time()
 
     def __enter__(self) -> Callable[[int], None]:
+        import sys
+
         if self.enabled is False or (self.enabled is None and self.total < PROGRESS_MIN_EPISODES):
             return lambda n: None
+        if self.enabled is None and not sys.stderr.isatty():
+            return self._log
         from tqdm.auto import tqdm
 
-        # disable=None: tqdm itself stays quiet when stderr is not a terminal (logs, CI) unless forced.
-        self.bar = tqdm(total=self.total, desc="episodes", unit="ep", disable=None if self.enabled is None else False)
+        self.bar = tqdm(total=self.total, desc="episodes", unit="ep", disable=False)
         return self.bar.update
+
+    def _log(self, n: int) -> None:
+        step = max(1, self.total // 10)
+        before, self.done = self.done, self.done + n
+        if n and (self.done // step > before // step or self.done == self.total):
+            logger.info("episodes %d/%d (%.0f s)", self.done, self.total, time.time() - self.start)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

@@ -324,6 +324,21 @@ def test_progress_bar_on_request(tasks: list[Task], capsys: pytest.CaptureFixtur
     assert capsys.readouterr().err == ""
 
 
+def test_long_runs_off_a_terminal_log_their_progress(tasks: list[Task], caplog: pytest.LogCaptureFixture,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Under pytest stderr is not a terminal, as in a log file or a SageMaker job: a long run logs how many
+    episodes are done about every tenth of the way instead of drawing a bar nobody sees."""
+    from pipeline.evaluation import PROGRESS_MIN_EPISODES
+
+    n = -(-PROGRESS_MIN_EPISODES // len(tasks))  # episodes per task, so the run is long enough
+    with caplog.at_level("INFO", logger="pipeline.evaluation"):
+        evaluate(oracle_policy, tasks, n=n)
+    total = n * len(tasks)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("episodes ")]
+    assert 5 <= len(lines) <= 11 and lines[-1].startswith(f"episodes {total}/{total} ")
+    assert capsys.readouterr().err == ""
+
+
 def test_bad_arguments_fail_fast(tasks: list[Task]) -> None:
     with pytest.raises(ValueError, match="n >= k"):
         evaluate(oracle_policy, tasks, k=4, n=2)
