@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -408,8 +409,6 @@ class _progress:
         self.done, self.start = 0, time.time()
 
     def __enter__(self) -> Callable[[int], None]:
-        import sys
-
         if self.enabled is False or (self.enabled is None and self.total < PROGRESS_MIN_EPISODES):
             return lambda n: None
         if self.enabled is None and not sys.stderr.isatty():

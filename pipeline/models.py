@@ -467,14 +467,13 @@ def record_adapter_base(path: str | os.PathLike[str], base: str) -> None:
     the base's config.json on disk instead of asking a hub about an alias; the portable name is written
     afterwards (to a temporary file, then renamed).
     """
+    from pipeline.trajectory import atomic_write_text
+
     config_file = Path(path) / ADAPTER_FILE
     config = json.loads(config_file.read_text())
-    if config.get("base_model_name_or_path") == base:
-        return
-    config["base_model_name_or_path"] = base
-    tmp = config_file.with_name(config_file.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_file)
+    if config.get("base_model_name_or_path") != base:
+        config["base_model_name_or_path"] = base
+        atomic_write_text(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _load_adapter(path: Path, *, dtype=None, device=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

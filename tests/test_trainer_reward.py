@@ -26,7 +26,7 @@ def test_sop_reward_by_shipped_name_scores_the_oracle_near_one():
 
 
 def test_unknown_reward_name_is_refused_with_the_choices():
-    with pytest.raises(Exception, match="nonexistent"):
+    with pytest.raises(FileNotFoundError, match="nonexistent not found; shipped configs are in .*configs/rewards"):
         default_reward("nonexistent")
 
 
