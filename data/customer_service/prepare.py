@@ -2,6 +2,7 @@
 
     python data/customer_service/prepare.py            # writes tasks/{train,val,test}.jsonl
     python data/customer_service/prepare.py --seed 7 --out /tmp/tasks
+    python data/customer_service/prepare.py --intents order_status --out data/customer_service/order_status/tasks
 
 Every task gets its own customer and orders (ids are unique across the whole set), so the splits are
 disjoint by customer and by order, not just by row. The expected end state is computed by applying the
@@ -293,9 +294,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "tasks")
+    parser.add_argument("--intents", nargs="+", metavar="INTENT",
+                        help="Keep only the tasks whose intents are exactly these (e.g. --intents order_status for the "
+                             "single-intent set in order_status/tasks); the default keeps every task.")
     args = parser.parse_args()
+    unknown = sorted(set(args.intents or ()) - set(SINGLE))
+    if unknown:
+        parser.error(f"unknown intent(s) {', '.join(unknown)}; choose from {', '.join(SINGLE)}.")
     args.out.mkdir(parents=True, exist_ok=True)
     for split, rows in generate(args.seed).items():
+        if args.intents:
+            rows = [row for row in rows if sorted(row["intents"]) == sorted(args.intents)]
         path = args.out / f"{split}.jsonl"
         with path.open("w") as f:
             for row in rows:

@@ -68,6 +68,23 @@ def test_generate_reproduces_the_committed_files(prepare):
         assert text == (DATA_DIR / "tasks" / f"{split}.jsonl").read_text(), split
 
 
+def test_the_order_status_set_is_the_full_sets_order_status_tasks(prepare, splits, tmp_path, monkeypatch, capsys):
+    """`prepare.py --intents order_status` regenerates data/customer_service/order_status/tasks byte for byte:
+    the full set's single-intent order-status tasks, same ids and splits, loadable by name."""
+    monkeypatch.setattr("sys.argv", ["prepare.py", "--intents", "order_status", "--out", str(tmp_path)])
+    prepare.main()
+    for split in SPLITS:
+        shipped = DATA_DIR / "order_status" / "tasks" / f"{split}.jsonl"
+        assert (tmp_path / f"{split}.jsonl").read_text() == shipped.read_text(), split
+        narrowed = load_tasks("customer_service/order_status", split)
+        assert [t.id for t in narrowed] == [t.id for t in splits[split] if t.intents == ["order_status"]]
+        assert len(narrowed) >= 15 and all(t.domain == "customer_service" for t in narrowed)
+    monkeypatch.setattr("sys.argv", ["prepare.py", "--intents", "refund", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        prepare.main()
+    assert "unknown intent(s) refund; choose from order_status, cancel" in capsys.readouterr().err
+
+
 def test_another_seed_gives_other_tasks(prepare):
     first, other = prepare.generate(0)["test"], prepare.generate(1)["test"]
     assert [t["payload"] for t in first] != [t["payload"] for t in other]
