@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py            # 8 episodes
     python benchmarks/train_step.py --quick    # 4 episodes of 2 turns, one timed step each (< 5 min, 2 cores)
+    python benchmarks/train_step.py --quick --shared-prefix   # also the step with the system prompt run once
 
 Both trainers wrap the embedded model in the same LoRA adapter and run forward, clipped GRPO loss and
 backward (``compute_loss`` + ``backward``, what ``training_step`` does after preparing inputs) on a
@@ -14,7 +15,9 @@ still run through the model), which is the overhead this measures. The timed ste
 ``--activation-checkpointing`` turns it on.
 
 Keys of the last output line (JSON): ``ratio`` (ours / stock step time, median of ``--repeats``) and
-``peak_rss_gb`` (peak resident memory of the process).
+``peak_rss_gb`` (peak resident memory of the process). ``--shared-prefix`` also times turnwise's step with
+the system prompt, which every episode shares, run once per batch instead of once per episode
+(``shared_prefix_speedup``: plain / shared; ``shared_prefix_ratio_vs_stock``).
 """
 
 from __future__ import annotations
@@ -54,16 +57,38 @@ def first_rows(inputs: dict, n: int = 1) -> dict:
             for k, v in inputs.items()}
 
 
-def alternating(a, b, repeats: int, warmup: bool = True) -> tuple[list[float], list[float]]:
-    """Time ``a`` and ``b`` (trainer, inputs) in turns, so that load from other processes on a shared machine
-    falls on both sides alike; ``warmup`` first runs one untimed step each on the batch's first row."""
-    for trainer, inputs in (a, b) if warmup else ():
+def alternating(*sides, repeats: int, warmup: bool = True) -> list[list[float]]:
+    """Time each side (trainer, inputs) in turns, so that load from other processes on a shared machine
+    falls on all sides alike; ``warmup`` first runs one untimed step each on the batch's first row."""
+    for trainer, inputs in sides if warmup else ():
         timed_step(trainer, first_rows(inputs))
-    times_a, times_b = [], []
+    times: list[list[float]] = [[] for _ in sides]
     for _ in range(repeats):
-        times_a.append(timed_step(*a))
-        times_b.append(timed_step(*b))
-    return times_a, times_b
+        for side, out in zip(sides, times):
+            out.append(timed_step(*side))
+    return times
+
+
+class SharedPrefix:
+    """A view of turnwise's trainer whose loss runs the shared system prompt once per batch (the
+    ``share_prefix`` path, which ``Trainer.train()`` takes when gradient checkpointing is off)."""
+
+    def __init__(self, trainer) -> None:
+        object.__setattr__(self, "trainer", trainer)
+
+    def __getattr__(self, name):
+        return getattr(self.trainer, name)
+
+    def __setattr__(self, name, value) -> None:
+        setattr(self.trainer, name, value)
+
+    def compute_loss(self, *args, **kwargs):
+        checkpointing, self.trainer.args.gradient_checkpointing = self.trainer.args.gradient_checkpointing, False
+        self.trainer.rollout_config.share_prefix = True
+        try:
+            return self.trainer.compute_loss(*args, **kwargs)
+        finally:
+            self.trainer.args.gradient_checkpointing = checkpointing
 
 
 def main() -> None:
@@ -79,7 +104,13 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute activations in backward on both sides, as Trainer.train() does when "
                              "gradient_checkpointing is on (less memory, more time)")
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="also time turnwise's step with the shared system prompt run once per batch "
+                             "(RolloutConfig.share_prefix); the ratio above stays the plain forward's")
     args = parser.parse_args()
+    if args.shared_prefix and args.activation_checkpointing:
+        parser.error("--shared-prefix runs without activation checkpointing (the loss falls back to the plain "
+                     "forward with it); drop one of the two.")
     if args.quick:
         # one timed step each, no warm-up: both models have already run forward passes while generating
         args.episodes, args.turns, args.new_tokens, args.repeats, args.warmup = 4, 2, 24, 1, False
@@ -132,7 +163,12 @@ def main() -> None:
     if args.activation_checkpointing:  # what Trainer.train() would switch on; the timed steps bypass train()
         for trainer in (ours, stock):
             trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ours_times, stock_times = alternating((ours, ours_inputs), (stock, stock_inputs), args.repeats, args.warmup)
+    config.share_prefix = False  # the plain forward: every row runs its whole sequence
+    sides = [(ours, ours_inputs), (stock, stock_inputs)]
+    if args.shared_prefix:
+        sides.append((SharedPrefix(ours), ours_inputs))
+    ours_times, stock_times, *shared_times = alternating(*sides, repeats=args.repeats, warmup=args.warmup)
+    config.share_prefix = False
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = {
@@ -147,8 +183,16 @@ def main() -> None:
         "activation_checkpointing": args.activation_checkpointing,
         "machine": machine(), "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
     }
+    if shared_times:
+        [shared] = shared_times
+        result.update({
+            "shared_prefix_step_s": [round(x, 2) for x in shared],
+            "shared_prefix_speedup": round(statistics.median(ours_times) / statistics.median(shared), 3),
+            "shared_prefix_ratio_vs_stock": round(statistics.median(shared) / statistics.median(stock_times), 3),
+        })
     write_result("train_step" + ("_quick" if args.quick else "")
-                 + ("_activation_checkpointing" if args.activation_checkpointing else ""), result)
+                 + ("_activation_checkpointing" if args.activation_checkpointing else "")
+                 + ("_shared_prefix" if args.shared_prefix else ""), result)
     print(json.dumps(result))
 
 

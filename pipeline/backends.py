@@ -170,9 +170,16 @@ def _prefill_chunks(lengths: Sequence[int], overhead: int = 64) -> list[tuple[in
     return chunks[::-1]
 
 
-def _returned_cache(output):
+def returned_cache(output):
+    """The KV cache a forward returned (``cache`` since transformers 5.24, ``past_key_values`` before)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+def cache_argument(model) -> str:
+    """The forward argument that takes a KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 # --- attention over a shared prefix --------------------------------------------------------------------------
@@ -292,9 +299,7 @@ class HFBackend:
         self.stop_token_ids = set(stop_token_ids or ([eos] if isinstance(eos, int) else eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.stop_token_ids))
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        # transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``; accept both.
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self._cache_arg = cache_argument(model)
         self._caches: dict[Hashable, _Entry] = {}
         self._prefix: _Prefix | None = None
         self.min_shared_prefix = 32  # tokens; shorter shared prefixes are not worth a separate forward pass
@@ -331,7 +336,7 @@ class HFBackend:
         with torch.no_grad():
             out = self.model(input_ids=torch.tensor([first[:length]], device=self.model.device), use_cache=True,
                              logits_to_keep=1)
-        cache = _returned_cache(out)
+        cache = returned_cache(out)
         self._prefix = _Prefix(first[:length], [(layer.keys, layer.values) for layer in cache.layers])
         self.prefill_tokens += length
 

@@ -21,10 +21,12 @@ def token_count_reward(trajectory) -> float:
     return sum(sum(turn.completion_ids) for turn in trajectory.turns) % 7 / 7.0
 
 
-def make_trainer(tiny_model_dir, tmp_path, advantage="group_based", **overrides) -> TurnwiseGRPOTrainer:
+def make_trainer(tiny_model_dir, tmp_path, advantage="group_based", share_prefix=True,
+                 **overrides) -> TurnwiseGRPOTrainer:
     model, tokenizer = load_model(str(tiny_model_dir))
     tasks = load_tasks("customer_service", "train")[:4]
-    config = RolloutConfig(max_turns=2, max_new_tokens=6, max_total_tokens=8000, advantage=advantage)
+    config = RolloutConfig(max_turns=2, max_new_tokens=6, max_total_tokens=8000, advantage=advantage,
+                           share_prefix=share_prefix)
     rollout = EpisodeRollout(tasks, config)
     settings = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=2,
@@ -58,8 +60,9 @@ def test_masked_environment_tokens_get_zero_gradient(tiny_model_dir, tmp_path):
     """The loss's gradient reaches the logits that predict sampled assistant tokens and never those that
     predict environment tokens (tool results, customer replies, template tokens)."""
     # Episode-level advantages are non-zero on every completion token, environment tokens included, so
-    # only the mask can keep those tokens out of the gradient.
-    trainer = make_trainer(tiny_model_dir, tmp_path, advantage="group_based")
+    # only the mask can keep those tokens out of the gradient. The plain forward (share_prefix off) keeps
+    # one hidden state per input position; test_shared_prefix_forward_... shows the shared one is equal.
+    trainer = make_trainer(tiny_model_dir, tmp_path, advantage="group_based", share_prefix=False)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test bypasses
     inputs = trainer._generate_and_score_completions(
@@ -85,6 +88,49 @@ def test_masked_environment_tokens_get_zero_gradient(tiny_model_dir, tmp_path):
     valid = inputs["completion_mask"].bool()
     assert torch.all(per_token[valid & (env_mask == 0)] == 0)
     assert (per_token[valid & (env_mask == 1)] > 0).any()
+
+
+def test_shared_prefix_forward_gives_the_full_forwards_logps_and_gradients(tiny_model_dir, tmp_path):
+    """Running the episodes' common prefix (the system prompt) once and the rest on its repeated KV cache
+    gives the plain forward's per-token log-probs, entropies and LoRA gradients, on TRL's layout (left-padded
+    prompts of different lengths, right-padded completions of different lengths)."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, advantage="group_based", gradient_checkpointing=False)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._generate_and_score_completions(
+        [{"prompt": row["prompt"], "task_id": row["task_id"]} for row in trainer.train_dataset.select([0, 0, 2, 3])])
+    prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
+    assert len(set(prompt_mask.sum(1).tolist())) > 1 and len(set(completion_mask.sum(1).tolist())) > 1
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    width = inputs["completion_ids"].size(1)
+    lora = [p for n, p in trainer.model.named_parameters() if "lora_" in n]
+
+    def run(share: bool):
+        trainer.rollout_config.share_prefix = share
+        trainer.model.zero_grad()
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, width,
+                                                                        batch_size=3, compute_entropy=True)
+        (logps * completion_mask * torch.arange(1.0, width + 1)).sum().backward()  # weights every position apart
+        return logps.detach(), entropies.detach(), [p.grad.clone() for p in lora]
+
+    calls = []
+    decoder = trainer.model.get_base_model().model
+    handle = decoder.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    shared = run(True)
+    handle.remove()
+    full = run(False)
+    prefix = calls[0][1]
+    assert calls[0][0] == 1 and prefix > 1000  # the system prompt ran once, as one row
+    assert [c[0] for c in calls] == [1, 3, 1, 1]  # then the rest: a chunk of 3 rows and one of 1
+    assert all(c[1] < ids.size(1) - prefix + 1 for c in calls[1:] if c[0] > 1)
+    torch.testing.assert_close(shared[0], full[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shared[1], full[1], rtol=1e-4, atol=1e-5)
+    assert (full[0][completion_mask.bool()] != 0).all() and (full[0][~completion_mask.bool()] == 0).all()
+    assert any(g.abs().sum() > 0 for g in full[2])
+    for a, b in zip(shared[2], full[2]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
 
 def test_resume_after_step_two_reaches_the_same_weights_at_step_four(tiny_model_dir, tmp_path):
@@ -143,7 +189,9 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     from pipeline.config import TaskArguments
     from pipeline.trainer import train
 
-    task_args = TaskArguments(train_limit=2, val_limit=2, val_every=1)
+    # --resume on a fresh output directory starts from scratch (a pipeline run resumes every stage this way)
+    task_args = TaskArguments(train_limit=2, val_limit=2, val_every=1, resume=True)
+    tmp_path = tmp_path / "run"
     rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000)
     model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
                              lora_target_modules=["q_proj", "v_proj"])
@@ -153,7 +201,9 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
                           logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="steps", save_steps=1, beta=0.0,
                           learning_rate=1e-2)
 
-    result = train(task_args, rollout_config, grpo_args(2), model_args, reward_fn=token_count_reward)
+    with caplog.at_level("WARNING", logger="pipeline.trainer"):
+        result = train(task_args, rollout_config, grpo_args(2), model_args, reward_fn=token_count_reward)
+    assert "--resume: no checkpoint in" in caplog.text
     assert result["steps"] == 2 and set(result["val"]) >= {"val/success", "val/pass@1"}
     samples = sorted((tmp_path / "samples").glob("step-*.jsonl"))
     assert [p.name for p in samples] == ["step-000001.jsonl", "step-000002.jsonl"]
@@ -163,8 +213,11 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     assert any("val/success" in h for h in history)  # validation ran during training (val_every=1)
     assert any("rollout/turns/mean" in h and "analysis/zero_adv_groups" in h for h in history)
+    final_history = json.loads((tmp_path / "log_history.json").read_text())
+    # val_every=1 validated step 2 already: the final val is that one, not a second evaluation
+    assert [h["step"] for h in final_history if "val/success" in h] == [1, 2]
+    assert (tmp_path / "grpo_result.json").is_file()
 
-    task_args.resume = True
     again = train(task_args, rollout_config, grpo_args(3), model_args, reward_fn=token_count_reward)
     assert again["steps"] == 3
     assert (tmp_path / "samples" / "step-000003.jsonl").exists()
