@@ -109,13 +109,17 @@ def add_demo_parser(subparsers: Subparsers) -> None:
         "GRPO, then evaluate base, SFT-only and SFT+GRPO on the same held-out tasks and seeds (paired-bootstrap "
         "intervals) and write the report. Stages and budgets come from a pipeline recipe (pipeline.demo).",
         epilog="examples:\n  turnwise demo                                  # configs/demo.yaml, ~10 min on 2 CPU cores\n"
-        "  turnwise demo --config configs/cpu_full.yaml    # the run that shows learning (hours on CPU)",
+        "  turnwise demo --config configs/cpu_full.yaml    # the run that shows learning (hours on CPU)\n"
+        "  turnwise demo --config configs/cpu_full.yaml --resume   # after a kill: skip the finished stages",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, default=None, help="pipeline recipe (default: configs/demo.yaml)")
     parser.add_argument("--model", default=None, help="override the recipe's model: alias, local directory or hub id")
     parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed (tasks, sampling, training)")
     parser.add_argument("--output-dir", type=Path, default=None, help="override the recipe's output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the stages a killed run finished (sft/sft_result.json, grpo/grpo_result.json) and "
+                             "continue GRPO from its last checkpoint; the evaluation always runs again")
     parser.set_defaults(func=run_demo)
 
 

@@ -133,9 +133,16 @@ def parse_grpo(section: dict[str, Any], adapter: str | None = None):
 
 
 def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, model: str | None = None,
-        seed: int | None = None) -> dict[str, Any]:
-    """Run a pipeline recipe: prepare, SFT, GRPO, evaluate. Returns the summary (also ``summary.json``)."""
+        seed: int | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run a pipeline recipe: prepare, SFT, GRPO, evaluate. Returns the summary (also ``summary.json``).
+
+    With ``resume``, a stage whose result file a previous run wrote (``sft/sft_result.json``,
+    ``grpo/grpo_result.json``, each written last, atomically) is not run again, and an unfinished GRPO stage
+    continues from its last checkpoint. The evaluation always runs.
+    """
     from pipeline.models import ALIASES, prepare_embedded_model
+    from pipeline.sft import RESULT_FILE as SFT_RESULT
+    from pipeline.trainer import RESULT_FILE as GRPO_RESULT
     from pipeline.trainer import train
 
     start = time.time()
@@ -145,6 +152,7 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
     log_path = p.output_dir / "run.log"
     handler = _log_to(log_path)
     times: dict[str, float] = {}
+    reused: dict[str, float | None] = {}  # stage -> wall time of the earlier run that finished it (--resume)
     summary: dict[str, Any] = {"recipe": str(recipe_path), "model": p.model, "output_dir": str(p.output_dir),
                                "seed": p.seed, "paths": {"log": str(log_path)}}
     try:
@@ -158,10 +166,14 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
             from pipeline.sft import run_sft
 
             t = time.time()
-            logger.info("stage sft: %d oracle demonstrations, up to %s epochs", p.sft[0].num_demos,
-                        p.sft[1].num_train_epochs)
-            sft_result = run_sft(*p.sft)
-            times["sft"] = round(time.time() - t, 1)
+            sft_result = _finished(Path(p.sft[1].output_dir) / SFT_RESULT) if resume else None
+            if sft_result is None:
+                logger.info("stage sft: %d oracle demonstrations, up to %s epochs", p.sft[0].num_demos,
+                            p.sft[1].num_train_epochs)
+                sft_result = run_sft(*p.sft)
+                times["sft"] = round(time.time() - t, 1)
+            else:
+                reused["sft"] = sft_result.get("wall_time_s")
             sft_adapter = sft_result["adapter"]
             summary["sft_result"] = sft_result
             summary["sft_val_curve"] = json.loads(Path(sft_result["val_curve"]).read_text())
@@ -174,9 +186,14 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
             task_args, rollout_config, grpo_args, model_args = parse_grpo(p.grpo_section, sft_adapter)
             if sft_adapter:
                 model_args.use_peft = False  # the SFT adapter is the LoRA being trained
-            logger.info("stage grpo: %d steps from %s", grpo_args.max_steps, sft_adapter or p.model)
-            grpo_result = train(task_args, rollout_config, grpo_args, model_args)
-            times["grpo"] = round(time.time() - t, 1)
+            grpo_result = _finished(Path(grpo_args.output_dir) / GRPO_RESULT) if resume else None
+            if grpo_result is None:
+                task_args.resume = task_args.resume or resume
+                logger.info("stage grpo: %d steps from %s", grpo_args.max_steps, sft_adapter or p.model)
+                grpo_result = train(task_args, rollout_config, grpo_args, model_args)
+                times["grpo"] = round(time.time() - t, 1)
+            else:
+                reused["grpo"] = grpo_result.get("wall_time_s")
             grpo_adapter = grpo_result["adapter"]
             summary["grpo_result"] = {k: v for k, v in grpo_result.items()}
             summary["grpo_signals"] = training_signals(json.loads(Path(grpo_result["log_history"]).read_text()))
@@ -192,6 +209,9 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
         handler.close()
     summary["stage_times_s"] = times
     summary["wall_time_s"] = round(time.time() - start, 1)
+    if reused:  # what the whole pipeline cost: this run plus the earlier runs of the stages it reused
+        summary["reused_stage_times_s"] = reused
+        summary["wall_time_total_s"] = round(summary["wall_time_s"] + sum(v or 0.0 for v in reused.values()), 1)
     summary["machine"] = {**machine(), "load_avg_at_start": load_at_start, "load_avg_at_end": _load()}
     from pipeline.trajectory import atomic_write_text
 
@@ -246,6 +266,14 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
     return result
 
 
+def _finished(result_file: Path) -> dict[str, Any] | None:
+    """The result a finished stage left in ``result_file``, or None when the stage has to run."""
+    if not result_file.is_file():
+        return None
+    logger.info("--resume: reusing the finished stage in %s", result_file.parent)
+    return json.loads(result_file.read_text())
+
+
 def training_signals(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     """The signs of a bad GRPO run, from its log history: the training-reward and val-success series,
     and the mean zero-advantage-group, truncation and turn-budget-exhaustion fractions."""
@@ -293,4 +321,5 @@ def _log_to(path: Path) -> logging.Handler:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args.config, output_dir=args.output_dir, model=args.model, seed=args.seed)
+    return run(args.config, output_dir=args.output_dir, model=args.model, seed=args.seed,
+               resume=getattr(args, "resume", False))

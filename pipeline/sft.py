@@ -66,6 +66,9 @@ SFT_DEFAULTS: dict[str, Any] = {
 }
 
 
+RESULT_FILE = "sft_result.json"
+
+
 @dataclass
 class SFTArguments:
     """What ``turnwise sft`` trains on and how it decides to stop (TRL's ``SFTConfig`` holds the rest)."""
@@ -369,8 +372,10 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=2) + "\n")
     summary = validation.summary()
     validation._write()
-    return {"adapter": str(out / "adapter"), "output_dir": str(out), "val_curve": str(out / "val_curve.json"),
-            "log_history": str(out / "log_history.json"), "demos": len(dataset), "tokens": n_tokens,
-            "assistant_tokens": n_trained, "best_val_success": summary["best_val_success"],
-            "best_epoch": summary["best_epoch"], "epochs": [r["epoch"] for r in summary["curve"]],
-            "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1)}
+    result = {"adapter": str(out / "adapter"), "output_dir": str(out), "val_curve": str(out / "val_curve.json"),
+              "log_history": str(out / "log_history.json"), "demos": len(dataset), "tokens": n_tokens,
+              "assistant_tokens": n_trained, "best_val_success": summary["best_val_success"],
+              "best_epoch": summary["best_epoch"], "epochs": [r["epoch"] for r in summary["curve"]],
+              "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1)}
+    atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")  # written last: the stage finished
+    return result

@@ -60,9 +60,13 @@ def test_recipe_loads_and_documents_its_command(path):
 def test_the_pipeline_recipes_train_sft_then_grpo_and_compare_on_held_out_tasks():
     from pipeline.demo import load_recipe, plan
 
+    from pipeline.envs import load_tasks
+
     full = plan(load_recipe(CONFIGS / "cpu_full.yaml"))
     assert full.sft[0].patience >= 1 and full.sft[0].val_limit >= 8  # SFT until val success stops improving
-    assert full.eval.limit is None or full.eval.limit >= 50  # enough held-out tasks for an interval
+    held_out = load_tasks(full.tasks, full.eval.split)[: full.eval.limit]
+    assert len(held_out) >= 15 and len(held_out) * full.eval.n >= 50  # enough held-out episodes for an interval
+    assert full.eval.base and full.grpo_section and full.sft  # base, SFT-only and SFT+GRPO on the same tasks
     demo = plan(load_recipe(CONFIGS / "demo.yaml"), output_dir=Path("/tmp/elsewhere"), seed=3)
     assert demo.output_dir == Path("/tmp/elsewhere") and demo.sft[1].output_dir == "/tmp/elsewhere/sft"
     assert demo.sft[1].seed == 3 and demo.grpo_section["output_dir"] == "/tmp/elsewhere/grpo"

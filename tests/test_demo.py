@@ -1,0 +1,112 @@
+"""Tests for pipeline/demo.py: `turnwise demo --resume` reuses finished stages and continues GRPO.
+
+The stages themselves are replaced by recorders here (test_sft.py and test_trainer.py train for real);
+what is under test is which stages run again, with what, and what the summary says about the time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pipeline.sft
+import pipeline.trainer
+from pipeline import demo
+
+
+@pytest.fixture
+def recipe(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
+        "sft": {"num_demos": 1, "num_train_epochs": 1, "use_cpu": True, "bf16": False},
+        "grpo": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "use_cpu": True,
+                 "bf16": False, "report_to": []},
+        "eval": {"limit": 1, "html": False},
+    }))
+    return path
+
+
+@pytest.fixture
+def stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list]:
+    """Record the calls of the SFT, GRPO and evaluation stages instead of running them."""
+    calls: dict[str, list] = {"sft": [], "grpo": [], "eval": []}
+
+    def sft(sft_args, sft_config, model_args):
+        calls["sft"].append(sft_config.output_dir)
+        raise AssertionError("the SFT stage ran")
+
+    def grpo(task_args, rollout_config, grpo_args, model_args):
+        calls["grpo"].append(task_args)
+        log = Path(grpo_args.output_dir) / "log_history.json"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(json.dumps([{"rollout/reward/mean": 0.5, "analysis/zero_adv_groups": 0.0}]))
+        return {"adapter": str(Path(grpo_args.output_dir) / "adapter"), "log_history": str(log),
+                "samples": str(Path(grpo_args.output_dir) / "samples"), "wall_time_s": 3.0}
+
+    def evaluate(p, sft_adapter, grpo_adapter):
+        calls["eval"].append((sft_adapter, grpo_adapter))
+        return {"n_tasks": 1}
+
+    monkeypatch.setattr(pipeline.sft, "run_sft", sft)
+    monkeypatch.setattr(pipeline.trainer, "train", grpo)
+    monkeypatch.setattr(demo, "evaluate_policies", evaluate)
+    return calls
+
+
+def finish_sft(run: Path, wall_time_s: float = 12.0) -> str:
+    """Leave what a finished SFT stage leaves: the adapter, the val curve and, last, sft_result.json."""
+    out = run / "sft"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (out / "val_curve.json").write_text(json.dumps({"curve": [{"epoch": 1, "val/success": 0.4}]}))
+    result = {"adapter": str(out / "adapter"), "val_curve": str(out / "val_curve.json"),
+              "log_history": str(out / "log_history.json"), "wall_time_s": wall_time_s}
+    (out / pipeline.sft.RESULT_FILE).write_text(json.dumps(result))
+    return result["adapter"]
+
+
+def test_resume_skips_a_finished_sft_and_resumes_grpo_from_its_adapter(recipe, stages, tmp_path):
+    adapter = finish_sft(tmp_path / "run")
+    summary = demo.run(recipe, resume=True)
+    assert stages["sft"] == []
+    [task_args] = stages["grpo"]
+    assert task_args.resume is True and task_args.adapter == adapter  # continues from the last GRPO checkpoint
+    assert stages["eval"] == [(adapter, str(tmp_path / "run" / "grpo" / "adapter"))]
+    assert summary["sft_val_curve"]["curve"][0]["val/success"] == 0.4
+    assert summary["reused_stage_times_s"] == {"sft": 12.0} and "sft" not in summary["stage_times_s"]
+    assert summary["wall_time_total_s"] == pytest.approx(summary["wall_time_s"] + 12.0, abs=0.11)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["reused_stage_times_s"] == {"sft": 12.0}
+
+
+def test_resume_skips_a_finished_grpo_and_only_evaluates(recipe, stages, tmp_path):
+    sft_adapter = finish_sft(tmp_path / "run")
+    grpo = tmp_path / "run" / "grpo"
+    grpo.mkdir()
+    (grpo / "log_history.json").write_text(json.dumps([{"rollout/reward/mean": 0.25, "val/success": 0.5}]))
+    (grpo / pipeline.trainer.RESULT_FILE).write_text(json.dumps({
+        "adapter": str(grpo / "adapter"), "log_history": str(grpo / "log_history.json"),
+        "samples": str(grpo / "samples"), "wall_time_s": 30.0}))
+    summary = demo.run(recipe, resume=True)
+    assert stages["sft"] == [] and stages["grpo"] == []
+    assert stages["eval"] == [(sft_adapter, str(grpo / "adapter"))]
+    assert summary["grpo_signals"]["val_success"] == [0.5]
+    assert summary["reused_stage_times_s"] == {"sft": 12.0, "grpo": 30.0}
+
+
+def test_without_resume_every_stage_runs_again(recipe, stages, tmp_path):
+    finish_sft(tmp_path / "run")
+    with pytest.raises(AssertionError, match="the SFT stage ran"):
+        demo.run(recipe)
+    assert stages["sft"] == [str(tmp_path / "run" / "sft")]
+
+
+def test_resume_runs_an_sft_that_did_not_finish(recipe, stages, tmp_path):
+    """An adapter and a val curve without sft_result.json are what a run killed between epochs leaves."""
+    finish_sft(tmp_path / "run")
+    (tmp_path / "run" / "sft" / pipeline.sft.RESULT_FILE).unlink()
+    with pytest.raises(AssertionError, match="the SFT stage ran"):
+        demo.run(recipe, resume=True)
