@@ -486,13 +486,13 @@ class ValidationCallback(TrainerCallback):
         if self.last is not None and self.last[0] == step:
             return self.last[1]
         metrics = self.validate()
-        self.trainer.log(metrics)
-        self.last = (step, metrics)
-        return metrics
+        self.last = (step, dict(metrics))
+        self.trainer.log(metrics)  # TRL's log() adds its pending training metrics to the dict it is given
+        return self.last[1]
 
     def _run(self, state) -> None:
         metrics = self.validate()
-        self.last = (state.global_step, metrics)
+        self.last = (state.global_step, dict(metrics))
         self.trainer.log(metrics)
         reward = sum(self._rewards) / len(self._rewards) if self._rewards else float("nan")
         self._rewards = []

@@ -204,7 +204,7 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     with caplog.at_level("WARNING", logger="pipeline.trainer"):
         result = train(task_args, rollout_config, grpo_args(2), model_args, reward_fn=token_count_reward)
     assert "--resume: no checkpoint in" in caplog.text
-    assert result["steps"] == 2 and set(result["val"]) >= {"val/success", "val/pass@1"}
+    assert result["steps"] == 2 and set(result["val"]) == {"val/success", "val/pass@1", "val/completion"}
     samples = sorted((tmp_path / "samples").glob("step-*.jsonl"))
     assert [p.name for p in samples] == ["step-000001.jsonl", "step-000002.jsonl"]
     record = json.loads(samples[0].read_text().splitlines()[0])
