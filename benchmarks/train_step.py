@@ -83,12 +83,13 @@ class SharedPrefix:
         setattr(self.trainer, name, value)
 
     def compute_loss(self, *args, **kwargs):
-        checkpointing, self.trainer.args.gradient_checkpointing = self.trainer.args.gradient_checkpointing, False
-        self.trainer.rollout_config.share_prefix = True
+        args_, config = self.trainer.args, self.trainer.rollout_config
+        saved = args_.gradient_checkpointing, config.share_prefix
+        args_.gradient_checkpointing, config.share_prefix = False, True
         try:
             return self.trainer.compute_loss(*args, **kwargs)
         finally:
-            self.trainer.args.gradient_checkpointing = checkpointing
+            args_.gradient_checkpointing, config.share_prefix = saved
 
 
 def main() -> None:
@@ -168,7 +169,6 @@ def main() -> None:
     if args.shared_prefix:
         sides.append((SharedPrefix(ours), ours_inputs))
     ours_times, stock_times, *shared_times = alternating(*sides, repeats=args.repeats, warmup=args.warmup)
-    config.share_prefix = False
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = {

@@ -176,6 +176,13 @@ def returned_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``sequences`` share, at most one less than the shortest (so that every
+    sequence keeps a token of its own after the prefix)."""
+    first, limit = sequences[0], min(len(s) for s in sequences) - 1
+    return next((n for n in range(limit) if any(s[n] != first[n] for s in sequences[1:])), limit)
+
+
 def cache_argument(model) -> str:
     """The forward argument that takes a KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -329,15 +336,14 @@ class HFBackend:
             return
         if self._prefix is not None and all(p[: len(self._prefix.ids)] == self._prefix.ids for p in fresh):
             return
-        first, limit = fresh[0], min(len(p) for p in fresh) - 1
-        length = next((n for n in range(limit) if any(p[n] != first[n] for p in fresh[1:])), limit)
+        length = shared_prefix_length(fresh)
         if length < self.min_shared_prefix:
             return
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([first[:length]], device=self.model.device), use_cache=True,
+            out = self.model(input_ids=torch.tensor([fresh[0][:length]], device=self.model.device), use_cache=True,
                              logits_to_keep=1)
         cache = returned_cache(out)
-        self._prefix = _Prefix(first[:length], [(layer.keys, layer.values) for layer in cache.layers])
+        self._prefix = _Prefix(fresh[0][:length], [(layer.keys, layer.values) for layer in cache.layers])
         self.prefill_tokens += length
 
     def _cached(self, request: GenerationRequest) -> tuple[_Prefix | None, list | None, int]:

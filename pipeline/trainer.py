@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from pipeline import advantages as adv
-from pipeline.backends import HFBackend, cache_argument, returned_cache
+from pipeline.backends import HFBackend, cache_argument, returned_cache, shared_prefix_length
 from pipeline.envs import make_env
 from pipeline.envs.base import BUDGET_STOPS, STOP_MAX_TOKENS, STOP_MAX_TURNS, Task
 from pipeline.rollout import RolloutEngine
@@ -40,6 +40,7 @@ TASK_PREFIX = "turnwise-task:"
 EPISODE_ESTIMATORS = ("group_based", "rloo", "grpo_passk")
 TURN_ESTIMATORS = ("group_based_per_turn", "monte_carlo", "gae")
 VALUE_HEAD_FILE = "value_head.pt"  # in each checkpoint of an advantage=gae run
+MIN_SHARED_PREFIX = 16  # tokens; below this the loss runs TRL's plain forward
 RESULT_FILE = "grpo_result.json"  # written last, when the run has finished (turnwise demo --resume skips it)
 
 
@@ -216,10 +217,16 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
-            chunk = slice(start, start + batch_size)
-            with self.accelerator.autocast():
-                lp, ent = shared_prefix_logps(model, input_ids[chunk], attention_mask[chunk], logits_to_keep,
-                                              compute_entropy)
+            ids, mask = input_ids[start: start + batch_size], attention_mask[start: start + batch_size]
+            prompt_width = ids.size(1) - logits_to_keep
+            prefix = shared_prefix_length([row[m.bool()].tolist() for row, m in
+                                           zip(ids[:, :prompt_width], mask[:, :prompt_width])])
+            if prefix < MIN_SHARED_PREFIX:  # nothing worth sharing: TRL's own forward
+                lp, ent, _ = super()._get_per_token_logps_and_entropies(model, ids, mask, logits_to_keep,
+                                                                       compute_entropy=compute_entropy)
+            else:
+                with self.accelerator.autocast():
+                    lp, ent = shared_prefix_logps(model, ids, mask, logits_to_keep, prefix, compute_entropy)
             logps.append(lp)
             entropies.append(ent)
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
@@ -334,16 +341,16 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
 
 
 def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
-                        compute_entropy: bool = False, min_prefix: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        prefix: int, compute_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (and entropies) of the last ``logits_to_keep`` positions, as TRL's fused LM head
-    gives them, computing the prefix that all rows share once.
+    gives them, computing the first ``prefix`` tokens, which all rows' prompts share, once.
 
-    ``input_ids`` is TRL's layout: left-padded prompts, then right-padded completions. The longest common
-    prefix of the rows' real tokens (it ends before the shortest prompt's last token) goes through the
-    decoder once with a KV cache; the cache is repeated over the rows and every row's remainder is run on
-    top of it. Gradients reach the LoRA weights through the cached keys and values, so the result and its
-    gradient equal the full forward's (positions differ by each row's left padding, which rotary
-    embeddings do not see). With a shorter shared prefix than ``min_prefix`` it runs the full forward.
+    ``input_ids`` is TRL's layout: left-padded prompts, then right-padded completions; ``prefix`` must be
+    shorter than every prompt (`pipeline.backends.shared_prefix_length` of the prompts' real tokens). The
+    prefix goes through the decoder once with a KV cache; the cache is repeated over the rows and every
+    row's remainder is run on top of it. Gradients reach the LoRA weights through the cached keys and
+    values, so the result and its gradient equal the full forward's (positions differ by each row's left
+    padding, which rotary embeddings do not see).
     """
     rows = input_ids.size(0)
     width = input_ids.size(1)
@@ -352,20 +359,9 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     pads = (~real[:, :prompt_width]).sum(1)  # left padding of each prompt
     prompt_lens = prompt_width - pads
     ends = width - (~real).long().flip(1).cumprod(1).sum(1)  # one past each row's last real token
-    first = input_ids[0, pads[0]: pads[0] + int(prompt_lens.min()) - 1]
-    prefix = len(first)
-    for i in range(1, rows):
-        same = (input_ids[i, pads[i]: pads[i] + prefix] == first[:prefix]).long()
-        prefix = int(same.cumprod(0).sum())
-    if prefix < min_prefix:
-        labels = input_ids.masked_fill(~real, -100)
-        labels[:, :-logits_to_keep] = -100
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
-        return out.log_probs[:, -logits_to_keep:], out.entropy[:, -logits_to_keep:] if compute_entropy else None
-
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = causal_lm.base_model  # the decoder without the LM head; PEFT's LoRA layers sit inside it
-    cache = returned_cache(decoder(input_ids=first[:prefix].unsqueeze(0),
+    cache = returned_cache(decoder(input_ids=input_ids[0, pads[0]: pads[0] + prefix].unsqueeze(0),
                                    attention_mask=attention_mask.new_ones(1, prefix), use_cache=True))
     cache.batch_repeat_interleave(rows)
     suffix_lens = ends - pads - prefix
