@@ -38,6 +38,7 @@ def learning_result(summary: dict) -> dict:
         "n_tasks": summary["n_tasks"],
         "episodes_per_task": summary["eval"]["n"],
         "split": summary["eval"]["split"],
+        "eval_tasks": summary["eval"].get("tasks") or summary.get("tasks"),
         "wall_time_s": wall,
         "stage_times_s": {**summary.get("reused_stage_times_s", {}), **summary["stage_times_s"]},
         "sft_val_curve": summary.get("sft_val_curve"),

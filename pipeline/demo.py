@@ -45,6 +45,8 @@ class EvalArguments:
     """The held-out evaluation at the end of a pipeline run (``eval:`` section)."""
 
     split: str = field(default="test", metadata={"help": "Held-out split every policy is evaluated on."})
+    tasks: str | None = field(default=None, metadata={"help": "Task set of the evaluation (default: the recipe's "
+                                                              "tasks), e.g. a fresh held-out set from another seed."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N tasks of the split (None: all)."})
     n: int = field(default=1, metadata={"help": "Episodes per task (environment seeds seed..seed+n-1)."})
     max_turns: int = field(default=20, metadata={"help": "Assistant-turn budget per episode."})
@@ -154,7 +156,7 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
     times: dict[str, float] = {}
     reused: dict[str, float | None] = {}  # stage -> wall time of the earlier run that finished it (--resume)
     summary: dict[str, Any] = {"recipe": str(recipe_path), "model": p.model, "output_dir": str(p.output_dir),
-                               "seed": p.seed, "paths": {"log": str(log_path)}}
+                               "seed": p.seed, "tasks": p.tasks, "paths": {"log": str(log_path)}}
     try:
         t = time.time()
         if p.model in ALIASES:
@@ -227,7 +229,7 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
     from pipeline.report import MissingReportDependency, write_report
 
     e = p.eval
-    tasks = load_tasks(p.tasks, e.split)[: e.limit]
+    tasks = load_tasks(e.tasks or p.tasks, e.split)[: e.limit]
     budgets = dict(k=1, n=e.n, seed=p.seed, max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
                    max_total_tokens=e.max_total_tokens, batch_size=e.batch_size)
     policies = [("grpo", grpo_adapter, "SFT+GRPO" if sft_adapter else "GRPO"), ("sft", sft_adapter, "SFT only"),
@@ -235,7 +237,7 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
     reports = {}
     for key, source, label in policies:
         if source is not None:
-            logger.info("stage eval: %s on %d %s tasks", label, len(tasks), e.split)
+            logger.info("stage eval: %s on %d %s tasks of %s", label, len(tasks), e.split, e.tasks or p.tasks)
             reports[key] = evaluate(source, tasks, label=label, **budgets)
     if e.oracle:
         reports["oracle"] = evaluate(oracle_policy, tasks, label="oracle", **budgets)

@@ -110,3 +110,27 @@ def test_resume_runs_an_sft_that_did_not_finish(recipe, stages, tmp_path):
     (tmp_path / "run" / "sft" / pipeline.sft.RESULT_FILE).unlink()
     with pytest.raises(AssertionError, match="the SFT stage ran"):
         demo.run(recipe, resume=True)
+
+
+@pytest.mark.parametrize("eval_tasks", [None, "customer_service/order_status_holdout"])
+def test_the_evaluation_runs_on_its_own_task_set_when_the_recipe_names_one(monkeypatch, eval_tasks):
+    """``eval.tasks`` evaluates on another task set (a fresh held-out one); without it, the recipe's tasks."""
+    import pipeline.evaluation
+    from pipeline.envs import load_tasks
+
+    seen: list[list[str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def evaluate(source, tasks, **kwargs):
+        seen.append([t.id for t in tasks])
+        raise Stop
+
+    monkeypatch.setattr(pipeline.evaluation, "evaluate", evaluate)
+    recipe = {"tasks": "customer_service/order_status", "eval": {"tasks": eval_tasks, "limit": 3, "oracle": False}}
+    with pytest.raises(Stop):
+        demo.evaluate_policies(demo.plan(recipe, output_dir=Path("unused"), model="smollm2-135m"), None, None)
+    expected = load_tasks(eval_tasks or "customer_service/order_status", "test")[:3]
+    assert seen == [[t.id for t in expected]]
+    assert all(t.id.startswith("cs-s1-") for t in expected) == (eval_tasks is not None)

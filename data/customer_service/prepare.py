@@ -3,9 +3,14 @@
     python data/customer_service/prepare.py            # writes tasks/{train,val,test}.jsonl
     python data/customer_service/prepare.py --seed 7 --out /tmp/tasks
     python data/customer_service/prepare.py --intents order_status --out data/customer_service/order_status/tasks
+    python data/customer_service/prepare.py --seed 1 --intents order_status --only-split test \
+        --out data/customer_service/order_status_holdout/tasks
+    python data/customer_service/prepare.py --seed 2 --intents order_status --only-split test \
+        --out data/customer_service/order_status_holdout2/tasks
 
 Every task gets its own customer and orders (ids are unique across the whole set), so the splits are
-disjoint by customer and by order, not just by row. The expected end state is computed by applying the
+disjoint by customer and by order, not just by row. ``--only-split`` puts every task of a set in one split:
+with another ``--seed`` that is a fresh held-out test set, whose task ids (``cs-s1-0000``) name their seed. The expected end state is computed by applying the
 intended changes with the same database code the tools use, and stored as the state keys that change.
 """
 
@@ -71,9 +76,12 @@ class Builder:
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
-        self.next_customer = 1
-        self.next_order = 1000001
-        self.next_item = 1
+        # another seed's ids (tasks, customers, orders, items) start in their own range, so that no id of a
+        # fresh held-out set also names something in the seed-0 splits a model was trained on
+        self.id_prefix = "cs-" if seed == 0 else f"cs-s{seed}-"
+        self.next_customer = 1 + 10_000 * seed
+        self.next_order = 1000001 + 1_000_000 * seed
+        self.next_item = 1 + 100_000 * seed
 
     # -- world ----------------------------------------------------------------------------------
     def address(self) -> dict[str, str]:
@@ -261,7 +269,7 @@ class Builder:
             assert item_keys, goal
             goals.append({**goal, "changes": owned})
         return {
-            "id": f"cs-{index:04d}", "domain": "customer_service", "split": "",
+            "id": f"{self.id_prefix}{index:04d}", "domain": "customer_service", "split": "",
             "intents": intents,
             "payload": {"db": db, "customer": {**{k: customer[k] for k in ("customer_id", "name", "email", "zip_code")},
                                                 "persona": customer["persona"]},
@@ -269,7 +277,7 @@ class Builder:
         }
 
 
-def generate(seed: int = 0) -> dict[str, list[dict]]:
+def generate(seed: int = 0, only_split: str | None = None) -> dict[str, list[dict]]:
     builder = Builder(seed)
     plan = [intent for intent, n in INTENT_COUNTS.items() for _ in range(n)]
     builder.rng.shuffle(plan)
@@ -282,7 +290,7 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
         n_val = round(len(group) * SPLITS["val"])
         n_test = round(len(group) * SPLITS["test"])
         for j, task in enumerate(group):
-            split = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+            split = only_split or ("test" if j < n_test else "val" if j < n_test + n_val else "train")
             task["split"] = split
             splits[split].append(task)
     for rows in splits.values():
@@ -297,12 +305,17 @@ def main() -> None:
     parser.add_argument("--intents", nargs="+", metavar="INTENT",
                         help="Keep only the tasks whose intents are exactly these (e.g. --intents order_status for the "
                              "single-intent set in order_status/tasks); the default keeps every task.")
+    parser.add_argument("--only-split", choices=sorted(SPLITS), default=None,
+                        help="Put every task in this split and write only its file (with a --seed other than 0: a "
+                             "fresh held-out test set for models trained on the seed-0 splits).")
     args = parser.parse_args()
     unknown = sorted(set(args.intents or ()) - set(SINGLE))
     if unknown:
         parser.error(f"unknown intent(s) {', '.join(unknown)}; choose from {', '.join(SINGLE)}.")
     args.out.mkdir(parents=True, exist_ok=True)
-    for split, rows in generate(args.seed).items():
+    for split, rows in generate(args.seed, args.only_split).items():
+        if args.only_split and split != args.only_split:
+            continue
         if args.intents:
             rows = [row for row in rows if sorted(row["intents"]) == sorted(args.intents)]
         path = args.out / f"{split}.jsonl"

@@ -85,6 +85,33 @@ def test_the_order_status_set_is_the_full_sets_order_status_tasks(prepare, split
     assert "unknown intent(s) refund; choose from order_status, cancel" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, seed", [("order_status_holdout", 1), ("order_status_holdout2", 2)])
+def test_an_order_status_holdout_is_a_fresh_seed_disjoint_from_the_seed_0_sets(prepare, splits, tmp_path,
+                                                                                monkeypatch, name, seed):
+    """`prepare.py --seed S --intents order_status --only-split test` regenerates a shipped held-out set
+    byte for byte: only a test file, and no task, customer, order or item id of it is in the seed-0 sets."""
+    out = tmp_path / "holdout"
+    monkeypatch.setattr("sys.argv", ["prepare.py", "--seed", str(seed), "--intents", "order_status", "--only-split",
+                                     "test", "--out", str(out)])
+    prepare.main()
+    shipped = DATA_DIR / name / "tasks"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in shipped.iterdir()) == ["test.jsonl"]
+    assert (out / "test.jsonl").read_text() == (shipped / "test.jsonl").read_text()
+    holdout = load_tasks(f"customer_service/{name}", "test")
+    assert len(holdout) >= 100 and all(t.intents == ["order_status"] and t.split == "test" for t in holdout)
+    seen = [t for split in SPLITS for t in splits[split]]
+
+    def ids(tasks: list[Task]) -> set[str]:
+        return ({t.id for t in tasks} | {c for t in tasks for c in t.payload["db"]["customers"]}
+                | {o for t in tasks for o in t.payload["db"]["orders"]}
+                | {i["item_id"] for t in tasks for o in t.payload["db"]["orders"].values() for i in o["items"]})
+
+    assert not ids(holdout) & ids(seen)
+    assert all(t.id.startswith(f"cs-s{seed}-") for t in holdout)
+    outcomes = [run_policy(make_env(t), t, oracle_policy(t)).outcome for t in holdout]
+    assert sum(o.success for o in outcomes) / len(holdout) >= 0.98
+
+
 def test_another_seed_gives_other_tasks(prepare):
     first, other = prepare.generate(0)["test"], prepare.generate(1)["test"]
     assert [t["payload"] for t in first] != [t["payload"] for t in other]
