@@ -31,6 +31,10 @@ class TaskArguments:
     val_split: str = field(default="val", metadata={"help": "Held-out split for validation."})
     val_limit: int = field(default=16, metadata={"help": "Validation tasks per validation run."})
     val_every: int = field(default=0, metadata={"help": "Validate every N optimiser steps (0: only at the end)."})
+    keep_best_val: bool = field(default=False, metadata={
+        "help": "Keep the adapter of the validation with the best val success (ties: the earlier) in "
+                "<output_dir>/best_adapter and make it the run's result adapter, which the pipeline then evaluates; "
+                "the last step's stays in <output_dir>/adapter. Needs val_every."})
     reward_config: str | None = field(default=None, metadata={
         "help": "Reward YAML (see configs/rewards/); default: configs/rewards/sop.yaml for an SOP folder, "
                 "else the package's default reward."})
@@ -52,6 +56,8 @@ class TaskArguments:
             raise ValueError(f"val_limit must be at least 1, got {self.val_limit}.")
         if self.val_every < 0:
             raise ValueError(f"val_every must be 0 (end only) or a positive step count, got {self.val_every}.")
+        if self.keep_best_val and not self.val_every:
+            raise ValueError("keep_best_val chooses among periodic validations: set val_every to a step count too.")
         if self.env is not None:  # a flag --env overrides a recipe's tasks
             self.tasks = self.env
         if self.reward_config is None and self.tasks.startswith("sop:"):

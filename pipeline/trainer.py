@@ -40,6 +40,7 @@ TASK_PREFIX = "turnwise-task:"
 EPISODE_ESTIMATORS = ("group_based", "rloo", "grpo_passk")
 TURN_ESTIMATORS = ("group_based_per_turn", "monte_carlo", "gae")
 VALUE_HEAD_FILE = "value_head.pt"  # in each checkpoint of an advantage=gae run
+BEST_FILE = "best_val.json"  # in <output_dir>/best_adapter (keep_best_val): the step and val success it had
 MIN_SHARED_PREFIX = 16  # tokens; below this the loss runs TRL's plain forward
 RESULT_FILE = "grpo_result.json"  # written last, when the run has finished (turnwise demo --resume skips it)
 
@@ -281,7 +282,7 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """TRL's checkpoint plus, for advantage=gae, the value head and its optimiser (``value_head.pt``,
-        written to a temporary name and renamed), so that ``--resume`` continues the same critic."""
+        written to a temporary name, synced and renamed), so that ``--resume`` continues the same critic."""
         super()._save_checkpoint(model, trial)
         if getattr(self, "value_head", None) is None or not self.args.should_save:
             return
@@ -291,7 +292,10 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
         state = {"hidden_size": self.value_head.proj.in_features, "head": self.value_head.state_dict(),
                  "optimizer": self.value_optimizer.state_dict()}
         tmp = path / f"{VALUE_HEAD_FILE}.tmp"
-        torch.save(state, tmp)
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint's
         os.replace(tmp, path / VALUE_HEAD_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -446,12 +450,15 @@ class ValidationCallback(TrainerCallback):
     ``val/pass@1``, and warns when training reward rises while validation success stays flat."""
 
     def __init__(self, trainer: "TurnwiseGRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
-                 max_new_tokens: int, patience: int = 3) -> None:
+                 max_new_tokens: int, patience: int = 3, best_dir: Path | None = None,
+                 best: dict[str, Any] | None = None) -> None:
         self.trainer, self.tasks, self.every = trainer, list(tasks), every
         self.max_turns, self.max_new_tokens, self.patience = max_turns, max_new_tokens, patience
         self.history: list[tuple[float, float]] = []  # (train reward mean since last validation, val success)
         self._rewards: list[float] = []
         self.last: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest validation
+        # keep_best_val: where the best validation's adapter goes, and that validation ({"step", "val/success"})
+        self.best_dir, self.best = best_dir, best
 
     def validate(self) -> dict[str, float]:
         from pipeline.evaluation import evaluate
@@ -483,12 +490,14 @@ class ValidationCallback(TrainerCallback):
             return self.last[1]
         metrics = self.validate()
         self.last = (step, dict(metrics))
+        self._keep_if_best(step, metrics)
         self.trainer.log(metrics)  # TRL's log() adds its pending training metrics to the dict it is given
         return self.last[1]
 
     def _run(self, state) -> None:
         metrics = self.validate()
         self.last = (state.global_step, dict(metrics))
+        self._keep_if_best(state.global_step, metrics)
         self.trainer.log(metrics)
         reward = sum(self._rewards) / len(self._rewards) if self._rewards else float("nan")
         self._rewards = []
@@ -496,6 +505,34 @@ class ValidationCallback(TrainerCallback):
         warning = health_warning(self.history, self.patience)
         if warning:
             logger.warning("step %d: %s", state.global_step, warning)
+
+    def _keep_if_best(self, step: int, metrics: dict[str, float]) -> None:
+        """With keep_best_val: save the adapter when this validation beats every earlier one. It is written
+        beside ``best_dir`` with its ``best_val.json`` and then renamed into place, so a kill leaves the
+        previous best whole."""
+        import shutil
+
+        if self.best_dir is None or (self.best is not None and metrics["val/success"] <= self.best["val/success"]):
+            return
+        self.best = {"step": step, "val/success": metrics["val/success"], "adapter": str(self.best_dir)}
+        staging = self.best_dir.with_name(f".{self.best_dir.name}.tmp")
+        if self.trainer.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        self.trainer.save_model(str(staging))  # every process takes part; only the main one writes
+        if not self.trainer.args.should_save:
+            return
+        from pipeline.trajectory import atomic_write_text
+
+        self.trainer.processing_class.save_pretrained(str(staging))
+        atomic_write_text(staging / BEST_FILE, json.dumps(self.best, indent=2) + "\n")
+        old = self.best_dir.with_name(f".{self.best_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.best_dir.exists():
+            os.replace(self.best_dir, old)
+        os.replace(staging, self.best_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info("step %d: val success %.3f is the best so far; its adapter is in %s", step,
+                    metrics["val/success"], self.best_dir)
 
 
 def health_warning(history: Sequence[tuple[float, float]], patience: int = 3, min_rise: float = 0.05,
@@ -593,8 +630,12 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     trainer = TurnwiseGRPOTrainer(model=model, processing_class=tokenizer, args=grpo_args,
                                   train_dataset=task_dataset(train_tasks), peft_config=peft_config, rollout=rollout,
                                   reward=reward, rollout_config=rollout_config)
+    best_dir = Path(grpo_args.output_dir) / "best_adapter" if task_args.keep_best_val else None
+    best = None  # a resumed run competes with the best its earlier part kept; a fresh run replaces it
+    if best_dir is not None and checkpoint is not None and (best_dir / BEST_FILE).is_file():
+        best = json.loads((best_dir / BEST_FILE).read_text())
     validation = ValidationCallback(trainer, val_tasks, task_args.val_every, rollout_config.max_turns,
-                                    rollout_config.max_new_tokens)
+                                    rollout_config.max_new_tokens, best_dir=best_dir, best=best)
     trainer.add_callback(validation)
     trainer.add_callback(SampleWriter(trainer))
     if task_args.resume and checkpoint is None:
@@ -607,7 +648,9 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     if trainer.args.should_save and hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config"):
         from pipeline.models import record_adapter_base
 
-        record_adapter_base(adapter_dir, model_name)  # the name the user gave (an alias), not the cache path
+        for kept in (adapter_dir, best_dir):
+            if kept is not None and kept.is_dir():
+                record_adapter_base(kept, model_name)  # the name the user gave (an alias), not the cache path
     from pipeline.trajectory import atomic_write_text
 
     out = Path(grpo_args.output_dir)
@@ -615,6 +658,8 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     result = {"adapter": str(adapter_dir), "output_dir": grpo_args.output_dir, "samples": str(out / "samples"),
               "val": final, "steps": trainer.state.global_step, "foothold": foothold,
               "log_history": str(out / "log_history.json"), "wall_time_s": round(time.time() - start, 1)}
+    if validation.best is not None:  # keep_best_val: the pipeline goes on with the best validation's adapter
+        result.update(adapter=validation.best["adapter"], final_adapter=str(adapter_dir), best_val=validation.best)
     if trainer.args.should_save:
         atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2, default=str) + "\n")  # last: finished
     return result

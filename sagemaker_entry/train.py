@@ -145,6 +145,8 @@ def save_artifacts(result: dict, sm: SageMakerEnv, base_model: str, merge: bool,
     config["base_model_name_or_path"] = base_model
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     summary = {"steps": result["steps"], "val": result["val"], "base_model": base_model, "adapter": "adapter"}
+    if result.get("best_val"):  # keep_best_val: the adapter is the best validation's, not the last step's
+        summary["best_val"] = {k: v for k, v in result["best_val"].items() if k != "adapter"}
     if merge or eval_limit > 0:
         model, tokenizer = load_model(str(result["adapter"]))
         if merge:

@@ -223,6 +223,65 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     assert (tmp_path / "samples" / "step-000003.jsonl").exists()
 
 
+def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_competing(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """keep_best_val: the adapter of the step with the best val success (ties: the earlier) is kept in
+    best_adapter/ with its step, and is the run's result adapter; the last step's stays in adapter/. A
+    resumed run starts from the kept best; a fresh run in the same directory replaces it."""
+    import json
+
+    from safetensors.torch import load_file
+    from trl import GRPOConfig, ModelConfig
+
+    from pipeline.config import TaskArguments
+    from pipeline.trainer import BEST_FILE, ValidationCallback, train
+
+    scores = iter([0.25, 0.75, 0.75, 0.5, 0.5])  # steps 1-3, then a resumed step 4, then a fresh run
+
+    def validate(self):
+        return {"val/success": next(scores), "val/pass@1": 0.0, "val/completion": 0.0}
+
+    monkeypatch.setattr(ValidationCallback, "validate", validate)
+    rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+
+    def run(steps, resume):
+        grpo_args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                               max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                               save_strategy="steps", save_steps=1, beta=0.0, learning_rate=1e-2)
+        task_args = TaskArguments(train_limit=2, val_limit=1, val_every=1, keep_best_val=True, foothold_tasks=0,
+                                  resume=resume)
+        return train(task_args, rollout_config, grpo_args, model_args, reward_fn=token_count_reward)
+
+    def weights(directory):
+        return load_file(str(directory / "adapter_model.safetensors"))
+
+    result = run(3, resume=False)
+    best = tmp_path / "best_adapter"
+    assert result["adapter"] == str(best) and result["final_adapter"] == str(tmp_path / "adapter")
+    assert result["best_val"] == {"step": 2, "val/success": 0.75, "adapter": str(best)}
+    assert json.loads((best / BEST_FILE).read_text()) == result["best_val"]
+    kept, step_2, last = weights(best), weights(tmp_path / "checkpoint-2"), weights(tmp_path / "adapter")
+    assert kept.keys() == step_2.keys() and all(torch.equal(kept[k], step_2[k]) for k in kept)
+    assert any(not torch.equal(kept[k], last[k]) for k in kept)
+    assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert not list(tmp_path.glob(".best_adapter*"))  # no staging left behind
+
+    resumed = run(4, resume=True)  # step 4 validates 0.5: the step-2 adapter stays the best
+    assert resumed["best_val"]["step"] == 2 and all(torch.equal(kept[k], v) for k, v in weights(best).items())
+
+    fresh = run(1, resume=False)  # a new run in the same directory does not compete with the old best
+    assert fresh["best_val"] == {"step": 1, "val/success": 0.5, "adapter": str(best)}
+
+
+def test_keep_best_val_needs_periodic_validation():
+    from pipeline.config import TaskArguments
+
+    with pytest.raises(ValueError, match="keep_best_val chooses among periodic validations: set val_every"):
+        TaskArguments(keep_best_val=True)
+
+
 def test_gae_trains_its_value_head_and_writes_token_advantages(tiny_model_dir, tmp_path):
     """advantage=gae: a short run completes, the value head (its own parameters and optimiser) moves
     while being fitted to the lambda-returns, and the advantages are per token, zero off assistant tokens."""
