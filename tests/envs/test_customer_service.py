@@ -127,6 +127,27 @@ def test_outcome_reports_every_field(test_tasks):
     assert outcome.details["missing_facts"]
 
 
+@pytest.mark.parametrize("lookup", ["goal order", "made-up order", None])
+def test_a_fact_counts_only_when_told_after_a_tool_showed_the_order(test_tasks, lookup):
+    """A status said after a lookup of the goal's order is told; one said after a failed lookup (a made-up
+    order id) or without any lookup is a guess: a missing fact, listed as ungrounded, and no success."""
+    task = next(t for t in test_tasks
+                if t.intents == ["order_status"] and t.payload["goals"][0]["facts"] == [["delivered"]])
+    goal_order = task.payload["goals"][0]["order_id"]
+    env = make_env(task)
+    env.reset(task)
+    env.step(credentials(task))
+    if lookup is not None:
+        order_id = goal_order if lookup == "goal order" else "W1234567"
+        (body,) = tool_bodies(env.step(format_tool_call("get_order", {"order_id": order_id})))
+        assert body["ok"] == (lookup == "goal order")
+    env.step(f"Your order {goal_order} has been delivered.")
+    outcome = env.outcome()
+    assert outcome.success == (lookup == "goal order")
+    expected = [] if lookup == "goal order" else ["delivered"]
+    assert outcome.details["missing_facts"] == outcome.details["ungrounded_facts"] == expected
+
+
 # -- the oracle ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("intent", ["order_status", "cancel", "damaged_refund", "return_refund", "refund_denied",
                                     "address_change", "exchange", "escalation"])

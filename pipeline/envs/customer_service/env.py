@@ -10,7 +10,8 @@ Strict success (``Outcome.success``) needs all three of:
 1. the sandbox's final state equals the task's expected end state (any action path that gets there
    passes, and anything else that changed fails it);
 2. every fact the task requires was told to the customer (a status, a tracking number, a refund
-   amount, a ticket id, the reason for a refusal);
+   amount, a ticket id, the reason for a refusal), in a message sent after a tool showed the goal's
+   order: a status guessed after failed lookups is not told, it is invented;
 3. no SOP rule was violated.
 
 ``completed`` is whether the conversation ended properly (the customer was satisfied, or gave up)
@@ -75,6 +76,7 @@ class CustomerServiceEnv(ToolEnvironment):
 
     def _before_tool(self, call: ToolCall, spec: Tool, turn: int) -> None:
         self.session.turn = turn
+        self.session.told = len(self.agent_messages)
         action = CONFIRMABLE_ACTIONS.get(call.name)
         if action is None or self.session.verified_customer is None:
             return  # unverified calls are refused (and recorded) by the tool itself
@@ -101,13 +103,16 @@ class CustomerServiceEnv(ToolEnvironment):
         final = self.db.state()
         expected = self.expected_state()
         diff = state_changes(expected, final)
-        told = " \n".join(self.agent_messages).lower()
-        missing_facts = [
-            alternatives[0]
-            for goal in self.task.payload["goals"]
-            for alternatives in goal["facts"]
-            if not any(a.lower() in told for a in alternatives)
-        ]
+        missing_facts, ungrounded = [], []
+        said = " \n".join(self.agent_messages).lower()
+        for goal in self.task.payload["goals"]:
+            after = self.session.seen_orders.get(goal["order_id"])
+            told = " \n".join(self.agent_messages[after:] if after is not None else []).lower()
+            for alternatives in goal["facts"]:
+                if not any(a.lower() in told for a in alternatives):
+                    missing_facts.append(alternatives[0])
+                    if any(a.lower() in said for a in alternatives):
+                        ungrounded.append(alternatives[0])
         violations = [str(v) for v in self.session.violations]
         expected_changes = self.task.payload["expected_changes"]
         made = sum(final.get(k) == v for k, v in expected_changes.items())
@@ -122,6 +127,7 @@ class CustomerServiceEnv(ToolEnvironment):
                 "changes_made": made,
                 "changes_expected": len(expected_changes),
                 "missing_facts": missing_facts,
+                "ungrounded_facts": ungrounded,  # said, but not after a tool showed the order: a guess
                 "violation_records": [vars(v) for v in self.session.violations],
                 "goals_met": self.customer.goal_index + int(self.customer.goal_met(final)),
                 "goals": len(self.task.payload["goals"]),

@@ -58,6 +58,12 @@ class Session:
     confirmed_action: str | None = None
     turn: int = 0
     violations: list[Violation] = field(default_factory=list)
+    told: int = 0  # messages the agent had sent to the customer when the current tool call was made
+    # order id -> ``told`` when a tool first showed that order: facts about an order count only when told after
+    seen_orders: dict[str, int] = field(default_factory=dict)
+
+    def saw(self, order_id: str) -> None:
+        self.seen_orders.setdefault(order_id, self.told)
 
     def violate(self, rule: str, detail: str) -> None:
         assert rule in RULES, rule

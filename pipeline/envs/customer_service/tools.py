@@ -44,6 +44,7 @@ class RetailTools:
         if order["customer_id"] != customer_id:
             self.session.violate("identity_verification", f"order {order_id} belongs to another customer")
             raise ToolError(f"Order {order_id} does not belong to the verified customer.")
+        self.session.saw(order["order_id"])
         return order
 
     def _items(self, order: dict, item_ids: list[str]) -> list[dict]:
@@ -88,11 +89,11 @@ class RetailTools:
         if customer_id != verified:
             self.session.violate("identity_verification", f"listing orders of {customer_id}")
             raise ToolError("You can only list the verified customer's own orders.")
-        return [
-            {"order_id": o["order_id"], "status": o["status"], "order_date": o["order_date"],
-             "items": [i["name"] for i in o["items"]]}
-            for o in self.db.orders.values() if o["customer_id"] == customer_id
-        ]
+        orders = [o for o in self.db.orders.values() if o["customer_id"] == customer_id]
+        for order in orders:
+            self.session.saw(order["order_id"])
+        return [{"order_id": o["order_id"], "status": o["status"], "order_date": o["order_date"],
+                 "items": [i["name"] for i in o["items"]]} for o in orders]
 
     @tool()
     def get_order(self, order_id: str) -> dict[str, Any]:
