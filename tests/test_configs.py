@@ -64,8 +64,10 @@ def test_the_pipeline_recipes_train_sft_then_grpo_and_compare_on_held_out_tasks(
 
     full = plan(load_recipe(CONFIGS / "cpu_full.yaml"))
     assert full.sft[0].patience >= 1 and full.sft[0].val_limit >= 8  # SFT until val success stops improving
-    held_out = load_tasks(full.tasks, full.eval.split)[: full.eval.limit]
+    held_out = load_tasks(full.eval.tasks or full.tasks, full.eval.split)[: full.eval.limit]
     assert len(held_out) >= 15 and len(held_out) * full.eval.n >= 50  # enough held-out episodes for an interval
+    seen = load_tasks(full.tasks, full.sft[0].train_split) + load_tasks(full.tasks, full.sft[0].val_split)
+    assert not {t.id for t in held_out} & {t.id for t in seen}  # no task SFT or GRPO trained or selected on
     assert full.eval.base and full.grpo_section and full.sft  # base, SFT-only and SFT+GRPO on the same tasks
     demo = plan(load_recipe(CONFIGS / "demo.yaml"), output_dir=Path("/tmp/elsewhere"), seed=3)
     assert demo.output_dir == Path("/tmp/elsewhere") and demo.sft[1].output_dir == "/tmp/elsewhere/sft"

@@ -149,10 +149,14 @@ def test_proposed_puts_the_action_asked_about_first(text, expected):
 
 # -- ending --------------------------------------------------------------------------------------
 def test_goodbye_only_when_everything_was_done_and_told(tasks):
-    """An order-status customer leaves satisfied only after hearing the status and the tracking number."""
+    """An order-status customer leaves satisfied only after hearing the status and the tracking number
+    (told after looking the order up, so that the environment counts them as told, not guessed)."""
     task = next(t for t in tasks if t.intents == ["order_status"] and len(t.payload["goals"][0]["facts"]) == 2)
     status, tracking = (alts[0] for alts in task.payload["goals"][0]["facts"])
+    customer, order_id = task.payload["customer"], task.payload["goals"][0]["order_id"]
     env, _ = start(task)
+    env.step(format_tool_call("verify_identity", {"email": customer["email"], "zip_code": customer["zip_code"]}))
+    assert not env.step(format_tool_call("track_shipment", {"order_id": order_id})).done
     step, _ = reply(env, f"Your order has {status}.")
     assert not step.done
     step, _ = reply(env, f"The tracking number is {tracking}.")
