@@ -21,11 +21,12 @@ from common import ROOT, write_result
 POLICIES = {"grpo": "SFT_GRPO", "sft": "SFT_only", "base": None, "oracle": "oracle"}
 
 
-def rejudge(path: Path, tasks: dict, max_turns: int) -> list:
+def rejudge(path: Path, tasks: dict, max_turns: int) -> tuple[list, int]:
+    """The episodes of ``path`` replayed under the current environment, and how many changed verdict."""
     from pipeline.trajectory import load_jsonl
     from rewards.logged import replay
 
-    out = []
+    out, changed = [], 0
     for logged in load_jsonl(path):
         texts = [m["content"] for m in logged.messages if m["role"] == "assistant"]
         again = replay(tasks[logged.task_id], texts, seed=logged.seed, max_turns=max_turns)
@@ -33,7 +34,8 @@ def rejudge(path: Path, tasks: dict, max_turns: int) -> list:
             raise SystemExit(f"{path}: task {logged.task_id} seed {logged.seed} replays to a different transcript; "
                              "the environment changed in more than its verdict, so re-judging cannot be trusted.")
         out.append(again)
-    return out
+        changed += again.outcome.success != logged.outcome.success
+    return out, changed
 
 
 def main() -> None:
@@ -44,20 +46,18 @@ def main() -> None:
 
     from pipeline.envs import load_tasks
     from pipeline.evaluation import compare, evaluate_trajectories
-    from pipeline.trajectory import load_jsonl
 
     summary = json.loads((args.run / "summary.json").read_text())
     e = summary["eval"]
-    tasks = {t.id: t for t in load_tasks(e.get("tasks") or summary["tasks"], e["split"])}
+    eval_tasks = e.get("tasks") or summary["tasks"]
+    tasks = {t.id: t for t in load_tasks(eval_tasks, e["split"])}
     files = {p.stem: p for p in (args.run / "report" / "trajectories").glob("*.jsonl")}
     reports, changed = {}, {}
     for key, stem in POLICIES.items():
         stem = stem or next((s for s in files if s.startswith("base")), None)
         if stem not in files:
             continue
-        episodes = rejudge(files[stem], tasks, e["max_turns"])
-        before = {(t.task_id, t.seed): t.outcome.success for t in load_jsonl(files[stem])}
-        changed[key] = sum(before[(t.task_id, t.seed)] != t.outcome.success for t in episodes)
+        episodes, changed[key] = rejudge(files[stem], tasks, e["max_turns"])
         reports[key] = evaluate_trajectories(episodes, list(tasks.values()), label=summary[key]["label"])
     result = {key: {"success": r.metrics["success"], "success_as_logged": summary[key]["success"],
                     "episodes_changed": changed[key], "label": r.label} for key, r in reports.items()}
@@ -66,7 +66,7 @@ def main() -> None:
         result[f"delta_{cand}_vs_{base}"] = {"mean": c.difference, "ci_low": c.ci_low, "ci_high": c.ci_high,
                                              "significant": c.significant, "n_pairs": c.n_pairs,
                                              "statement": c.statement()}
-    result.update(n_tasks=len(tasks), episodes_per_task=e["n"], eval_tasks=e.get("tasks") or summary["tasks"],
+    result.update(n_tasks=len(tasks), episodes_per_task=e["n"], eval_tasks=eval_tasks,
                   run=str(args.run), machine=summary["machine"])
     path = write_result(args.name, result)
     for key in reports:

@@ -177,7 +177,7 @@ def prepare_embedded_model(
             logger.info("Embedded model %r was prepared concurrently; keeping %s", name, final)
             shutil.rmtree(staging, ignore_errors=True)
             return final
-        _publish(staging, final)
+        publish_directory(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -237,7 +237,7 @@ def _marker(name: str, gguf_file: Path) -> dict[str, object]:
     }
 
 
-def _publish(staging: Path, final: Path) -> None:
+def publish_directory(staging: Path, final: Path) -> None:
     """Rename `staging` to `final`. An existing `final` is first renamed aside, then deleted.
 
     POSIX ``rename`` cannot replace a non-empty directory, hence the two steps. A kill between them

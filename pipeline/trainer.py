@@ -521,16 +521,12 @@ class ValidationCallback(TrainerCallback):
         self.trainer.save_model(str(staging))  # every process takes part; only the main one writes
         if not self.trainer.args.should_save:
             return
+        from pipeline.models import publish_directory
         from pipeline.trajectory import atomic_write_text
 
         self.trainer.processing_class.save_pretrained(str(staging))
         atomic_write_text(staging / BEST_FILE, json.dumps(self.best, indent=2) + "\n")
-        old = self.best_dir.with_name(f".{self.best_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.best_dir.exists():
-            os.replace(self.best_dir, old)
-        os.replace(staging, self.best_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_directory(staging, self.best_dir)
         logger.info("step %d: val success %.3f is the best so far; its adapter is in %s", step,
                     metrics["val/success"], self.best_dir)
 

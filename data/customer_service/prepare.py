@@ -9,9 +9,10 @@
         --out data/customer_service/order_status_holdout2/tasks
 
 Every task gets its own customer and orders (ids are unique across the whole set), so the splits are
-disjoint by customer and by order, not just by row. ``--only-split`` puts every task of a set in one split:
-with another ``--seed`` that is a fresh held-out test set, whose task ids (``cs-s1-0000``) name their seed. The expected end state is computed by applying the
+disjoint by customer and by order, not just by row. The expected end state is computed by applying the
 intended changes with the same database code the tools use, and stored as the state keys that change.
+``--only-split`` puts every task of a set in one split: with another ``--seed``, that is a fresh held-out
+test set, whose task ids (``cs-s1-0000``) name their seed.
 """
 
 from __future__ import annotations
