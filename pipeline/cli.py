@@ -189,8 +189,8 @@ def add_eval_parser(subparsers: Subparsers) -> None:
                         "and seeds")
     parser.add_argument("--reference", metavar="SPEC", action="append", default=[],
                         help="a reference policy shown in the same table, e.g. oracle (repeatable)")
-    parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory, .jsonl or "
-                        "sop:PATH (an SOP task folder)")
+    parser.add_argument("--env", default=None, help="task set: a domain (NAME, NAME/VARIANT, NAME:ARGUMENT such as "
+                        "sop:PATH for an SOP task folder), a directory or a .jsonl (default: the default domain)")
     parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py (Python code); "
                         "same as TURNWISE_TRUST_TOOLS=1")
     parser.add_argument("--tasks", default="test", help="split: train, val or test (logged runs: tasks are matched "
@@ -398,17 +398,15 @@ def run_sft(args: argparse.Namespace) -> int:
 def _reward_and_tasks(reward: str | None, env: str):
     """The reward (bound to the domain's tasks when they load) and the tasks by id.
 
-    An SOP folder (``sop:PATH``) gets the SOP reward (configs/rewards/sop.yaml) unless one is named.
+    The domain's default reward applies unless one is named (an SOP folder's is configs/rewards/sop.yaml).
     """
+    from pipeline.config import domain_reward
     from pipeline.envs import load_tasks
     from rewards import build_reward
 
-    if reward is None and env.startswith("sop:"):
-        reward = "sop"
-    try:
-        tasks = load_tasks(env)
-    except (OSError, ValueError):
-        tasks = []
+    if reward is None:
+        reward = domain_reward(env)
+    tasks = load_tasks(env)  # a task set that does not load is an error, never "every outcome unknown"
     return build_reward(reward, tasks=tasks), {t.id: t for t in tasks}
 
 
@@ -428,8 +426,8 @@ def add_audit_parser(subparsers: Subparsers) -> None:
                      "(default: noisy_oracle)")
     who.add_argument("--model", default=None, help="model alias, local directory or hub id (sampled rollouts)")
     who.add_argument("--logged", type=Path, default=None, help="JSONL of trajectories or chat conversations")
-    parser.add_argument("--env", default="customer_service", help="task set: a domain name, directory, .jsonl or "
-                        "sop:PATH")
+    parser.add_argument("--env", default=None, help="task set: a domain (NAME, NAME/VARIANT, NAME:ARGUMENT such as "
+                        "sop:PATH for an SOP task folder), a directory or a .jsonl (default: the default domain)")
     parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py (Python code); "
                         "same as TURNWISE_TRUST_TOOLS=1")
     parser.add_argument("--tasks", default="test", help="split to roll out on: train, val or test")
@@ -491,7 +489,7 @@ def add_score_parser(subparsers: Subparsers) -> None:
     parser.add_argument("file", type=Path, help="JSONL of conversations (or of trajectory records)")
     parser.add_argument("--reward", default=None, help="reward config: YAML path or shipped name (default: default; "
                         "sop for an SOP folder)")
-    parser.add_argument("--env", default="customer_service", help="task set the task ids refer to (sop:PATH for an "
+    parser.add_argument("--env", default=None, help="task set the task ids refer to (default: the default domain; sop:PATH for an "
                         "SOP folder)")
     parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py when replaying; "
                         "same as TURNWISE_TRUST_TOOLS=1")

@@ -25,7 +25,7 @@ def add_sagemaker_parser(subparsers) -> None:
         "  turnwise sagemaker submit --config configs/sagemaker/grpo_g5.yaml --role arn:aws:iam::123456789012:role/SM "
         "--bucket my-bucket --dry-run\n"
         "  turnwise sagemaker submit --config configs/sagemaker/grpo_g5.yaml --role ARN --bucket B --spot --train "
-        "data/customer_service/tasks --wait\n"
+        "data/my_tasks --wait\n"
         "  turnwise sagemaker logs JOB --follow\n"
         "  turnwise sagemaker download JOB --out runs/sagemaker",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-#: The reward an SOP folder trains on when no reward_config is given (strict success + dense field score).
-SOP_REWARD = Path(__file__).resolve().parents[1] / "configs" / "rewards" / "sop.yaml"
-TRUST_ENV = "TURNWISE_TRUST_TOOLS"  # as pipeline.envs.sop_folder.TRUST_ENV (not imported: keeps this module light)
+TRUST_ENV = "TURNWISE_TRUST_TOOLS"  # as pipeline.envs.sop.folder.TRUST_ENV (not imported: keeps this module light)
 
 
 @dataclass
 class TaskArguments:
-    tasks: str = field(default="customer_service", metadata={
-        "help": "Task set: a domain name, directory or .jsonl, or sop:PATH for an SOP task folder."})
+    tasks: str | None = field(default=None, metadata={
+        "help": "Task set: a domain (NAME, NAME/VARIANT, or NAME:ARGUMENT such as sop:PATH for an SOP task folder), "
+                "a directory of <split>.jsonl files or a .jsonl file. Default: the default domain's shipped tasks."})
     env: str | None = field(default=None, metadata={
         "help": "Overrides tasks; the flag `turnwise eval`, audit and score use (--env sop:data/sop/warranty_claims)."})
     trust_tools: bool = field(default=False, metadata={
@@ -36,8 +35,8 @@ class TaskArguments:
                 "<output_dir>/best_adapter and make it the run's result adapter, which the pipeline then evaluates; "
                 "the last step's stays in <output_dir>/adapter. Needs val_every."})
     reward_config: str | None = field(default=None, metadata={
-        "help": "Reward YAML (see configs/rewards/); default: configs/rewards/sop.yaml for an SOP folder, "
-                "else the package's default reward."})
+        "help": "Reward config: a YAML path or a shipped name (see configs/rewards/); default: the task domain's "
+                "default reward (sop for an SOP folder, else default)."})
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
     adapter: str | None = field(default=None, metadata={
         "help": "A LoRA adapter directory to start from (say, `turnwise sft`'s <output_dir>/adapter): its weights are "
@@ -60,10 +59,18 @@ class TaskArguments:
             raise ValueError("keep_best_val chooses among periodic validations: set val_every to a step count too.")
         if self.env is not None:  # a flag --env overrides a recipe's tasks
             self.tasks = self.env
-        if self.reward_config is None and self.tasks.startswith("sop:"):
-            self.reward_config = str(SOP_REWARD)
+        if self.reward_config is None:
+            self.reward_config = domain_reward(self.tasks)
         if self.trust_tools:  # the environment variable also reaches accelerate's worker processes
             os.environ[TRUST_ENV] = "1"
+
+
+def domain_reward(tasks: str | None) -> str | None:
+    """The default reward config of the domain a task spec names (``None``: a task file, the package default)."""
+    from pipeline.envs.registry import domain_of
+
+    domain = domain_of(tasks)
+    return domain.default_reward if domain is not None else None
 
 
 def parse_train_args(argv: Sequence[str] | None = None):

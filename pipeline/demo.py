@@ -8,7 +8,7 @@ a 2-core CPU; ``turnwise demo --config configs/cpu_full.yaml`` is the run that s
 model_name_or_path: smollm2-135m   # shared by every stage
 output_dir: outputs/demo           # stages write to <output_dir>/sft, /grpo, /report
 seed: 0
-tasks: customer_service
+tasks: ...                         # a domain spec, directory or .jsonl (default: the default domain)
 sft:  {...}   # `turnwise sft` options (pipeline.sft.SFTArguments, TRL SFTConfig, ModelConfig); omit to skip
 grpo: {...}   # `turnwise train` options; starts from the SFT adapter when SFT ran; omit to skip
 eval: {...}   # EvalArguments: the held-out evaluation of base, SFT-only and SFT+GRPO
@@ -109,7 +109,7 @@ def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | No
     out = Path(output_dir or recipe.get("output_dir") or "outputs/demo")
     model = model or recipe.get("model_name_or_path") or DEFAULT_MODEL
     seed = recipe.get("seed", 0) if seed is None else seed
-    tasks = recipe.get("tasks", "customer_service")
+    tasks = recipe.get("tasks")  # None: the default domain's shipped tasks
     sft = None
     if recipe.get("sft") is not None:
         sft = parse_sft_args([], config={**recipe["sft"], "model_name_or_path": model, "output_dir": str(out / "sft"),

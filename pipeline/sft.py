@@ -73,7 +73,9 @@ RESULT_FILE = "sft_result.json"
 class SFTArguments:
     """What ``turnwise sft`` trains on and how it decides to stop (TRL's ``SFTConfig`` holds the rest)."""
 
-    tasks: str = field(default="customer_service", metadata={"help": "Task set: a domain name, directory or .jsonl."})
+    tasks: str | None = field(default=None, metadata={
+        "help": "Task set: a domain (NAME, NAME/VARIANT, NAME:ARGUMENT), a directory or a .jsonl file (default: the "
+                "default domain's shipped tasks)."})
     train_split: str = field(default="train", metadata={"help": "Split the demonstrations come from."})
     num_demos: int = field(default=64, metadata={
         "help": "Oracle demonstrations to generate (tasks drawn without replacement from a seeded shuffle of the "

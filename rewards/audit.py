@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from pipeline.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls, ToolCall
 from pipeline.trajectory import atomic_write_text
 from rewards.base import TURN, RewardBreakdown, mean
-from rewards.evidence import FORMAT_ERRORS, near_miss_call, view_turn
+from rewards.evidence import FORMAT_ERRORS, near_miss_call, tool_names, view_turn
 
 if TYPE_CHECKING:
     from pipeline.envs.base import Task
@@ -159,12 +159,13 @@ class AuditReport:
 def scripted_rollouts(policy: str | Callable[["Task", int], Callable[[list[dict]], str]], tasks: Sequence["Task"],
                       k: int = 1, seed: int = 0, max_turns: int = 20) -> list["Trajectory"]:
     """``k`` episodes per task (seeds ``seed .. seed+k-1``) of a scripted policy: a name
-    (:data:`rewards.hacks.SCRIPTED_POLICIES`) or a factory ``(task, seed) -> policy``."""
+    (:func:`rewards.hacks.scripted_policies`) or a factory ``(task, seed) -> policy``."""
     from pipeline.envs import make_env
     from pipeline.rollout import run_policy
     from rewards.hacks import policy_factory
 
-    factory = policy_factory(policy) if isinstance(policy, str) else policy
+    domain = tasks[0].domain if tasks else None
+    factory = policy_factory(policy, domain) if isinstance(policy, str) else policy
     label = policy if isinstance(policy, str) else getattr(policy, "__name__", "scripted")
     out = []
     for task in tasks:
@@ -256,7 +257,7 @@ def rejected_turns(trajectory: "Trajectory") -> list[int]:
     out = []
     for turn in trajectory.turns:
         view = view_turn(turn)
-        if any(k in FORMAT_ERRORS for k in view.error_kinds) or near_miss_call(view.text):
+        if any(k in FORMAT_ERRORS for k in view.error_kinds) or near_miss_call(view.text, tool_names(trajectory)):
             out.append(turn.index)
     return out
 
@@ -383,10 +384,11 @@ def check_leniency(reward: "RewardFunction", trajectories: Sequence["Trajectory"
 def hacking_table(reward: "RewardFunction", tasks: Sequence["Task"], seed: int = 0,
                   max_turns: int = 20) -> list[dict[str, Any]]:
     """Mean total and strict successes of the oracle and every hacking policy over ``tasks``."""
-    from rewards.hacks import HACKS
+    from rewards.hacks import hacks_for
 
+    names = dict.fromkeys(name for task in tasks for name in hacks_for(task))
     rows = []
-    for name in ("oracle", *HACKS):
+    for name in ("oracle", *names):
         trajectories = scripted_rollouts(name, tasks, k=1, seed=seed, max_turns=max_turns)
         totals = [reward(t).total for t in trajectories]
         rows.append({"policy": name, "mean_total": mean(totals), "min_total": min(totals), "max_total": max(totals),

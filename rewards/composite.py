@@ -277,10 +277,20 @@ def load_config(config: "RewardConfig | Mapping[str, Any] | str | Path | None" =
         return config
     if isinstance(config, Mapping):
         return RewardConfig.from_dict(config)
-    path = Path(config)
-    if not path.exists() and (CONFIG_DIR / f"{config}.yaml").is_file():
-        path = CONFIG_DIR / f"{config}.yaml"
-    return RewardConfig.from_yaml(path)
+    text = str(config)
+    if _shipped_name(text):  # a shipped name wins over a file or folder of that name in the working directory
+        shipped = CONFIG_DIR / f"{text}.yaml"
+        if shipped.is_file():
+            return RewardConfig.from_yaml(shipped)
+        if text == DEFAULT_CONFIG["name"]:  # installed without the configs/ folder
+            return RewardConfig.from_dict(DEFAULT_CONFIG)
+    return RewardConfig.from_yaml(Path(text).expanduser())
+
+
+def _shipped_name(text: str) -> bool:
+    """Whether a reward spec is a bare name (``sop``), not a path (``./sop``, ``my/reward.yaml``)."""
+    return bool(text) and "/" not in text and "\\" not in text and not text.endswith((".yaml", ".yml")) \
+        and text not in (".", "..")
 
 
 class RewardFunction:
@@ -390,7 +400,7 @@ def build_reward(config: "RewardConfig | Mapping[str, Any] | str | Path | None" 
 
     >>> from pipeline.envs import load_tasks, make_env, oracle_policy
     >>> from pipeline.rollout import run_policy
-    >>> task = load_tasks("customer_service", "test")[2]
+    >>> task = load_tasks(split="test")[2]  # the default domain's test split
     >>> reward = build_reward()
     >>> breakdown = reward(run_policy(make_env(task), task, oracle_policy(task)))
     >>> round(breakdown.total, 3), breakdown.failed, len(breakdown.per_turn)

@@ -4,6 +4,11 @@ Scorers must work on any trajectory, including one rebuilt from a logged chat wi
 so everything here is read from the messages themselves (the assistant's text, the ``tool`` messages
 and the customer's messages), not from ``Turn.info``; ``info`` only adds the environment's own error
 kinds when it is there.
+
+What is domain knowledge (tool names, which tool supports which claim, statuses, identifiers, what the
+agent asks the customer for) comes from the domain's :class:`~pipeline.envs.EvidenceRules`
+(:func:`rules_for`): the trajectory's task's domain when the scorer is bound to tasks, else the default
+domain's.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from pipeline.chat import ToolCall, ToolCallError, has_tool_call_markup, parse_tool_calls, parse_tool_message
+from pipeline.envs.registry import EvidenceRules, UnknownDomainError, default_domain, get_domain
 
 if TYPE_CHECKING:
+    from pipeline.envs.base import Task
     from pipeline.trajectory import Trajectory, Turn
 
 #: Error kinds that mean the call was not written in the protocol's format (the strict parser or the
@@ -28,13 +35,69 @@ FORMAT_ERRORS = frozenset({"malformed_tag", "invalid_json", "invalid_call", "too
 # strict parser does not accept (a code fence, bare JSON, a <tool> tag), which the environment
 # therefore sends to the customer as text.
 _BARE_CALL = re.compile(r"""\{\s*["']name["']\s*:\s*["'][^"']+["']\s*,\s*["'](arguments|parameters|args)["']""")
-_FUNCTION_SYNTAX = re.compile(r"^\s*(verify_identity|get_order|list_orders|track_shipment|get_product|cancel_order|"
-                              r"refund_items|exchange_item|update_shipping_address|issue_store_credit|"
-                              r"escalate_to_human)\s*\(", re.MULTILINE)
+_FUNCTION_NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
 
 
-def near_miss_call(text: str) -> bool:
+def rules_for(trajectory: "Trajectory | None" = None, tasks: "Mapping[str, Task] | None" = None) -> EvidenceRules:
+    """The evidence rules of a trajectory's domain: its bound task's, its recorded ``metadata["domain"]``,
+    else the default domain's (a logged chat with no task)."""
+    task = tasks.get(trajectory.task_id) if tasks and trajectory is not None else None
+    name = task.domain if task is not None else (trajectory.metadata.get("domain") if trajectory is not None else None)
+    try:
+        return get_domain(name).evidence if name else default_domain().evidence
+    except UnknownDomainError:
+        return default_domain().evidence
+
+
+@dataclass(frozen=True)
+class CompiledRules:
+    """An :class:`~pipeline.envs.EvidenceRules` with its patterns compiled (see :func:`compiled`)."""
+
+    action_claims: tuple[tuple[str, re.Pattern, frozenset[str]], ...]
+    status: re.Pattern | None
+    status_support: Mapping[str, frozenset[str]]
+    identifiers: tuple[tuple[str, re.Pattern], ...]
+    request_cue: re.Pattern | None
+    request_keys: tuple[tuple[str, re.Pattern], ...]
+    request_values: Mapping[str, re.Pattern]
+
+
+_COMPILED: dict[int, tuple[EvidenceRules, CompiledRules]] = {}
+
+
+def compiled(rules: EvidenceRules) -> CompiledRules:
+    """``rules`` with every pattern compiled (case-insensitive), cached per rules object."""
+    cached = _COMPILED.get(id(rules))
+    if cached is not None and cached[0] is rules:
+        return cached[1]
+    flags = re.IGNORECASE
+    out = CompiledRules(
+        action_claims=tuple((kind, re.compile(p, flags), frozenset(tools)) for kind, p, tools in rules.action_claims),
+        status=re.compile(rules.status_pattern, flags) if rules.status_pattern else None,
+        status_support=dict(rules.status_support),
+        identifiers=tuple((what, re.compile(p, flags)) for what, p in rules.identifier_patterns),
+        request_cue=re.compile(rules.request_cue, flags) if rules.request_cue else None,
+        request_keys=tuple((key, re.compile(p, flags)) for key, p in rules.request_keys.items()),
+        request_values={key: re.compile(p) for key, p in rules.request_values.items()},
+    )
+    _COMPILED[id(rules)] = (rules, out)
+    return out
+
+
+def _function_syntax(names: tuple[str, ...]) -> re.Pattern | None:
+    names = tuple(n for n in names if re.fullmatch(_FUNCTION_NAME, n))
+    if not names:
+        return None
+    return re.compile(r"^\s*(" + "|".join(map(re.escape, sorted(set(names)))) + r")\s*\(", re.MULTILINE)
+
+
+_SYNTAX: dict[tuple[str, ...], re.Pattern | None] = {}
+
+
+def near_miss_call(text: str, tool_names: Iterable[str] | None = None) -> bool:
     """True when the text tries to call a tool in a format the strict parser does not see.
+
+    ``tool_names`` are the tools a bare ``name(...)`` call counts for (default: the default domain's).
 
     >>> near_miss_call('```json\\n{"name": "get_order", "arguments": {"order_id": "W1"}}\\n```')
     True
@@ -42,10 +105,35 @@ def near_miss_call(text: str) -> bool:
     False
     >>> near_miss_call("Your order has shipped.")
     False
+    >>> near_miss_call("lookup(serial='S1')"), near_miss_call("lookup(serial='S1')", ["lookup"])
+    (False, True)
     """
     if has_tool_call_markup(text):
         return False
-    return bool(_BARE_CALL.search(text) or _FUNCTION_SYNTAX.search(text))
+    if _BARE_CALL.search(text):
+        return True
+    names = tuple(tool_names) if tool_names is not None else default_domain().evidence.tool_names
+    if names not in _SYNTAX:
+        _SYNTAX[names] = _function_syntax(names)
+    pattern = _SYNTAX[names]
+    return bool(pattern is not None and pattern.search(text))
+
+
+_LISTED_TOOL = re.compile(r'^\{"name":"(' + _FUNCTION_NAME + r')","description":', re.MULTILINE)
+
+
+def tool_names(trajectory: "Trajectory", tasks: "Mapping[str, Task] | None" = None) -> tuple[str, ...]:
+    """The tools a trajectory's agent could call: its domain's, those its system prompt lists, and those
+    its tool messages name."""
+    names = list(rules_for(trajectory, tasks).tool_names)
+    for message in trajectory.messages:
+        if message.get("role") == "system":
+            names += _LISTED_TOOL.findall(str(message.get("content") or ""))
+        elif message.get("role") == "tool":
+            body = parse_tool_message(message)
+            if body is not None and isinstance(body.get("tool"), str):
+                names.append(body["tool"])
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass

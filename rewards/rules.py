@@ -26,11 +26,15 @@ from pipeline.chat import ToolCall, has_tool_call_markup
 from rewards.base import Score
 from rewards.evidence import (
     FORMAT_ERRORS,
+    CompiledRules,
     Evidence,
+    compiled,
     evidence_before,
     item_sums,
     json_dumps,
     near_miss_call,
+    rules_for,
+    tool_names,
     view_turn,
     walk_values,
 )
@@ -73,7 +77,7 @@ def tool_format(trajectory: "Trajectory", index: int) -> Score:
     bad = sorted({k for k in view.error_kinds if k in FORMAT_ERRORS})
     if bad:
         return Score(-1.0, "rejected tool call: " + ", ".join(bad))
-    if near_miss_call(view.text):
+    if near_miss_call(view.text, tool_names(trajectory)):
         return Score(-1.0, "tool call outside <tool_call> tags")
     return Score(0.0)
 
@@ -123,40 +127,29 @@ def policy_violation(trajectory: "Trajectory", index: int) -> Score | None:
 # Asking again
 # ---------------------------------------------------------------------------------------------------
 
-_REQUEST_CUE = re.compile(r"\?|\b(please (provide|share|confirm|give|tell|send)|could you|can you|would you|may i have|"
-                          r"tell me|let me know|what is|what's|provide|share|confirm)\b", re.IGNORECASE)
-_KEYS: dict[str, re.Pattern] = {
-    "email": re.compile(r"e-?mail", re.IGNORECASE),
-    "zip": re.compile(r"\bzip\b|zip ?code|postal code|post code", re.IGNORECASE),
-    "order_id": re.compile(r"order (id|number|no\b|#)|order's (id|number)|which order", re.IGNORECASE),
-    "address": re.compile(r"(new|updated|correct|different|shipping|delivery) address|(what|which) address",
-                          re.IGNORECASE),
-}
-_VALUES: dict[str, re.Pattern] = {
-    "email": re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+"),
-    "zip": re.compile(r"\b\d{5}\b"),
-    "order_id": re.compile(r"\b[A-Z]\d{6,}\b"),
-    "address": re.compile(r"\b\d+ [A-Za-z][A-Za-z ]* (St|Ave|Rd|Blvd|Ln|Dr|Way|Ct|Pl|Street|Avenue|Road)\b"),
-}
-
-
-def requested_keys(text: str) -> list[str]:
-    """The pieces of customer information a message asks for (``email``, ``zip``, ``order_id``, ``address``).
+def requested_keys(text: str, rules: CompiledRules | None = None) -> list[str]:
+    """The pieces of customer information a message asks for, by the domain's request patterns
+    (default: the default domain's; there ``email``, ``zip``, ``order_id`` and ``address``).
 
     >>> requested_keys("Could you give me your email and zip code? Thanks.")
     ['email', 'zip']
     >>> requested_keys("I have updated your email.")
     []
     """
+    rules = rules or compiled(rules_for())
+    if rules.request_cue is None:
+        return []
     asked: list[str] = []
     for sentence in re.split(r"(?<=[.!?\n])\s+", text):
-        if _REQUEST_CUE.search(sentence):
-            asked += [k for k, p in _KEYS.items() if p.search(sentence) and k not in asked]
+        if rules.request_cue.search(sentence):
+            asked += [k for k, p in rules.request_keys if p.search(sentence) and k not in asked]
     return asked
 
 
-def _values(key: str, texts: list[str]) -> set[str]:
-    return {m.group(0).lower().rstrip(".") for t in texts for m in _VALUES[key].finditer(t)}
+def _values(pattern: re.Pattern | None, texts: list[str]) -> set[str]:
+    if pattern is None:
+        return set()
+    return {m.group(0).lower().rstrip(".") for t in texts for m in pattern.finditer(t)}
 
 
 class RedundantRequest:
@@ -177,18 +170,26 @@ class RedundantRequest:
 
     name = "redundant_request"
 
+    def __init__(self) -> None:
+        self.tasks: Mapping[str, Any] = {}
+
+    def bind(self, tasks: Mapping[str, "Task"]) -> None:
+        self.tasks = tasks
+
     def __call__(self, trajectory: "Trajectory", index: int) -> Score:
         view = view_turn(trajectory.turns[index])
         if not view.is_message:
             return Score(0.0)
-        keys = requested_keys(view.text)
+        rules = compiled(rules_for(trajectory, self.tasks))
+        keys = requested_keys(view.text, rules)
         if not keys:
             return Score(0.0)
         before = evidence_before(trajectory, index).user_text
         redundant = []
         for key in keys:
-            given = _values(key, before)
-            if given and not (_values(key, view.replies) - given):
+            pattern = rules.request_values.get(key)
+            given = _values(pattern, before)
+            if given and not (_values(pattern, view.replies) - given):
                 redundant.append(key)
         return Score(-1.0, "asked again for " + ", ".join(redundant)) if redundant else Score(0.0)
 
@@ -197,37 +198,8 @@ class RedundantRequest:
 # Unsupported claims
 # ---------------------------------------------------------------------------------------------------
 
-_I_HAVE = r"\b(?:i(?:'ve| have)|we(?:'ve| have))\s+(?:\w+ly\s+|already\s+|just\s+)?"
-#: (claim kind, pattern, tools whose successful result supports it)
-ACTION_CLAIMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("cancellation", r"\b(?:has|have) been cancel+ed|" + _I_HAVE + r"cancel+ed|\bis now cancel+ed",
-     ("cancel_order",)),
-    ("refund", r"\b(?:has|have) been refunded|" + _I_HAVE + r"(?:refunded|issued (?:a|the|your) refund|processed "
-     r"(?:a|the|your) refund)|\brefund (?:has been|was) (?:issued|processed|completed)", ("refund_items", "cancel_order")),
-    ("exchange", r"\b(?:has|have) been exchanged|" + _I_HAVE + r"(?:exchanged|swapped)|\bexchange (?:has been|is|was) "
-     r"(?:placed|processed|requested|completed|done)", ("exchange_item",)),
-    ("address change", r"\baddress (?:has been|was|is now) (?:updated|changed)|\bwill now ship to|" + _I_HAVE +
-     r"(?:updated|changed) (?:the|your) (?:shipping |delivery )?address", ("update_shipping_address",)),
-    ("store credit", r"\bstore credit (?:has been|was) (?:added|issued)|(?:has|have) been (?:added|issued) (?:as|in) "
-     r"store credit|in store credit has been added|" + _I_HAVE + r"(?:added|issued) [^.]{0,40}store credit",
-     ("issue_store_credit",)),
-    ("escalation", r"\b(?:has|have) been escalated|" + _I_HAVE + r"escalated|\bticket (?:id|number) is",
-     ("escalate_to_human",)),
-    ("resolution", r"\b(?:issue|problem|request|case|everything|matter) (?:has been|is|was) (?:now )?(?:fully )?"
-     r"(?:resolved|fixed|taken care of|handled|sorted out|processed|completed)|" + _I_HAVE +
-     r"(?:resolved|fixed|taken care of|handled|processed|completed) (?:it|this|that|your)|\byou(?:'re| are) all set\b",
-     ("cancel_order", "refund_items", "exchange_item", "update_shipping_address", "issue_store_credit",
-      "escalate_to_human")),
-)
 _MONEY = re.compile(r"\$\s?(\d[\d,]*(?:\.\d{1,2})?)")
-_STATUS = re.compile(r"\b(?:is|was|are)\s+(?:still\s+|now\s+|already\s+)?"
-                     r"(processing|shipped|delivered|cancel+ed)\b|\bhas\s+(?:already\s+)?(shipped)\b", re.IGNORECASE)
-_TRACKING = re.compile(r"tracking (?:number|no\.?|#|id)\s*(?:is|:)?\s*([A-Z0-9]{6,})", re.IGNORECASE)
-_TICKET = re.compile(r"\bTCK-[A-Z0-9-]+", re.IGNORECASE)
 _DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
-#: A status claim is supported by any of these observed statuses (a delivered order has shipped).
-_STATUS_SUPPORT = {"processing": {"processing"}, "shipped": {"shipped", "delivered"}, "delivered": {"delivered"},
-                   "cancelled": {"cancelled"}}
 
 
 class UnsupportedClaim:
@@ -257,8 +229,6 @@ class UnsupportedClaim:
     def __init__(self, use_database: bool = True) -> None:
         self.use_database = use_database
         self.tasks: Mapping[str, Any] = {}
-        self._claims = [(kind, re.compile(pattern, re.IGNORECASE), frozenset(tools))
-                        for kind, pattern, tools in ACTION_CLAIMS]
 
     def bind(self, tasks: Mapping[str, "Task"]) -> None:
         self.tasks = tasks
@@ -279,13 +249,16 @@ class UnsupportedClaim:
         if not view.is_message or not view.text.strip():
             return Score(0.0)
         evidence = evidence_before(trajectory, index)
-        problems = self.problems(view.text, evidence, self._database(trajectory))
+        rules = compiled(rules_for(trajectory, self.tasks))
+        problems = self.problems(view.text, evidence, self._database(trajectory), rules)
         return Score(-1.0, "; ".join(problems)) if problems else Score(0.0)
 
-    def problems(self, text: str, evidence: Evidence, database: Any = None) -> list[str]:
-        """The unsupported claims in ``text`` given the evidence, as readable reasons."""
+    def problems(self, text: str, evidence: Evidence, database: Any = None,
+                 rules: CompiledRules | None = None) -> list[str]:
+        """The unsupported claims in ``text`` given the evidence (and the domain's rules), as readable reasons."""
+        rules = rules or compiled(rules_for())
         problems = []
-        for kind, pattern, tools in self._claims:
+        for kind, pattern, tools in rules.action_claims:
             if pattern.search(text) and not evidence.succeeded(tools):
                 problems.append(f"unsupported {kind} claim")
         results = [r.result for r in evidence.ok_results]
@@ -300,15 +273,16 @@ class UnsupportedClaim:
             amount = round(float(m.group(1).replace(",", "")), 2)
             if not any(abs(amount - n) < 0.005 for n in numbers):
                 problems.append(f"${amount:.2f} not in any tool result or the database")
-        for pattern, what in ((_TRACKING, "tracking number"), (_TICKET, "ticket id"), (_DATE, "date")):
+        for what, pattern in (*rules.identifiers, ("date", _DATE)):
             for m in pattern.finditer(text):
                 token = (m.group(1) if m.groups() else m.group(0)).lower()
                 if token not in strings and token not in user and not any(token in s for s in strings):
                     problems.append(f"{what} {token} not in any tool result")
-        statuses = {s for s in strings if s in ("processing", "shipped", "delivered", "cancelled")}
-        for m in _STATUS.finditer(text):
-            claimed = (m.group(1) or m.group(2)).lower().replace("canceled", "cancelled")
-            if not (_STATUS_SUPPORT.get(claimed, {claimed}) & statuses):
+        support = rules.status_support
+        statuses = {s for s in strings if s in support}
+        for m in (rules.status.finditer(text) if rules.status is not None else ()):
+            claimed = next(g for g in m.groups() if g).lower().replace("canceled", "cancelled")
+            if not (support.get(claimed, {claimed}) & statuses):
                 problems.append(f"status '{claimed}' not shown by any tool result")
         return list(dict.fromkeys(problems))
 
@@ -376,7 +350,7 @@ class Politeness:
 
     def __call__(self, trajectory: "Trajectory", index: int) -> Score:
         text = trajectory.turns[index].assistant or ""
-        if has_tool_call_markup(text) or near_miss_call(text):
+        if has_tool_call_markup(text) or near_miss_call(text, tool_names(trajectory)):
             return Score(0.0)
         if _RUDE.search(text):
             return Score(-1.0, "rude")

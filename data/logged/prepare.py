@@ -27,18 +27,21 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.envs import load_tasks, make_env  # noqa: E402
 from pipeline.rollout import run_policy  # noqa: E402
-from rewards.hacks import HACKS, policy_factory  # noqa: E402
+from rewards.hacks import policy_factory  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "sample_conversations.jsonl"
 SOP_ENV = "sop:data/sop/warranty_claims"
 SOP_OUT = Path(__file__).resolve().parent / "sop_warranty_claims.jsonl"
+#: The hacking policies whose conversations the sample log holds, two each, in this order.
+HACK_ORDER = ("tool_spam", "resolve_no_action", "claim_no_tool", "politeness_spam", "ask_everything",
+              "skip_verification", "empty_reply", "echo_customer")
 
 
 def build(seed: int = 0) -> list[dict]:
     tasks = load_tasks("customer_service", "test")
     rows = []
     plan = [("oracle", tasks[i]) for i in range(8)]
-    plan += [(name, tasks[8 + 2 * j + i]) for j, name in enumerate(HACKS) for i in range(2)]
+    plan += [(name, tasks[8 + 2 * j + i]) for j, name in enumerate(HACK_ORDER) for i in range(2)]
     for policy, task in plan:
         trajectory = run_policy(make_env(task), task, policy_factory(policy)(task, seed), seed=seed)
         rows.append({"task_id": task.id, "seed": seed, "policy": policy, "messages": trajectory.messages})

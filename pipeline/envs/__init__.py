@@ -1,7 +1,9 @@
-"""Dialog environments: ``load_tasks``, ``make_env`` and ``oracle_policy``.
+"""Dialog environments: ``load_tasks``, ``make_env`` and ``oracle_policy``, for any registered domain.
 
 See ``shared`` architecture notes for the contract: ``reset(task, seed)`` gives the opening messages,
-``step(text)`` answers one assistant message, ``outcome()`` is the strict verdict.
+``step(text)`` answers one assistant message, ``outcome()`` is the strict verdict. The domains
+themselves (the environment, its tasks, oracle, customer and reward) are packages that register a
+:class:`Domain` record (:mod:`pipeline.envs.registry`); nothing here names one.
 """
 
 from __future__ import annotations
@@ -9,51 +11,46 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from pipeline.envs.base import Environment, Outcome, Step, Task, ToolEnvironment
-from pipeline.envs.tasks import TaskFileError, load_tasks
+from pipeline.envs.registry import (
+    Domain,
+    EvidenceRules,
+    UnknownDomainError,
+    default_domain,
+    domain_of,
+    domains,
+    get_domain,
+    register_domain,
+    resolve,
+    unregister_domain,
+)
+from pipeline.envs.schema import TaskFileError
+from pipeline.envs.tasks import load_tasks
 
-__all__ = ["Environment", "Outcome", "Step", "Task", "TaskFileError", "ToolEnvironment", "load_tasks", "make_env",
-           "oracle_policy", "ENVIRONMENTS"]
+__all__ = ["Domain", "Environment", "EvidenceRules", "Outcome", "Step", "Task", "TaskFileError", "ToolEnvironment",
+           "UnknownDomainError", "default_domain", "domain_of", "domains", "get_domain", "load_tasks", "make_env",
+           "oracle_policy", "register_domain", "unregister_domain"]
 
 
-def _customer_service(**kwargs: Any) -> Environment:
-    from pipeline.envs.customer_service import CustomerServiceEnv
+def make_env(name_or_task: str | Task | None = None, **kwargs: Any) -> Environment:
+    """Build an environment for a task (its domain's), or by spec (``NAME``, ``NAME:ARGUMENT``, ``MODULE:ATTR``).
 
-    return CustomerServiceEnv(**kwargs)
-
-
-def _sop(**kwargs: Any) -> Environment:
-    from pipeline.envs.sop import SopEnv
-
-    return SopEnv(**kwargs)
-
-
-ENVIRONMENTS: dict[str, Callable[..., Environment]] = {"customer_service": _customer_service, "sop": _sop}
-
-
-def make_env(name_or_task: str | Task, **kwargs: Any) -> Environment:
-    """Build an environment by name (``"customer_service"``, ``"sop:PATH"``) or for a task's domain.
-
-    An SOP environment checks its folder, and the trust its tools.py needs, when it is built
-    (``trust_tools=True``, or ``TURNWISE_TRUST_TOOLS=1``; see :mod:`pipeline.envs.sop_folder`).
+    ``None`` builds the default domain's environment. Keyword arguments go to the domain's
+    environment (``max_turns``, ``customer``, ...).
     """
-    if isinstance(name_or_task, str) and name_or_task.startswith("sop:"):
-        name_or_task, kwargs = "sop", {"folder": name_or_task, **kwargs}
-    elif isinstance(name_or_task, Task) and name_or_task.domain == "sop":
-        kwargs = {"folder": name_or_task.payload["folder"], **kwargs}
-    name = name_or_task.domain if isinstance(name_or_task, Task) else name_or_task
-    if name not in ENVIRONMENTS:
-        raise ValueError(f"Unknown environment {name!r}. Available: {', '.join(sorted(ENVIRONMENTS))}.")
-    return ENVIRONMENTS[name](**kwargs)
+    if isinstance(name_or_task, Task):
+        return get_domain(name_or_task.domain).make_env(name_or_task, **kwargs)
+    resolved = resolve(name_or_task)
+    if resolved is None:
+        raise ValueError(f"Unknown environment {name_or_task!r}. Available: {', '.join(sorted(domains()))} "
+                         "(NAME:ARGUMENT for a domain that takes one, such as sop:PATH; MODULE:ATTR for a "
+                         "third-party domain).")
+    domain, argument = resolved
+    return domain.make_env(argument, **kwargs)
 
 
 def oracle_policy(task: Task) -> Callable[[list[dict]], str]:
     """The scripted expert for a task's domain: a policy ``(messages) -> str`` that solves it."""
-    if task.domain == "customer_service":
-        from pipeline.envs.customer_service.oracle import oracle_policy as retail
-
-        return retail(task)
-    if task.domain == "sop":
-        from pipeline.envs.sop_oracle import oracle_policy as sop
-
-        return sop(task)
-    raise ValueError(f"No oracle for domain {task.domain!r}.")
+    domain = get_domain(task.domain)
+    if domain.oracle_policy is None:
+        raise ValueError(f"The domain {domain.name!r} has no oracle; register one as Domain.oracle_policy.")
+    return domain.oracle_policy(task)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.envs import Task, load_tasks, make_env, oracle_policy
-from pipeline.envs.sop_folder import TRUST_ENV, load_folder
+from pipeline.envs.sop.folder import TRUST_ENV, load_folder
 from pipeline.rollout import run_policy
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "sop" / "warranty_claims"

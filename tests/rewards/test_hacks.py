@@ -11,11 +11,13 @@ import pickle
 
 import pytest
 
-from pipeline.envs import make_env
+from pipeline.envs import load_tasks, make_env
 from pipeline.rollout import run_policy
 from rewards import build_reward
 from rewards.audit import hacking_table, render_hacking_table
-from rewards.hacks import HACKS, NoisyOracle, policy_factory
+from rewards.hacks import GENERIC_HACKS, NoisyOracle, hacks_for, policy_factory
+
+HACKS = hacks_for("customer_service")
 
 
 @pytest.fixture(scope="module")
@@ -62,4 +64,13 @@ def test_policies_pickle_and_the_noisy_oracle_is_reproducible(test_tasks):
     b = run_policy(make_env(task), task, pickle.loads(pickle.dumps(NoisyOracle(task, seed=1, p=0.5))), seed=1)
     assert a.messages == b.messages
     with pytest.raises(ValueError, match="Unknown scripted policy"):
-        policy_factory("nope")
+        policy_factory("nope", "customer_service")
+    with pytest.raises(ValueError, match="Unknown scripted policy 'tool_spam' for the sop domain"):
+        policy_factory("tool_spam")(load_tasks("sop:data/sop/warranty_claims", "test")[0], 0)
+
+
+def test_the_domain_adds_its_own_hacks_to_the_generic_ones():
+    assert set(GENERIC_HACKS) == {"resolve_no_action", "politeness_spam", "empty_reply", "echo_customer"}
+    assert set(hacks_for("customer_service")) - set(GENERIC_HACKS) == {"tool_spam", "claim_no_tool", "ask_everything",
+                                                                       "skip_verification"}
+    assert set(hacks_for("sop")) == set(GENERIC_HACKS)

@@ -31,7 +31,7 @@ from pipeline.envs.customer_service.db import Database, state_changes
 from pipeline.envs.customer_service.policy import CONFIRMABLE_ACTIONS, Session
 from pipeline.envs.customer_service.tools import RetailTools
 from pipeline.simulators.base import UserSimulator
-from pipeline.simulators.scripted import ScriptedCustomer
+from pipeline.envs.customer_service.customer import ScriptedCustomer
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "customer_service"
 
@@ -55,7 +55,7 @@ class CustomerServiceEnv(ToolEnvironment):
 
     def __init__(self, max_turns: int = 20, customer: Callable[..., UserSimulator] | None = None) -> None:
         """``customer``: a factory ``(customer, goals, rng) -> UserSimulator`` that plays the customer
-        (default: :class:`ScriptedCustomer`; an LLM one: :class:`pipeline.simulators.llm.LLMCustomerFactory`)."""
+        (default: :class:`ScriptedCustomer`; an LLM one: :class:`pipeline.envs.customer_service.llm_customer.LLMCustomerFactory`)."""
         super().__init__(max_turns=max_turns)
         self.customer_factory = customer or ScriptedCustomer
 

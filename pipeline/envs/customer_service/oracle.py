@@ -19,7 +19,7 @@ from typing import Any, Callable
 from pipeline.chat import format_tool_call, parse_tool_calls, parse_tool_message
 from pipeline.envs.base import Task
 from pipeline.envs.customer_service.policy import REFUND_LIMIT
-from pipeline.simulators.scripted import describe_options, format_address
+from pipeline.envs.customer_service.customer import describe_options, format_address
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 _ZIP = re.compile(r"\b\d{5}\b")

@@ -30,7 +30,7 @@ workers; ``turnwise eval --trust-tools`` sets it). Everything else, the check th
 implementation and every implementation a spec included, reads ``tools.py`` with :mod:`ast` and never
 runs it.
 
-Every problem raises :class:`~pipeline.envs.tasks.TaskFileError`, naming the file (and line or field)
+Every problem raises :class:`~pipeline.envs.schema.TaskFileError`, naming the file (and line or field)
 and saying how to fix it, when the folder is loaded rather than halfway through a run.
 """
 
@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 from pipeline.chat import ToolError
 from pipeline.envs.base import Tool
-from pipeline.envs.tasks import TaskFileError
+from pipeline.envs.schema import TaskFileError
 
 TRUST_ENV = "TURNWISE_TRUST_TOOLS"
 SOP_FILES = ("sop.txt", "sop.md")
@@ -62,7 +62,7 @@ LOOKUP_KEY = "x-csv-lookup"
 #: Public methods of a tools.py class that are plumbing, not tools (SOP-Bench's dispatcher).
 DISPATCH_METHODS = frozenset({"process_tool_call"})
 FORMAT_HELP = ("An SOP folder holds sop.txt (or sop.md), toolspecs.json, metadata.json and test_set_with_outputs.csv, "
-               "and tools.py for tools that are not x-csv-lookup specs; see pipeline/envs/sop_folder.py.")
+               "and tools.py for tools that are not x-csv-lookup specs; see pipeline/envs/sop/folder.py.")
 
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # Bedrock's rule for tool names
 _JSON_TYPES = frozenset({"string", "integer", "number", "boolean", "array", "object", "null"})

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from pipeline.chat import format_tool_call, parse_tool_message
 from pipeline.envs.base import Task
-from pipeline.envs.sop import FINAL_CLOSE, FINAL_OPEN
+from pipeline.envs.sop.env import FINAL_CLOSE, FINAL_OPEN
 
 Policy = Callable[[list[dict]], str]
 
@@ -113,5 +113,5 @@ def oracle_policy(task: Task) -> Policy:
     if name not in ORACLES:
         raise ValueError(f"No oracle for the SOP domain {name!r} ({task.payload.get('folder')}); oracles exist for "
                          f"{', '.join(sorted(ORACLES))}. Write a SopOracle subclass that follows its SOP and add it "
-                         "to ORACLES in pipeline/envs/sop_oracle.py.")
+                         "to ORACLES in pipeline/envs/sop/oracle.py.")
     return ORACLES[name](task)

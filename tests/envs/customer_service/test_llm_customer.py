@@ -1,4 +1,4 @@
-"""Tests for pipeline/simulators/llm.py: the LLM customer with fake backends (no model, no network)."""
+"""Tests for pipeline/envs/customer_service/llm_customer.py: the LLM customer with fake backends (no model, no network)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pipeline.envs import load_tasks, make_env, oracle_policy
 from pipeline.llm import ScriptedBackend
 from pipeline.rollout import run_policy
 from pipeline.simulators import UserSimulator
-from pipeline.simulators.llm import DONE, LEAVE, LLMCustomer, LLMCustomerFactory, persona_prompt
+from pipeline.envs.customer_service.llm_customer import DONE, LEAVE, LLMCustomer, LLMCustomerFactory, persona_prompt
 
 
 @pytest.fixture(scope="module")

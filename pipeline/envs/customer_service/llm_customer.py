@@ -1,11 +1,11 @@
 """A customer played by an LLM, from the task's persona and goals, on any :mod:`pipeline.llm` backend.
 
-The scripted customer (:mod:`pipeline.simulators.scripted`) is exact and cheap, which is what training
+The scripted customer (:mod:`pipeline.envs.customer_service.customer`) is exact and cheap, which is what training
 needs; an LLM customer brings the variety of real people (phrasing, digressions, misunderstandings),
 which is what an evaluation of robustness needs. Both implement
 :class:`~pipeline.simulators.base.UserSimulator`, so an environment takes either::
 
-    from pipeline.simulators.llm import LLMCustomerFactory
+    from pipeline.envs.customer_service.llm_customer import LLMCustomerFactory
     env = make_env("customer_service", customer=LLMCustomerFactory("bedrock:anthropic.claude-3-haiku-20240307-v1:0"))
 
 The model plays the customer from a prompt built from the task: name, email, zip code and style; each
@@ -29,7 +29,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from pipeline.simulators.base import SimulatorReply
-from pipeline.simulators.scripted import ScriptedCustomer, describe_options, format_address, goal_opening
+from pipeline.envs.customer_service.customer import ScriptedCustomer, describe_options, format_address, goal_opening
 
 if TYPE_CHECKING:
     from pipeline.llm import LLMBackend

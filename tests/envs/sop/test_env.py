@@ -1,4 +1,4 @@
-"""Tests for the SOP-task environment (pipeline/envs/sop.py, sop_folder.py, sop_oracle.py, via pipeline.envs).
+"""Tests for the SOP-task environment (pipeline/envs/sop/: env.py, folder.py, oracle.py, tasks.py, via pipeline.envs).
 
 Episodes are driven by scripted policies. A tiny folder written per test (`mini`) pins the scorer to
 hand-labelled cases and exercises the folder checks and the trust gate on tools.py; the shipped
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.envs.sop as sop_module
+import pipeline.envs.sop.env as sop_module
 from pipeline import cli
 from pipeline.chat import format_tool_call, parse_tool_message
 from pipeline.envs import Environment, Task, TaskFileError, load_tasks, make_env, oracle_policy
 from pipeline.envs.base import STOP_FINAL_OUTPUT, STOP_MAX_TURNS
-from pipeline.envs.sop import SopEnv, parse_final_output, values_match
-from pipeline.envs.sop_folder import TRUST_ENV, UntrustedToolsError
+from pipeline.envs.sop.env import SopEnv, parse_final_output, values_match
+from pipeline.envs.sop.folder import TRUST_ENV, UntrustedToolsError
 from pipeline.envs.tasks import DATA_ROOT
 from pipeline.rollout import run_policy
 
@@ -201,7 +201,7 @@ def test_oracle_solves_shipped_tasks_through_tool_calls():
 
 
 def test_no_oracle_for_an_unknown_sop_domain_says_how_to_add_one(mini):
-    with pytest.raises(ValueError, match="ORACLES in pipeline/envs/sop_oracle.py"):
+    with pytest.raises(ValueError, match="ORACLES in pipeline/envs/sop/oracle.py"):
         oracle_policy(task_of(mini))
 
 
@@ -566,16 +566,16 @@ def test_audit_and_score_refuse_untrusted_tools_py_and_trust_tools_allows_it(cod
 def test_turnwise_train_takes_an_sop_folder_with_the_sop_reward(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """`turnwise train --env sop:PATH` trains on the folder's rows with the SOP reward (one tiny step)."""
     import pipeline.trainer as trainer_module
-    from pipeline.config import SOP_REWARD, TaskArguments
+    from pipeline.config import TaskArguments
 
     rewards_built = []
     default_reward = trainer_module.default_reward
     monkeypatch.setattr(trainer_module, "default_reward", lambda path=None, tasks=(): rewards_built.append(path) or
                         default_reward(path, tasks))
 
-    assert TaskArguments(env=SHIPPED).reward_config == str(SOP_REWARD)
+    assert TaskArguments(env=SHIPPED).reward_config == "sop"  # the SOP domain's default reward
     assert TaskArguments(tasks=SHIPPED, reward_config="mine.yaml").reward_config == "mine.yaml"
-    assert TaskArguments().reward_config is None  # customer service keeps the package default
+    assert TaskArguments().reward_config == "default"  # the default domain's: the package default
     argv = ["train", "--env", SHIPPED, "--model_name_or_path", str(tiny_model_dir), "--use_peft", "--lora_r", "4",
             "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path / "run"),
             "--per_device_train_batch_size", "2", "--num_generations", "2", "--max_steps", "1", "--logging_steps", "1",
@@ -586,4 +586,4 @@ def test_turnwise_train_takes_an_sop_folder_with_the_sop_reward(tiny_model_dir, 
     sample = json.loads((tmp_path / "run" / "samples" / "step-000001.jsonl").read_text().splitlines()[0])
     assert sample["task_id"].startswith("warranty_claims-")
     assert set(sample["outcome"]["fields"]) == {"decision", "reason_code", "recall_id"}
-    assert rewards_built == [str(SOP_REWARD)]
+    assert rewards_built == ["sop"]

@@ -18,12 +18,13 @@ from typing import Any
 
 from pipeline.simulators.base import SimulatorReply
 
-# Which sentences of the agent are requests, and what each asks for.
-_REQUEST_CUE = re.compile(
+# Which sentences of the agent are requests, and what each asks for. The reward's redundant-request
+# scorer reads the same patterns (see evidence.py), so the two never disagree on what counts as asking.
+REQUEST_CUE = re.compile(
     r"\?|\b(please (provide|share|confirm|give|tell|send)|could you|can you|may i have|tell me|let me know|"
     r"what is|what's|provide)\b"
 )
-_ASKS: dict[str, re.Pattern] = {
+ASKS: dict[str, re.Pattern] = {
     "email": re.compile(r"e-?mail"),
     "zip": re.compile(r"\bzip\b|zip code|postal code|post code|zipcode"),
     "order_id": re.compile(r"order (id|number|no\b|#)|order's (id|number)|which order|order id"),
@@ -180,9 +181,9 @@ class ScriptedCustomer:
         sentences = re.split(r"(?<=[.!?\n])\s+", text.lower())
         asked: list[str] = []
         for sentence in sentences:
-            if not _REQUEST_CUE.search(sentence):
+            if not REQUEST_CUE.search(sentence):
                 continue
-            asked += [key for key, pattern in _ASKS.items() if pattern.search(sentence) and key not in asked]
+            asked += [key for key, pattern in ASKS.items() if pattern.search(sentence) and key not in asked]
         return asked
 
     @staticmethod

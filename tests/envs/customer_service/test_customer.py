@@ -1,4 +1,4 @@
-"""Tests for pipeline/simulators/scripted.py: the scripted customer, on its own and inside the env."""
+"""Tests for pipeline/envs/customer_service/customer.py: the scripted customer, on its own and inside the env."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 
 from pipeline.chat import format_tool_call
 from pipeline.envs import Task, load_tasks, make_env
-from pipeline.simulators import ScriptedCustomer, UserSimulator
-from pipeline.simulators.scripted import ALREADY, LEAVE
+from pipeline.envs.customer_service.customer import ScriptedCustomer
+from pipeline.simulators import UserSimulator
+from pipeline.envs.customer_service.customer import ALREADY, LEAVE
 
 ASK_EMAIL = "Could you please tell me your email address?"
 ASK_ZIP = "What is your zip code?"

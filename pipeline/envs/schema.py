@@ -1,0 +1,48 @@
+"""Errors and field checks shared by task files and the domains' payload validators.
+
+A domain's ``check_payload`` raises :class:`FieldError` naming the field (``payload.db.today``); the task
+loader turns it into a :class:`TaskFileError` that also names the file and the line, so a hand-edited or
+generated file fails at load time with the place to fix, not halfway through a training run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class TaskFileError(ValueError):
+    """A task file (or task folder) that cannot be used; the message names the file, line and field."""
+
+    def __init__(self, path: Path | str, line: int | None, field: str | None, problem: str) -> None:
+        where = f"{path}" + (f", line {line}" if line is not None else "") + (f", field '{field}'" if field else "")
+        super().__init__(f"{where}: {problem}")
+        self.path, self.line, self.field = path, line, field
+
+
+class FieldError(Exception):
+    """A field of one task row that is missing or wrong; ``field`` is its dotted path in the row."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(problem)
+        self.field = field
+
+
+def require(row: Any, key: str, kind: type | tuple[type, ...], prefix: str = "") -> Any:
+    """``row[key]``, checked to be of ``kind`` (a bool is not an int); raises :class:`FieldError`.
+
+    >>> require({"n": 3}, "n", int)
+    3
+    >>> require({"n": True}, "n", int, "payload.")
+    Traceback (most recent call last):
+    ...
+    pipeline.envs.schema.FieldError: must be int, got bool
+    """
+    name = f"{prefix}{key}"
+    if not isinstance(row, dict) or key not in row:
+        raise FieldError(name, "is missing")
+    value = row[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise FieldError(name, f"must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    return value
