@@ -388,7 +388,7 @@ def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_si
 
         policy = load_model(str(policy))
     if isinstance(policy, tuple) and len(policy) == 2:
-        from pipeline.backends import HFBackend
+        from pipeline.rollout.backends.hf import HFBackend
 
         model, tokenizer = policy
         return RolloutEngine(HFBackend(model, tokenizer, temperature=0.0), tokenizer, max_new_tokens=max_new_tokens,

@@ -28,10 +28,11 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from pipeline import advantages as adv
-from pipeline.backends import HFBackend, cache_argument, returned_cache, shared_prefix_length
 from pipeline.envs import make_env
 from pipeline.envs.base import BUDGET_STOPS, STOP_MAX_TOKENS, STOP_MAX_TURNS, Task
 from pipeline.rollout import RolloutEngine
+from pipeline.rollout.backends.hf import HFBackend
+from pipeline.rollout.backends.kv_cache import cache_argument, returned_cache, shared_prefix_length
 from pipeline.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -350,7 +351,7 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     gives them, computing the first ``prefix`` tokens, which all rows' prompts share, once.
 
     ``input_ids`` is TRL's layout: left-padded prompts, then right-padded completions; ``prefix`` must be
-    shorter than every prompt (`pipeline.backends.shared_prefix_length` of the prompts' real tokens). The
+    shorter than every prompt (`pipeline.rollout.backends.kv_cache.shared_prefix_length` of the prompts' real tokens). The
     prefix goes through the decoder once with a KV cache; the cache is repeated over the rows and every
     row's remainder is run on top of it. Gradients reach the LoRA weights through the cached keys and
     values, so the result and its gradient equal the full forward's (positions differ by each row's left

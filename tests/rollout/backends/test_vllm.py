@@ -1,5 +1,5 @@
-"""Tests for the backend protocol seam (pipeline/backends.py): the vLLM backend through a stand-in vllm
-module, driven by the real rollout engine, and its error when vllm is missing.
+"""Tests for pipeline/rollout/backends/vllm.py, the backend protocol seam: the vLLM backend through a
+stand-in vllm module, driven by the real rollout engine, and its error when vllm is missing.
 
 No GPU or vllm install is needed: ``FakeVLLM`` plays vllm's ``LLM.generate`` with a deterministic
 "model" that samples from token ids, and records every prompt it was given.
@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.backends import GenerationBackend, VLLMBackend
 from pipeline.rollout import RolloutEngine
-
-from tests.test_rollout_engine import EchoEnv, tasks
+from pipeline.rollout.backends import GenerationBackend
+from pipeline.rollout.backends.vllm import VLLMBackend
+from tests.rollout.envs_for_tests import EchoEnv, tasks
 
 
 class FakeLLM:
