@@ -52,9 +52,13 @@ class BufferedLayer(DynamicLayer):
             self._k, self._v = pad(self._k), pad(self._v)
         self._k[:, :, self.length : end] = key_states
         self._v[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        self.set_length(end)
         return self.keys, self.values
+
+    def set_length(self, length: int) -> None:
+        """Make the buffers' first ``length`` columns the cache's content (what attention reads)."""
+        self.length = length
+        self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -64,7 +68,7 @@ class BufferedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._k, self._v = self._k[indices], self._v[indices]
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        self.set_length(self.length)
 
 
 def buffered_cache(model, pasts: list, past_len: int, capacity: int):
@@ -92,8 +96,7 @@ def buffered_cache(model, pasts: list, past_len: int, capacity: int):
                 if n:
                     layer._k[b, :, past_len - n : past_len] = k[0]
                     layer._v[b, :, past_len - n : past_len] = v[0]
-        layer.length = past_len
-        layer.keys, layer.values = layer._k[:, :, :past_len], layer._v[:, :, :past_len]
+        layer.set_length(past_len)
     return cache
 
 
@@ -108,10 +111,32 @@ def chunk_cache(cache, lo: int, hi: int, start: int):
         view = BufferedLayer(layer.capacity)
         view._k, view._v = layer._k[lo:hi], layer._v[lo:hi]
         view.dtype, view.device, view.is_initialized = layer.dtype, layer.device, True
-        view.length = start
-        view.keys, view.values = view._k[:, :, :start], view._v[:, :, :start]
+        view.set_length(start)
         part.layers.append(view)
     return part
+
+
+def set_cache_length(cache, length: int) -> None:
+    """Make the first ``length`` columns of every layer of a :func:`buffered_cache` its content."""
+    for layer in cache.layers:
+        layer.set_length(length)
+
+
+def row_layers(cache, row: int, valid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row ``row``'s keys and values without its padding: per layer ``(k, v)`` of shape (1, H, n, D), where
+    ``valid`` (S,) bool marks the row's columns that hold real tokens (n of them)."""
+    keep = valid.nonzero().view(-1)
+    return [(layer.keys[row : row + 1].index_select(2, keep), layer.values[row : row + 1].index_select(2, keep))
+            for layer in cache.layers]
+
+
+def whole_past(prefix_layers: list | None, layers: list | None) -> list | None:
+    """A row's whole past, per layer: the shared prefix's keys/values (or none) followed by the row's own."""
+    if prefix_layers is None:
+        return layers
+    if layers is None:
+        return prefix_layers
+    return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)) for (pk, pv), (k, v) in zip(prefix_layers, layers)]
 
 
 def returned_cache(output):

@@ -81,7 +81,7 @@ def test_shared_prefix_attention_matches_a_full_forward_pass(tiny):
     model, tokenizer = tiny
     eng = engine(tiny)
     trajs = eng.run(lambda t: LongPromptEnv(4), tasks(3))
-    assert eng.backend._prefix is not None and len(eng.backend._prefix.ids) > 100
+    assert eng.backend.caches.prefix is not None and len(eng.backend.caches.prefix.ids) > 100
     for traj in trajs:
         ids = torch.tensor([traj.tokens.input_ids])
         with torch.no_grad():
@@ -121,3 +121,12 @@ def test_rows_of_very_different_lengths_prefill_in_separate_passes(tiny):
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     for a, b in zip(together, alone):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_doctests():
+    import doctest
+
+    import pipeline.rollout.backends.hf as hf
+
+    result = doctest.testmod(hf)
+    assert result.attempted and not result.failed
