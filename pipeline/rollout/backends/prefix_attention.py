@@ -8,7 +8,8 @@ keys, joined by one softmax. A decode step reads the prefix once instead of once
 CPU is most of its cost.
 
 :func:`shared_prefix_attention` is a transformers attention function; :func:`prefix_attention` runs a
-model with it, over given prefix layers, for the duration of a ``with`` block.
+model with it, over given prefix layers, for the duration of a ``with`` block. It is registered with
+transformers' ``AttentionInterface`` on first use (:func:`register_attention`), never at import.
 """
 
 from __future__ import annotations
@@ -60,12 +61,21 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     return out.reshape(batch, heads, q_len, -1).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+def register_attention() -> str:
+    """Make :func:`shared_prefix_attention` known to transformers as ``ATTENTION_NAME``; returns the name.
+
+    Called on first use, not at import: importing turnwise changes nothing in transformers. Calling it
+    again changes nothing either.
+    """
+    if AttentionInterface().get(ATTENTION_NAME) is not shared_prefix_attention:
+        AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+    return ATTENTION_NAME
 
 
 @contextlib.contextmanager
 def prefix_attention(model, prefix_layers: list | None):
     """Run ``model`` with :func:`shared_prefix_attention` (over ``prefix_layers``, or none) for the duration."""
+    register_attention()
     config = model.config
     previous = config._attn_implementation
     token = _ACTIVE_PREFIX.set(prefix_layers)
