@@ -388,11 +388,11 @@ def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_si
 
         policy = load_model(str(policy))
     if isinstance(policy, tuple) and len(policy) == 2:
-        from pipeline.rollout.backends.hf import HFBackend
+        from pipeline.rollout.backends import build_backend
 
         model, tokenizer = policy
-        return RolloutEngine(HFBackend(model, tokenizer, temperature=0.0), tokenizer, max_new_tokens=max_new_tokens,
-                             max_total_tokens=max_total_tokens, batch_size=batch_size)
+        return RolloutEngine(build_backend("hf", model, tokenizer, temperature=0.0), tokenizer,
+                             max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch_size=batch_size)
     if callable(policy):
         return None
     raise TypeError(f"Cannot evaluate {policy!r}: pass a model name or path, a (model, tokenizer) pair, a "

@@ -31,7 +31,7 @@ from pipeline import advantages as adv
 from pipeline.envs import make_env
 from pipeline.envs.base import BUDGET_STOPS, STOP_MAX_TOKENS, STOP_MAX_TURNS, Task
 from pipeline.rollout import RolloutEngine
-from pipeline.rollout.backends.hf import HFBackend
+from pipeline.rollout.backends import backend_names, build_backend, check_backend_name
 from pipeline.rollout.backends.kv_cache import cache_argument, returned_cache, shared_prefix_length
 from pipeline.trajectory import Trajectory
 
@@ -65,8 +65,12 @@ class RolloutConfig:
         "help": "In the loss, run the prefix every episode of a batch shares (the system prompt) once instead of "
                 "once per episode; same log-probs and gradients. Off with gradient checkpointing or several "
                 "processes, where the plain forward runs."})
+    backend: str = field(default="hf", metadata={
+        "help": f"Generation backend for rollouts, by name: {', '.join(backend_names())} (pipeline.rollout.backends). "
+                "Rollouts must come from the model being trained, which hf does; vllm serves a fixed model."})
 
     def __post_init__(self) -> None:
+        check_backend_name(self.backend, "RolloutConfig.backend")
         if self.advantage not in EPISODE_ESTIMATORS + TURN_ESTIMATORS:
             raise ValueError(f"RolloutConfig.advantage={self.advantage!r} is not an estimator; use one of "
                              f"{', '.join(EPISODE_ESTIMATORS + TURN_ESTIMATORS)}.")
@@ -117,8 +121,8 @@ class EpisodeRollout:
         seeds = [self.seed * 1_000_003 + step * 7919 + hash_id(t.id) % 7919 for t in tasks]
         model = trainer.accelerator.unwrap_model(trainer.model)
         tokenizer = trainer.processing_class
-        backend = HFBackend(model, tokenizer, temperature=trainer.args.temperature, top_p=trainer.args.top_p,
-                            seed=seeds[0] if seeds else 0)
+        backend = build_backend(self.config.backend, model, tokenizer, temperature=trainer.args.temperature,
+                                top_p=trainer.args.top_p, seed=seeds[0] if seeds else 0)
         engine = RolloutEngine(backend, tokenizer, max_new_tokens=self.config.max_new_tokens,
                                max_total_tokens=self.config.max_total_tokens, batch_size=max(1, len(tasks)))
         was_training = model.training

@@ -27,6 +27,13 @@ class VLLMBackend:
 
     def __init__(self, model, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                  stop_token_ids: Sequence[int] | None = None, **llm_kwargs) -> None:
+        if not isinstance(model, str) and not hasattr(model, "get_tokenizer"):
+            raise TypeError(
+                f"VLLMBackend takes a vllm.LLM or a model name or path, got a {type(model).__name__}: vLLM loads "
+                "its own copy of the weights and does not follow a loaded model's (or a trainer's) updates. "
+                "Generate from a loaded model with the 'hf' backend (RolloutConfig.backend='hf'), or pass the "
+                "model's name or directory to serve that fixed policy with vLLM."
+            )
         try:
             import vllm
         except ImportError as err:
