@@ -32,6 +32,7 @@ def machine() -> dict:
 def main() -> None:
     from pipeline.envs import load_tasks
     from pipeline.evaluation import evaluate
+    from pipeline.report import save_report
     from pipeline.trajectory import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +57,7 @@ def main() -> None:
         "command": f"python benchmarks/baseline.py --tasks {args.tasks}",
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-    report.save(args.out.parent / "baseline_embedded_report")
+    save_report(report, args.out.parent / "baseline_embedded_report")
     print(json.dumps(result))
 
 

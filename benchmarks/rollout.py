@@ -61,10 +61,10 @@ def main() -> None:
     set_threads(args.threads)
     import torch
 
-    from pipeline.backends import HFBackend
     from pipeline.envs import load_tasks, make_env
     from pipeline.models import load_model
     from pipeline.rollout import RolloutEngine, run_policy
+    from pipeline.rollout.backends.hf import HFBackend
 
     model, tokenizer = load_model(args.model)
     model.eval()

@@ -19,7 +19,9 @@ environment seeds ``seed .. seed+n-1``, records one raw result per episode, and 
 ``evaluate_trajectories`` computes the same report from logged trajectories (their outcomes were
 recorded when they were played), and :func:`compare` pairs two reports episode by episode for the
 side-by-side mode: the paired difference in success with a paired-bootstrap interval, plus the
-transcripts on which the two disagree. Human-readable renderings live in :mod:`pipeline.report`.
+transcripts on which the two disagree. Human-readable renderings and report files live in
+:mod:`pipeline.report` (``render_markdown``, ``save_report``, ``write_report``), which reads this
+module's reports; this module never imports it, so the dependency runs one way.
 
 Determinism: the environment is seeded per episode, models decode greedily and scripted policies are
 pure functions of the conversation, so a given ``(policy, tasks, k, n, seed)`` always gives the same
@@ -29,7 +31,6 @@ through the seeded environment (the simulated customer's wording, persona draws)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -42,7 +43,7 @@ from typing import Any, Callable, Sequence
 from pipeline.envs import make_env
 from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task, field_correct
 from pipeline.rollout import RolloutEngine, run_policy
-from pipeline.trajectory import Trajectory, atomic_write_text, save_jsonl
+from pipeline.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -113,20 +114,6 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "metrics": self.metrics, "per_task": self.per_task, "episodes": self.episodes}
-
-    def to_markdown(self) -> str:
-        from pipeline.report import render_markdown
-
-        return render_markdown([self])
-
-    def save(self, out_dir: Path | str) -> dict[str, Path]:
-        """Write ``report.json``, ``report.md`` and ``trajectories.jsonl`` atomically."""
-        out = Path(out_dir)
-        paths = {"json": out / "report.json", "markdown": out / "report.md", "trajectories": out / "trajectories.jsonl"}
-        atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2) + "\n")
-        atomic_write_text(paths["markdown"], self.to_markdown())
-        save_jsonl(self.trajectories, paths["trajectories"])
-        return paths
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -388,11 +375,11 @@ def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_si
 
         policy = load_model(str(policy))
     if isinstance(policy, tuple) and len(policy) == 2:
-        from pipeline.backends import HFBackend
+        from pipeline.rollout.backends import build_backend
 
         model, tokenizer = policy
-        return RolloutEngine(HFBackend(model, tokenizer, temperature=0.0), tokenizer, max_new_tokens=max_new_tokens,
-                             max_total_tokens=max_total_tokens, batch_size=batch_size)
+        return RolloutEngine(build_backend("hf", model, tokenizer, temperature=0.0), tokenizer,
+                             max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch_size=batch_size)
     if callable(policy):
         return None
     raise TypeError(f"Cannot evaluate {policy!r}: pass a model name or path, a (model, tokenizer) pair, a "

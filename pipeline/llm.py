@@ -1,10 +1,11 @@
 """Chat LLM backends: one small protocol, three implementations, for judges and simulated users.
 
-The reward judge (:mod:`rewards.judge`) and the LLM customer (:mod:`pipeline.simulators.llm`) need a
+The reward judge (:mod:`rewards.judge`) and a domain's LLM customer (the customer-service domain's ``llm_customer``) need a
 model that answers a chat, not a policy being trained. :class:`LLMBackend` is that seam: ``chat(messages,
-max_tokens, temperature) -> str``, with messages in the HF/OpenAI chat format. Implementations:
+max_tokens, temperature) -> str``, with messages in the HF/OpenAI chat format. (The policy's own token-level
+generation backends are another seam: :mod:`pipeline.rollout.backends`.) Implementations:
 
-- :class:`HFBackend`: a local Hugging Face causal LM (an alias such as the embedded ``smollm2-135m``, a
+- :class:`HFChatBackend`: a local Hugging Face causal LM (an alias such as the embedded ``smollm2-135m``, a
   directory or a hub id), run with ``generate``;
 - :class:`BedrockBackend`: Amazon Bedrock through boto3's ``bedrock-runtime`` Converse API;
 - :class:`OpenAIBackend`: any OpenAI-compatible ``/chat/completions`` HTTP endpoint (vLLM, TGI,
@@ -117,7 +118,7 @@ class ScriptedBackend:
         return self.replies[(len(self.prompts) - 1) % len(self.replies)]
 
 
-class HFBackend:
+class HFChatBackend:
     """A local causal LM (alias, directory or hub id) answering with ``generate``; loads on first use."""
 
     name = "hf"
@@ -126,13 +127,13 @@ class HFBackend:
         self.model = str(model)
         self._loaded = (model_obj, tokenizer) if model_obj is not None else None
         if model_obj is not None and tokenizer is None:
-            raise ValueError("HFBackend: pass the tokenizer together with a loaded model.")
+            raise ValueError("HFChatBackend: pass the tokenizer together with a loaded model.")
 
     def __getstate__(self) -> dict:
         return {"model": self.model}
 
     def __setstate__(self, state: dict) -> None:
-        HFBackend.__init__(self, state["model"])
+        HFChatBackend.__init__(self, state["model"])
 
     def chat(self, messages: Sequence[dict], max_tokens: int = 256, temperature: float = 0.0) -> str:
         import torch
@@ -286,7 +287,7 @@ def make_backend(spec: "str | LLMBackend") -> LLMBackend:
         return spec
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
-        return HFBackend(rest)
+        return HFChatBackend(rest)
     if kind == "bedrock" and rest:
         return BedrockBackend(rest)
     if kind == "openai" and rest:

@@ -6,6 +6,10 @@ The numbers come from :mod:`pipeline.evaluation`; this module only lays them out
 files, so it can be mailed or attached to a job) and shows the transcripts on which the candidate and
 the base disagree: a candidate that wins by gaming its training reward shows it there first.
 
+:func:`save_report` writes one policy's report (``report.json``, ``report.md``, ``trajectories.jsonl``);
+:func:`write_report` writes several side by side, with the HTML page. Evaluation itself never renders:
+this module imports :mod:`pipeline.evaluation`, never the other way round.
+
 matplotlib draws the plots. It is an optional dependency (``pip install 'turnwise[report]'``),
 imported only when a plot is drawn, and used through its object API with the Agg canvas, so rendering
 touches no global pyplot state and needs no display.
@@ -484,6 +488,21 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "policy"
 
 
+def save_report(report: EvalReport, out_dir: Path | str) -> dict[str, Path]:
+    """Write one policy's report into ``out_dir``, each file atomically, and return the paths by name.
+
+    ``report.json`` is :meth:`EvalReport.to_dict`; ``report.md`` is :func:`render_markdown` of the report
+    alone; ``trajectories.jsonl`` holds its episodes. :func:`write_report` lays out several policies side
+    by side instead.
+    """
+    out = Path(out_dir)
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "trajectories": out / "trajectories.jsonl"}
+    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_text(paths["markdown"], render_markdown([report]))
+    save_jsonl(report.trajectories, paths["trajectories"])
+    return paths
+
+
 def write_report(out_dir: Path | str, reports: Sequence[EvalReport], comparison: Comparison | None = None,
                  rewards: Rewards | None = None, *, html_page: bool = True) -> dict[str, Path]:
     """Write the report for one or more policies into ``out_dir``.
@@ -518,4 +537,4 @@ def write_report(out_dir: Path | str, reports: Sequence[EvalReport], comparison:
 
 __all__ = ["INSTALL_HINT", "MissingReportDependency", "Rewards", "make_plots", "metric_rows", "plot_reward_vs_success",
            "plot_success_by_intent", "plot_turns_histogram", "render_html", "render_markdown", "render_text",
-           "rewards_from_metadata", "transcript_html", "write_report"]
+           "rewards_from_metadata", "save_report", "transcript_html", "write_report"]

@@ -28,10 +28,11 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from pipeline import advantages as adv
-from pipeline.backends import HFBackend, cache_argument, returned_cache, shared_prefix_length
 from pipeline.envs import make_env
 from pipeline.envs.base import BUDGET_STOPS, STOP_MAX_TOKENS, STOP_MAX_TURNS, Task
 from pipeline.rollout import RolloutEngine
+from pipeline.rollout.backends import backend_names, build_backend, check_backend_name
+from pipeline.rollout.backends.kv_cache import cache_argument, returned_cache, shared_prefix_length
 from pipeline.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,12 @@ class RolloutConfig:
         "help": "In the loss, run the prefix every episode of a batch shares (the system prompt) once instead of "
                 "once per episode; same log-probs and gradients. Off with gradient checkpointing or several "
                 "processes, where the plain forward runs."})
+    backend: str = field(default="hf", metadata={
+        "help": f"Generation backend for rollouts, by name: {', '.join(backend_names())} (pipeline.rollout.backends). "
+                "Rollouts must come from the model being trained, which hf does; vllm serves a fixed model."})
 
     def __post_init__(self) -> None:
+        check_backend_name(self.backend, "RolloutConfig.backend")
         if self.advantage not in EPISODE_ESTIMATORS + TURN_ESTIMATORS:
             raise ValueError(f"RolloutConfig.advantage={self.advantage!r} is not an estimator; use one of "
                              f"{', '.join(EPISODE_ESTIMATORS + TURN_ESTIMATORS)}.")
@@ -116,8 +121,8 @@ class EpisodeRollout:
         seeds = [self.seed * 1_000_003 + step * 7919 + hash_id(t.id) % 7919 for t in tasks]
         model = trainer.accelerator.unwrap_model(trainer.model)
         tokenizer = trainer.processing_class
-        backend = HFBackend(model, tokenizer, temperature=trainer.args.temperature, top_p=trainer.args.top_p,
-                            seed=seeds[0] if seeds else 0)
+        backend = build_backend(self.config.backend, model, tokenizer, temperature=trainer.args.temperature,
+                                top_p=trainer.args.top_p, seed=seeds[0] if seeds else 0)
         engine = RolloutEngine(backend, tokenizer, max_new_tokens=self.config.max_new_tokens,
                                max_total_tokens=self.config.max_total_tokens, batch_size=max(1, len(tasks)))
         was_training = model.training
@@ -350,7 +355,7 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     gives them, computing the first ``prefix`` tokens, which all rows' prompts share, once.
 
     ``input_ids`` is TRL's layout: left-padded prompts, then right-padded completions; ``prefix`` must be
-    shorter than every prompt (`pipeline.backends.shared_prefix_length` of the prompts' real tokens). The
+    shorter than every prompt (`pipeline.rollout.backends.kv_cache.shared_prefix_length` of the prompts' real tokens). The
     prefix goes through the decoder once with a KV cache; the cache is repeated over the rows and every
     row's remainder is run on top of it. Gradients reach the LoRA weights through the cached keys and
     values, so the result and its gradient equal the full forward's (positions differ by each row's left

@@ -179,10 +179,10 @@ def scripted_rollouts(policy: str | Callable[["Task", int], Callable[[list[dict]
 def model_rollouts(model: str, tasks: Sequence["Task"], k: int = 2, seed: int = 0, temperature: float = 1.0,
                    max_turns: int = 20, max_new_tokens: int = 128, batch_size: int = 16) -> list["Trajectory"]:
     """``k`` sampled episodes per task from a model (a name, path or hub id), as training would see them."""
-    from pipeline.backends import HFBackend
     from pipeline.envs import make_env
     from pipeline.models import load_model
     from pipeline.rollout import RolloutEngine
+    from pipeline.rollout.backends.hf import HFBackend
 
     loaded, tokenizer = load_model(model)
     engine = RolloutEngine(HFBackend(loaded, tokenizer, temperature=temperature, seed=seed), tokenizer,

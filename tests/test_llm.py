@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.llm import (
     BedrockBackend,
-    HFBackend,
+    HFChatBackend,
     LLMBackend,
     LLMBackendError,
     OpenAIBackend,
@@ -202,7 +202,7 @@ def test_scripted_backend_cycles_and_records() -> None:
 
 
 def test_make_backend_specs() -> None:
-    assert isinstance(make_backend("hf:smollm2-135m"), HFBackend)
+    assert isinstance(make_backend("hf:smollm2-135m"), HFChatBackend)
     assert make_backend("openai:m").base_url == "http://localhost:8000/v1"
     backend = ScriptedBackend(["x"])
     assert make_backend(backend) is backend

@@ -21,9 +21,11 @@ from pipeline.report import (
     render_markdown,
     render_text,
     rewards_from_metadata,
+    save_report,
     transcript_html,
     write_report,
 )
+from pipeline.trajectory import load_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -148,6 +150,17 @@ def test_write_report_writes_json_markdown_html_plots_and_trajectories(tmp_path:
     assert len((tmp_path / "trajectories" / "tuned.jsonl").read_text().splitlines()) == len(tuned.trajectories)
     with pytest.raises(ValueError, match="distinct"):
         write_report(tmp_path / "again", [tuned, tuned])
+
+
+def test_save_report_writes_one_policys_json_markdown_and_trajectories(tmp_path: Path, reports) -> None:
+    tuned = reports[0]
+    paths = save_report(tuned, tmp_path / "tuned")
+    assert sorted(p.name for p in (tmp_path / "tuned").iterdir()) == ["report.json", "report.md", "trajectories.jsonl"]
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(tuned.to_dict()))
+    assert paths["markdown"].read_text() == render_markdown([tuned])
+    assert paths["markdown"].read_text().startswith("# Evaluation: tuned")
+    saved = load_jsonl(paths["trajectories"])
+    assert [(t.task_id, t.seed, t.messages) for t in saved] == [(t.task_id, t.seed, t.messages) for t in tuned.trajectories]
 
 
 def test_missing_matplotlib_names_the_extra_to_install(reports, monkeypatch: pytest.MonkeyPatch,

@@ -13,11 +13,11 @@ import pytest
 import torch
 from trl import GRPOConfig, ModelConfig, SFTConfig
 
-from pipeline.backends import Generation
 from pipeline.config import TaskArguments
 from pipeline.envs import load_tasks, make_env
 from pipeline.models import load_model
 from pipeline.rollout import RolloutEngine
+from pipeline.rollout.backends import Generation
 from pipeline.sft import SFTArguments, demonstration_dataset, oracle_demonstrations, run_sft, tokenize_demonstration
 from pipeline.trainer import RolloutConfig, train
 

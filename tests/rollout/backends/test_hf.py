@@ -1,7 +1,8 @@
-"""Tests for the token-level rollout engine (pipeline/rollout.py RolloutEngine) and the HF backend.
+"""Tests for pipeline/rollout/backends/hf.py: HFBackend's KV-cache reuse, shared prefix and batching.
 
-A tiny random Llama with a byte-level tokenizer stands in for a model: these tests check token
-bookkeeping, not text quality. The environment is a small scripted one whose length we control.
+Every test compares what the backend samples against a reference that does none of the work being
+tested: a full forward pass over the whole sequence, a backend without cache reuse, or each prompt
+generated alone.
 """
 
 from __future__ import annotations
@@ -9,78 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backends import GenerationRequest, HFBackend
-from pipeline.envs import Task
-from pipeline.envs.base import Outcome, Step
-from pipeline.models import load_model
-from pipeline.rollout import RolloutEngine, TemplateError
-
-
-class EchoEnv:
-    """Answers every assistant message with a user message; ends after ``turns`` assistant turns."""
-
-    def __init__(self, turns: int = 5) -> None:
-        self.turns = turns
-
-    def reset(self, task: Task, seed: int = 0) -> list[dict]:
-        self.n, self.stop = 0, None
-        return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"hello {task.id}"}]
-
-    def step(self, assistant_text: str) -> Step:
-        self.n += 1
-        reply = [{"role": "user", "content": f"turn {self.n}: you wrote {len(assistant_text)} chars"}]
-        if self.n % 2 == 0:  # tool messages too, so both roles go through incremental rendering
-            reply.insert(0, {"role": "tool", "content": '{"ok": true}'})
-        if self.n >= self.turns:
-            self.stop = "resolved"
-        return Step(reply, self.stop is not None, {"turn": self.n - 1})
-
-    def outcome(self) -> Outcome:
-        return Outcome(success=False, completed=self.stop == "resolved", stop_reason=self.stop)
-
-    def mark_truncated(self) -> None:
-        self.stop = "max_tokens"
-
-
-def tasks(n: int) -> list[Task]:
-    return [Task(id=f"t{i}" * (i + 1), domain="echo", split="test", intents=["echo"], payload={}) for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model, tokenizer = load_model(str(tiny_model_dir))
-    model.eval()
-    return model, tokenizer
-
-
-def engine(tiny, temperature=1.0, reuse_cache=True, **kwargs) -> RolloutEngine:
-    model, tokenizer = tiny
-    backend = HFBackend(model, tokenizer, temperature=temperature, seed=0, reuse_cache=reuse_cache)
-    return RolloutEngine(backend, tokenizer, **{"max_new_tokens": 12, **kwargs})
-
-
-def test_trained_ids_are_the_sampled_ids_across_a_five_turn_episode(tiny):
-    """Each turn's span in the token sequence holds exactly the ids the backend sampled, the mask marks
-    exactly those spans, and the sequence decodes to the conversation as the chat template renders it."""
-    model, tokenizer = tiny
-    [traj] = engine(tiny).run(lambda t: EchoEnv(5), tasks(1))
-    data = traj.tokens
-    assert len(traj.turns) == 5 and len(data.turn_spans) == 5
-    assert len(data.input_ids) == len(data.assistant_mask) == len(data.logprobs)
-    on = set()
-    for turn, (start, end) in zip(traj.turns, data.turn_spans):
-        assert data.input_ids[start:end] == turn.completion_ids
-        assert data.logprobs[start:end] == turn.logprobs
-        on.update(range(start, end))
-    assert [i for i, m in enumerate(data.assistant_mask) if m] == sorted(on)
-    # The environment's tokens are the template's rendering of its messages, and nothing was re-tokenised.
-    last_env = len(traj.turns[-1].env_messages)
-    rendered = tokenizer.apply_chat_template(traj.messages[: len(traj.messages) - last_env], tokenize=False)
-    decoded = tokenizer.decode(data.input_ids)
-    assert rendered.startswith(decoded)
-    assert len(rendered) - len(decoded) <= len(tokenizer.eos_token + "\n")  # only the last turn's closing is left
-    assert tokenizer.decode(data.input_ids[: data.turn_spans[0][0]]) == tokenizer.apply_chat_template(
-        traj.messages[:2], tokenize=False, add_generation_prompt=True)
+from pipeline.rollout import RolloutEngine
+from pipeline.rollout.backends import GenerationRequest
+from pipeline.rollout.backends.hf import HFBackend, prefill_chunks
+from tests.rollout.envs_for_tests import EchoEnv, LongPromptEnv, engine, tasks
 
 
 def test_sampling_logprobs_match_a_full_forward_pass(tiny):
@@ -118,37 +51,6 @@ def test_cache_reuse_prefills_only_new_tokens(tiny):
     assert none.prefill_tokens > 2 * reuse.prefill_tokens
 
 
-def test_max_new_tokens_truncates_turns(tiny):
-    [traj] = engine(tiny, max_new_tokens=3).run(lambda t: EchoEnv(3), tasks(1))
-    for turn in traj.turns:
-        assert len(turn.completion_ids) <= 3
-        assert turn.truncated == (len(turn.completion_ids) == 3 and turn.completion_ids[-1] != tiny[1].eos_token_id)
-
-
-def test_total_token_budget_ends_the_episode_as_max_tokens(tiny):
-    """When the sequence reaches max_total_tokens the episode stops, reported as incomplete, and no turn
-    samples past the budget."""
-    [probe] = engine(tiny, max_new_tokens=8).run(lambda t: EchoEnv(1), tasks(1))
-    prompt_len = probe.tokens.turn_spans[0][0]
-    budget = prompt_len + 150  # room for two or three turns: 8 sampled + ~50 byte-level env tokens each
-    [traj] = engine(tiny, max_new_tokens=8, max_total_tokens=budget).run(lambda t: EchoEnv(50), tasks(1))
-    assert (traj.outcome.stop_reason, traj.outcome.completed) == ("max_tokens", False)
-    assert 1 < len(traj.turns) < 50
-    assert all(end <= budget for _, end in traj.tokens.turn_spans)
-
-
-def test_a_template_that_rewrites_history_is_refused(tiny):
-    """Incremental tokenisation needs a prefix-preserving template; anything else is a clear error."""
-    model, tokenizer = tiny
-    rewriting = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    rewriting.chat_template = ("{% for m in messages %}{% if loop.last or m.role != 'assistant' %}<|im_start|>"
-                               "{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
-                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    backend = HFBackend(model, rewriting, temperature=0.0)
-    with pytest.raises(TemplateError, match="prefix"):
-        RolloutEngine(backend, rewriting, max_new_tokens=4).run(lambda t: EchoEnv(3), tasks(1))
-
-
 def test_backend_honours_per_request_token_limits(tiny):
     model, tokenizer = tiny
     backend = HFBackend(model, tokenizer, temperature=1.0, seed=3)
@@ -172,15 +74,6 @@ def test_new_episodes_share_the_cached_system_prompt(tiny):
     assert alone.prefill_tokens == 4 * 62
 
 
-class LongPromptEnv(EchoEnv):
-    """EchoEnv behind a long system prompt that every episode shares, as real domains have."""
-
-    def reset(self, task: Task, seed: int = 0) -> list[dict]:
-        messages = super().reset(task, seed)
-        messages[0]["content"] = "You are a careful support agent. Follow the policy. " * 4
-        return messages
-
-
 def test_shared_prefix_attention_matches_a_full_forward_pass(tiny):
     """Episodes that share a long system prompt attend to one stored copy of it across every turn, and
     what they sample is what the model gives on the whole sequence: logprobs match a full forward pass
@@ -188,7 +81,7 @@ def test_shared_prefix_attention_matches_a_full_forward_pass(tiny):
     model, tokenizer = tiny
     eng = engine(tiny)
     trajs = eng.run(lambda t: LongPromptEnv(4), tasks(3))
-    assert eng.backend._prefix is not None and len(eng.backend._prefix.ids) > 100
+    assert eng.backend.caches.prefix is not None and len(eng.backend.caches.prefix.ids) > 100
     for traj in trajs:
         ids = torch.tensor([traj.tokens.input_ids])
         with torch.no_grad():
@@ -219,14 +112,21 @@ def test_episodes_on_different_shared_prefixes_can_share_a_batch(tiny):
 def test_rows_of_very_different_lengths_prefill_in_separate_passes(tiny):
     """A long prompt and short ones in one call prefill in separate passes (no padding of the short rows
     to the long one), write into one decode batch, and sample what each samples alone, in request order."""
-    from pipeline.backends import _prefill_chunks
-
     model, tokenizer = tiny
     prompts = [[5 + i for i in range(4)], [7 + i % 90 for i in range(300)], [9, 10, 11]]
-    assert len(_prefill_chunks(sorted(map(len, prompts)))) == 2
+    assert len(prefill_chunks(sorted(map(len, prompts)))) == 2
     together = HFBackend(model, tokenizer, temperature=0.0).generate(
         [GenerationRequest(i, p, 5) for i, p in enumerate(prompts)])
     alone = [HFBackend(model, tokenizer, temperature=0.0).generate([GenerationRequest(0, p, 5)])[0] for p in prompts]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     for a, b in zip(together, alone):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_doctests():
+    import doctest
+
+    import pipeline.rollout.backends.hf as hf
+
+    result = doctest.testmod(hf)
+    assert result.attempted and not result.failed

@@ -1,4 +1,4 @@
-"""Tests for pipeline/rollout.py: run_policy and run_batched with scripted policies."""
+"""Tests for pipeline/rollout/policies.py: run_policy and run_batched with scripted policies."""
 
 from __future__ import annotations
 

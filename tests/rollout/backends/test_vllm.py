@@ -1,5 +1,5 @@
-"""Tests for the backend protocol seam (pipeline/backends.py): the vLLM backend through a stand-in vllm
-module, driven by the real rollout engine, and its error when vllm is missing.
+"""Tests for pipeline/rollout/backends/vllm.py, the backend protocol seam: the vLLM backend through a
+stand-in vllm module, driven by the real rollout engine, and its error when vllm is missing.
 
 No GPU or vllm install is needed: ``FakeVLLM`` plays vllm's ``LLM.generate`` with a deterministic
 "model" that samples from token ids, and records every prompt it was given.
@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.backends import GenerationBackend, VLLMBackend
 from pipeline.rollout import RolloutEngine
-
-from tests.test_rollout_engine import EchoEnv, tasks
+from pipeline.rollout.backends import GenerationBackend, build_backend
+from pipeline.rollout.backends.vllm import VLLMBackend
+from tests.rollout.envs_for_tests import EchoEnv, tasks
 
 
 class FakeLLM:
@@ -93,3 +93,12 @@ def test_vllm_backend_without_vllm_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(ImportError, match="pip install vllm"):
         VLLMBackend("some/model")
+
+
+def test_build_backend_vllm_serves_a_vllm_llm(fake_vllm, tokenizer):
+    """By name, "vllm" wraps the given vllm.LLM with the sampling settings (the tokenizer comes from vLLM)."""
+    llm = FakeLLM(tokenizer)
+    backend = build_backend("vllm", llm, None, temperature=0.5, top_p=0.9, seed=3)
+    assert isinstance(backend, VLLMBackend) and backend.llm is llm
+    assert (backend.temperature, backend.top_p, backend.seed) == (0.5, 0.9, 3)
+    assert backend.stop_token_ids == {tokenizer.eos_token_id}
