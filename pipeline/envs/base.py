@@ -22,6 +22,8 @@ from pipeline.chat import (
     ToolCall,
     ToolCallError,
     ToolError,
+    echo,
+    message_too_long,
     parse_tool_calls,
     tool_error_message,
     tool_result_message,
@@ -207,12 +209,16 @@ class ToolEnvironment:
             return Step([], True, {"error": "step() called before reset(); call reset(task) first."})
         if self.done:
             return Step([], True, {"error": "the episode has ended; call reset() to start another."})
-        if not isinstance(assistant_text, str):
-            assistant_text = "" if assistant_text is None else str(assistant_text)
+        assistant_text = _plain_text(assistant_text)
         turn = self.turn
         info: dict[str, Any] = {"turn": turn}
-        calls = parse_tool_calls(assistant_text)
-        if calls:
+        too_long = message_too_long(assistant_text)
+        calls = parse_tool_calls(assistant_text) if too_long is None else []
+        if too_long is not None:  # not read at all: neither the tools nor the user see it
+            info["kind"] = "too_long"
+            info["tool_calls"], info["tool_errors"] = [], [_error_record(too_long)]
+            messages, stop = [tool_error_message(too_long)], None
+        elif calls:
             messages = self._run_tools(calls, turn, info)
             stop = None
         else:
@@ -250,30 +256,40 @@ class ToolEnvironment:
         messages = []
         for call in calls:
             result = self._call(call, turn) if isinstance(call, ToolCall) else call
-            if isinstance(result, ToolCallError):
-                info["tool_errors"].append({"kind": result.kind, "name": result.name, "message": result.message})
-                messages.append(tool_error_message(result))
-            else:
-                info["tool_calls"].append({"name": call.name, "arguments": call.arguments})
-                messages.append(tool_result_message(call.name, result))
+            if not isinstance(result, ToolCallError):
+                try:
+                    message = tool_result_message(call.name, result)
+                except (TypeError, ValueError, RecursionError) as exc:  # a set, bytes, a value holding itself
+                    logger.warning("tool %s returned a result that is not JSON: %s: %s", call.name,
+                                   type(exc).__name__, _describe(exc))
+                    result = ToolCallError("tool_exception", f"{call.name} returned a result that cannot be sent "
+                                           f"as JSON ({type(exc).__name__}: {echo(str(exc), 120)}).", call.name)
+                else:
+                    info["tool_calls"].append({"name": call.name, "arguments": call.arguments})
+                    messages.append(message)
+                    continue
+            info["tool_errors"].append(_error_record(result))
+            messages.append(tool_error_message(result))
         return messages
 
     def _call(self, call: ToolCall, turn: int) -> Any:
         spec = self._tool_table.get(call.name)
         if spec is None:
             known = ", ".join(self._tool_table)
-            return ToolCallError("unknown_tool", f"Unknown tool {call.name!r}. Available tools: {known}.", call.name)
-        problem = validate_arguments(call.arguments, spec.schema)
-        if problem:
-            return ToolCallError("invalid_arguments", f"{call.name}: {problem}", call.name)
+            return ToolCallError("unknown_tool", f"Unknown tool {echo(call.name)}. Available tools: {known}.",
+                                 call.name[:64])
         try:
+            problem = validate_arguments(call.arguments, spec.schema)
+            if problem:
+                return ToolCallError("invalid_arguments", f"{call.name}: {problem}", call.name)
             self._before_tool(call, spec, turn)
             return spec.fn(**call.arguments)
         except ToolError as exc:
             return ToolCallError("rejected", str(exc), call.name)
         except Exception as exc:  # noqa: BLE001 - tool bugs become tool errors, never escape
-            logger.warning("tool %s raised %s: %s", call.name, type(exc).__name__, exc)
-            return ToolCallError("tool_exception", f"{call.name} failed: {type(exc).__name__}: {exc}", call.name)
+            logger.warning("tool %s raised %s: %s", call.name, type(exc).__name__, _describe(exc))
+            return ToolCallError("tool_exception", f"{call.name} failed: {type(exc).__name__}: {_describe(exc)}",
+                                 call.name)
 
     # -- domain hooks ---------------------------------------------------------------------------
     def _setup(self, task: Task, seed: int) -> list[dict]:
@@ -293,3 +309,29 @@ class ToolEnvironment:
 
     def _before_tool(self, call: ToolCall, spec: Tool, turn: int) -> None:
         return None
+
+
+def _plain_text(value: Any) -> str:
+    """What ``step`` reads from a policy's reply: a plain ``str`` (a subclass's overrides are not trusted)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return str.__str__(value)
+    try:
+        return str.__str__(str(value))
+    except Exception as exc:  # noqa: BLE001 - a policy's odd return value must not end the rollout
+        return f"<a {type(value).__name__} that cannot be shown as text: {type(exc).__name__}>"
+
+
+def _error_record(error: ToolCallError) -> dict[str, Any]:
+    return {"kind": error.kind, "name": error.name, "message": error.message}
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception's message for a tool error, clipped (a tool may echo a huge argument in it)."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ raises still gets reported
+        return "(no message)"
+    return text if len(text) <= 500 else text[:500] + f"... ({len(text)} characters)"
+
