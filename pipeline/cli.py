@@ -61,7 +61,8 @@ def add_model_parser(subparsers: Subparsers) -> None:
         "prepare",
         help="convert the embedded GGUF model into a cached checkpoint (once; ~30 s)",
         description="Convert the embedded model into a checkpoint in the cache. Does nothing if it is "
-        "already prepared. Safe to interrupt: an unfinished conversion is never loaded.",
+        "already prepared and intact (every file's size and SHA-256 match the record); a damaged checkpoint is "
+        "prepared again. Safe to interrupt: an unfinished conversion is never loaded.",
     )
     add_common(prepare)
     prepare.add_argument("--force", action="store_true", help="convert again, replacing the checkpoint")
@@ -77,11 +78,15 @@ def add_model_parser(subparsers: Subparsers) -> None:
 
 
 def run_model_prepare(args: argparse.Namespace) -> int:
-    from pipeline.models import embedded_model_path, is_prepared, prepare_embedded_model
+    from pipeline.models import check_prepared, embedded_model_path, prepare_embedded_model
 
-    was_prepared = not args.force and is_prepared(embedded_model_path(args.model, args.cache_dir))
+    path = embedded_model_path(args.model, args.cache_dir)
+    # Verified by size and SHA-256: "already prepared" is never said over damaged files.
+    problem = None if args.force else check_prepared(path, hashes=True)
+    if problem is not None and (path.exists() or path.is_symlink()):
+        print(f"the prepared checkpoint at {path} is damaged ({problem}); preparing it again", file=sys.stderr)
     path = prepare_embedded_model(args.cache_dir, force=args.force, name=args.model)
-    print(f"{'already prepared' if was_prepared else 'prepared'}: {path}")
+    print(f"{'prepared' if args.force or problem is not None else 'already prepared'}: {path}")
     return 0
 
 
