@@ -164,7 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 #: Scripted policies ``--policy``, ``--base`` and ``--reference`` know by name (a factory task -> policy
-#: can also be named as ``MODULE:FUNCTION``).
+#: can also be named as ``MODULE:FUNCTION``, if it is declared with ``pipeline.plugins.declare_policy_factory``).
 SCRIPTED_POLICIES = ("oracle",)
 
 
@@ -187,7 +187,8 @@ def add_eval_parser(subparsers: Subparsers) -> None:
     )
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="the model to evaluate: alias, local directory or hub id")
-    who.add_argument("--policy", help="a scripted policy instead of a model: 'oracle' or MODULE:FUNCTION")
+    who.add_argument("--policy", help="a scripted policy instead of a model: 'oracle' or MODULE:FUNCTION (a factory "
+                     "declared with @pipeline.plugins.declare_policy_factory)")
     who.add_argument("--trajectories", metavar="FILE.jsonl",
                      help="evaluate logged trajectories from their recorded outcomes (no model is run)")
     parser.add_argument("--base", metavar="SPEC", help="side by side: compare against this policy on the same tasks "
@@ -229,6 +230,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.policy and args.policy not in SCRIPTED_POLICIES and ":" not in args.policy:
         raise ValueError(f"unknown scripted policy {args.policy!r}: use {', '.join(SCRIPTED_POLICIES)} or "
                          "MODULE:FUNCTION (a factory task -> policy); for a model, use --model.")
+    for spec in (args.policy, args.base, *args.reference):  # checked before any task loads or any policy runs
+        if spec and ":" in spec and not (spec.endswith(".jsonl") or Path(spec).is_file()):
+            _scripted_policy(spec)
     logged = load_jsonl(args.trajectories) if args.trajectories else None
     tasks, ids = _eval_tasks(args, logged)
     specs = [("candidate", args.model or args.policy or args.trajectories)]
@@ -300,22 +304,18 @@ def _evaluate_spec(spec: str, tasks: list, ids: list[str], n: int, args: argpars
 
 
 def _scripted_policy(spec: str) -> Callable:
-    """``oracle``, or ``MODULE:FUNCTION`` naming a factory ``task -> (messages -> str)``."""
-    import importlib
+    """``oracle``, or ``MODULE:FUNCTION`` naming a factory ``task -> (messages -> str)`` that its module declares
+    with ``@pipeline.plugins.declare_policy_factory`` (so that ``--policy os:system`` runs nothing)."""
+    from pipeline.plugins import POLICY_FACTORY, NotDeclaredError, load_declared
 
     if spec == "oracle":
         from pipeline.envs import oracle_policy
 
         return oracle_policy
-    module_name, _, attr = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load the scripted policy {spec!r} ({exc}); name 'oracle' or MODULE:FUNCTION with "
-                         "MODULE importable (on PYTHONPATH).") from None
-    if not callable(factory):
-        raise ValueError(f"{spec!r} is not callable; it must be a factory task -> (messages -> str).")
-    return factory
+        return load_declared(spec, POLICY_FACTORY)
+    except NotDeclaredError as exc:
+        raise ValueError(f"cannot load the scripted policy: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
