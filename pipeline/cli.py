@@ -210,7 +210,8 @@ def add_eval_parser(subparsers: Subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="token budget per model turn")
     parser.add_argument("--max-total-tokens", type=int, default=8192, help="token budget per model episode")
     parser.add_argument("--batch-size", type=int, default=16, help="model episodes generated together")
-    parser.add_argument("--bootstrap", type=int, default=10_000, metavar="B", help="bootstrap resamples for --base")
+    parser.add_argument("--bootstrap", type=int, default=10_000, metavar="B", help="bootstrap resamples for --base "
+                        "(at least 1; default 10000)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write report.json, report.md, report.html, plots/ and trajectories/ here")
     parser.add_argument("--no-html", action="store_true", help="with --out, skip the HTML page and plots")
@@ -230,6 +231,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.policy and args.policy not in SCRIPTED_POLICIES and ":" not in args.policy:
         raise ValueError(f"unknown scripted policy {args.policy!r}: use {', '.join(SCRIPTED_POLICIES)} or "
                          "MODULE:FUNCTION (a factory task -> policy); for a model, use --model.")
+    if args.bootstrap < 1:
+        raise ValueError(f"--bootstrap must be at least 1 (resamples of the paired difference), got {args.bootstrap}; "
+                         "the default is 10000.")
     for spec in (args.policy, args.base, *args.reference):  # checked before any task loads or any policy runs
         if spec and ":" in spec and not (spec.endswith(".jsonl") or Path(spec).is_file()):
             _scripted_policy(spec)
