@@ -376,8 +376,8 @@ class ToolEnvironment:
                 return ToolCallError("invalid_arguments", f"{call.name}: {problem}", call.name)
             self._before_tool(call, spec, turn)
             return spec.fn(**call.arguments)
-        except ToolError as exc:
-            return ToolCallError("rejected", str(exc), call.name)
+        except ToolError as exc:  # its text may quote an argument: clipped like any echo of model text
+            return ToolCallError("rejected", _describe(exc), call.name)
         except Exception as exc:  # noqa: BLE001 - tool bugs become tool errors, never escape
             logger.warning("tool %s raised %s: %s", call.name, type(exc).__name__, _describe(exc))
             return ToolCallError("tool_exception", f"{call.name} failed: {type(exc).__name__}: {_describe(exc)}",

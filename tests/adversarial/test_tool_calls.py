@@ -57,6 +57,15 @@ class HostileTools:
         return text
 
     @tool()
+    def lookup(self, order_id: str) -> dict:
+        """Look an order up; the refusal quotes the id.
+
+        Args:
+            order_id: The order id.
+        """
+        raise ToolError(f"no order {order_id}")
+
+    @tool()
     def tags(self) -> set:
         """Return a set (not JSON)."""
         return {"a", "b"}
@@ -238,6 +247,14 @@ def test_a_tool_exception_with_a_huge_message_is_clipped(toy):
     (body,) = tool_bodies(step)
     assert body["error_type"] == "tool_exception" and "characters)" in body["error"]
     assert len(step.messages[0]["content"]) < 1000
+
+
+def test_a_refusal_that_quotes_a_huge_argument_is_clipped(toy):
+    """A tool's refusal may quote the argument ("no order X"); a 60,000-character id is not sent back whole."""
+    step = toy.step(call(json.dumps({"name": "lookup", "arguments": {"order_id": "W" * 60_000}})))
+    (body,) = tool_bodies(step)
+    assert body["error_type"] == "rejected" and body["error"].startswith("no order WWW")
+    assert len(step.messages[0]["content"]) < 1500
 
 
 def test_nul_bytes_and_lone_surrogates_go_through_and_the_episode_still_saves(toy, tmp_path):
