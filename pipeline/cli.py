@@ -61,7 +61,8 @@ def add_model_parser(subparsers: Subparsers) -> None:
         "prepare",
         help="convert the embedded GGUF model into a cached checkpoint (once; ~30 s)",
         description="Convert the embedded model into a checkpoint in the cache. Does nothing if it is "
-        "already prepared. Safe to interrupt: an unfinished conversion is never loaded.",
+        "already prepared and intact (every file's size and SHA-256 match the record); a damaged checkpoint is "
+        "prepared again. Safe to interrupt: an unfinished conversion is never loaded.",
     )
     add_common(prepare)
     prepare.add_argument("--force", action="store_true", help="convert again, replacing the checkpoint")
@@ -77,11 +78,15 @@ def add_model_parser(subparsers: Subparsers) -> None:
 
 
 def run_model_prepare(args: argparse.Namespace) -> int:
-    from pipeline.models import embedded_model_path, is_prepared, prepare_embedded_model
+    from pipeline.models import check_prepared, embedded_model_path, prepare_embedded_model
 
-    was_prepared = not args.force and is_prepared(embedded_model_path(args.model, args.cache_dir))
+    path = embedded_model_path(args.model, args.cache_dir)
+    # Verified by size and SHA-256: "already prepared" is never said over damaged files.
+    problem = None if args.force else check_prepared(path, hashes=True)
+    if problem is not None and (path.exists() or path.is_symlink()):
+        print(f"the prepared checkpoint at {path} is damaged ({problem}); preparing it again", file=sys.stderr)
     path = prepare_embedded_model(args.cache_dir, force=args.force, name=args.model)
-    print(f"{'already prepared' if was_prepared else 'prepared'}: {path}")
+    print(f"{'prepared' if args.force or problem is not None else 'already prepared'}: {path}")
     return 0
 
 
@@ -159,7 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 #: Scripted policies ``--policy``, ``--base`` and ``--reference`` know by name (a factory task -> policy
-#: can also be named as ``MODULE:FUNCTION``).
+#: can also be named as ``MODULE:FUNCTION``, if it is declared with ``pipeline.plugins.declare_policy_factory``).
 SCRIPTED_POLICIES = ("oracle",)
 
 
@@ -182,7 +187,8 @@ def add_eval_parser(subparsers: Subparsers) -> None:
     )
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="the model to evaluate: alias, local directory or hub id")
-    who.add_argument("--policy", help="a scripted policy instead of a model: 'oracle' or MODULE:FUNCTION")
+    who.add_argument("--policy", help="a scripted policy instead of a model: 'oracle' or MODULE:FUNCTION (a factory "
+                     "declared with @pipeline.plugins.declare_policy_factory)")
     who.add_argument("--trajectories", metavar="FILE.jsonl",
                      help="evaluate logged trajectories from their recorded outcomes (no model is run)")
     parser.add_argument("--base", metavar="SPEC", help="side by side: compare against this policy on the same tasks "
@@ -204,7 +210,8 @@ def add_eval_parser(subparsers: Subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="token budget per model turn")
     parser.add_argument("--max-total-tokens", type=int, default=8192, help="token budget per model episode")
     parser.add_argument("--batch-size", type=int, default=16, help="model episodes generated together")
-    parser.add_argument("--bootstrap", type=int, default=10_000, metavar="B", help="bootstrap resamples for --base")
+    parser.add_argument("--bootstrap", type=int, default=10_000, metavar="B", help="bootstrap resamples for --base "
+                        "(at least 1; default 10000)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write report.json, report.md, report.html, plots/ and trajectories/ here")
     parser.add_argument("--no-html", action="store_true", help="with --out, skip the HTML page and plots")
@@ -224,6 +231,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.policy and args.policy not in SCRIPTED_POLICIES and ":" not in args.policy:
         raise ValueError(f"unknown scripted policy {args.policy!r}: use {', '.join(SCRIPTED_POLICIES)} or "
                          "MODULE:FUNCTION (a factory task -> policy); for a model, use --model.")
+    if args.bootstrap < 1:
+        raise ValueError(f"--bootstrap must be at least 1 (resamples of the paired difference), got {args.bootstrap}; "
+                         "the default is 10000.")
+    for spec in (args.policy, args.base, *args.reference):  # checked before any task loads or any policy runs
+        if spec and ":" in spec and not (spec.endswith(".jsonl") or Path(spec).is_file()):
+            _scripted_policy(spec)
     logged = load_jsonl(args.trajectories) if args.trajectories else None
     tasks, ids = _eval_tasks(args, logged)
     specs = [("candidate", args.model or args.policy or args.trajectories)]
@@ -295,22 +308,18 @@ def _evaluate_spec(spec: str, tasks: list, ids: list[str], n: int, args: argpars
 
 
 def _scripted_policy(spec: str) -> Callable:
-    """``oracle``, or ``MODULE:FUNCTION`` naming a factory ``task -> (messages -> str)``."""
-    import importlib
+    """``oracle``, or ``MODULE:FUNCTION`` naming a factory ``task -> (messages -> str)`` that its module declares
+    with ``@pipeline.plugins.declare_policy_factory`` (so that ``--policy os:system`` runs nothing)."""
+    from pipeline.plugins import POLICY_FACTORY, NotDeclaredError, load_declared
 
     if spec == "oracle":
         from pipeline.envs import oracle_policy
 
         return oracle_policy
-    module_name, _, attr = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load the scripted policy {spec!r} ({exc}); name 'oracle' or MODULE:FUNCTION with "
-                         "MODULE importable (on PYTHONPATH).") from None
-    if not callable(factory):
-        raise ValueError(f"{spec!r} is not callable; it must be a factory task -> (messages -> str).")
-    return factory
+        return load_declared(spec, POLICY_FACTORY)
+    except NotDeclaredError as exc:
+        raise ValueError(f"cannot load the scripted policy: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -484,6 +484,11 @@ def compare(candidate: EvalReport, base: EvalReport, *, n_boot: int = 10_000, co
     """
     import numpy as np
 
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be a whole number of bootstrap resamples, at least 1, got {n_boot!r}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1 (0.95 for a 95% interval), got {confidence!r}.")
+
     def keyed(report: EvalReport) -> dict[tuple[str, int, int], Trajectory]:
         seen: Counter = Counter()
         out = {}

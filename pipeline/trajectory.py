@@ -8,13 +8,14 @@ produced it, the token-level data the trainer consumes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from pipeline.envs.base import Outcome
+from pipeline.envs.base import Outcome, RecordError, check_record, check_type, json_kind
 
 
 @dataclass
@@ -34,6 +35,22 @@ class Turn:
     logprobs: list[float] | None = None
     truncated: bool = False
 
+    @classmethod
+    def from_dict(cls, row: Any, where: str = "turn") -> "Turn":
+        """A turn from a JSON record, type-checked; :class:`~pipeline.envs.base.RecordError` names the field."""
+        record = check_record(row, where, required=("index", "assistant", "env_messages"),
+                              optional=("info", "completion_ids", "logprobs", "truncated"))
+        if check_type(record["index"], int, f"{where}.index") < 0:
+            raise RecordError(f"{where}.index: expected a turn index (0 or more), got {record['index']}.")
+        check_type(record["assistant"], str, f"{where}.assistant")
+        check_messages(record["env_messages"], f"{where}.env_messages")
+        check_type(record.get("info", {}), dict, f"{where}.info")
+        for key, kind in (("completion_ids", int), ("logprobs", float)):
+            if record.get(key) is not None:
+                _check_items(check_type(record[key], list, f"{where}.{key}"), kind, f"{where}.{key}")
+        check_type(record.get("truncated", False), bool, f"{where}.truncated")
+        return cls(**record)
+
 
 @dataclass
 class TokenData:
@@ -49,6 +66,30 @@ class TokenData:
     assistant_mask: list[int]
     logprobs: list[float]
     turn_spans: list[tuple[int, int]]
+
+    @classmethod
+    def from_dict(cls, row: Any, where: str = "tokens") -> "TokenData":
+        """Token data from a JSON record, type-checked (lengths agree; spans are ``[start, end)`` pairs)."""
+        fields = ("input_ids", "assistant_mask", "logprobs", "turn_spans")
+        record = check_record(row, where, required=fields)
+        _check_items(check_type(record["input_ids"], list, f"{where}.input_ids"), int, f"{where}.input_ids")
+        _check_items(check_type(record["assistant_mask"], list, f"{where}.assistant_mask"), int,
+                     f"{where}.assistant_mask")
+        _check_items(check_type(record["logprobs"], list, f"{where}.logprobs"), float, f"{where}.logprobs")
+        lengths = {len(record[k]) for k in fields[:3]}
+        if len(lengths) > 1:
+            raise RecordError(f"{where}: input_ids, assistant_mask and logprobs must have one length, got "
+                              f"{', '.join(str(len(record[k])) for k in fields[:3])}.")
+        spans = []
+        for i, span in enumerate(check_type(record["turn_spans"], list, f"{where}.turn_spans")):
+            if not (isinstance(span, list) and len(span) == 2):
+                raise RecordError(f"{where}.turn_spans[{i}]: expected [start, end], got {json_kind(span)}.")
+            start, end = (check_type(x, int, f"{where}.turn_spans[{i}]") for x in span)
+            if not 0 <= start <= end <= len(record["input_ids"]):
+                raise RecordError(f"{where}.turn_spans[{i}]: [{start}, {end}] is not a span of the "
+                                  f"{len(record['input_ids'])} tokens.")
+            spans.append((start, end))
+        return cls(list(record["input_ids"]), list(record["assistant_mask"]), list(record["logprobs"]), spans)
 
 
 @dataclass
@@ -69,18 +110,26 @@ class Trajectory:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> "Trajectory":
-        tokens = row.get("tokens")
-        if tokens is not None:
-            tokens = TokenData(**{**tokens, "turn_spans": [tuple(s) for s in tokens["turn_spans"]]})
+    def from_dict(cls, row: Any) -> "Trajectory":
+        """A trajectory from a JSON record (what :meth:`to_dict` writes), with every field type-checked.
+
+        Raises :class:`~pipeline.envs.base.RecordError` naming the field, e.g. ``outcome.success`` or
+        ``turns[2].assistant``. Keys it does not know are ignored.
+        """
+        record = check_record(row, "trajectory", required=("task_id", "messages", "turns", "outcome"),
+                              allow_unknown=True)
+        check_type(record["task_id"], str, "task_id")
+        messages = check_messages(record["messages"], "messages")
+        turns = [Turn.from_dict(t, f"turns[{i}]") for i, t in enumerate(check_type(record["turns"], list, "turns"))]
+        tokens = record.get("tokens")
         return cls(
-            task_id=row["task_id"],
-            messages=row["messages"],
-            turns=[Turn(**t) for t in row["turns"]],
-            outcome=Outcome.from_dict(row["outcome"]),
-            seed=row.get("seed", 0),
-            tokens=tokens,
-            metadata=row.get("metadata", {}),
+            task_id=record["task_id"],
+            messages=messages,
+            turns=turns,
+            outcome=Outcome.from_dict(record["outcome"], "outcome"),
+            seed=check_seed(record.get("seed", 0)),
+            tokens=None if tokens is None else TokenData.from_dict(tokens),
+            metadata=check_type(record.get("metadata", {}), dict, "metadata"),
         )
 
 
@@ -103,20 +152,66 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         raise
 
 
+def check_messages(messages: Any, where: str = "messages") -> list[dict]:
+    """``messages`` if it is a list of chat messages (objects with a string ``role`` and ``content``)."""
+    for i, message in enumerate(check_type(messages, list, where)):
+        check_record(message, f"{where}[{i}]", required=("role", "content"), allow_unknown=True)
+        check_type(message["role"], str, f"{where}[{i}].role")
+        check_type(message["content"], str, f"{where}[{i}].content")
+    return messages
+
+
+def check_seed(seed: Any, where: str = "seed") -> int:
+    """An episode seed read from a file: an integer (``Infinity``, ``1.5`` and ``"3"`` are errors)."""
+    return check_type(seed, int, where)
+
+
+def _check_items(values: list, kind: type, where: str) -> None:
+    # One pass of type() checks; the slower check_type only runs to describe the first bad item.
+    allowed = (int, float) if kind is float else (int,)
+    for i, value in enumerate(values):
+        if type(value) not in allowed or (kind is float and not math.isfinite(value)):
+            check_type(value, kind, f"{where}[{i}]")
+            raise RecordError(f"{where}[{i}]: expected a finite number, got {json_kind(value)}.")
+
+
 def save_jsonl(trajectories: Iterable[Trajectory], path: Path | str) -> None:
     atomic_write_text(path, "".join(json.dumps(t.to_dict()) + "\n" for t in trajectories))
 
 
-def load_jsonl(path: Path | str) -> list[Trajectory]:
-    out = []
-    with Path(path).open() as f:
-        for lineno, line in enumerate(f, start=1):
+def read_json_lines(path: Path | str) -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded JSON)`` for each non-blank line of a JSONL file.
+
+    Raises ``ValueError`` naming the file and line for a line that is not UTF-8 or not JSON (including
+    JSON nested too deeply for Python to decode, or an integer too long to convert).
+    """
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}, line {lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                 f"{exc.start + 1}); save the file as UTF-8.") from None
             if not line.strip():
                 continue
             try:
-                out.append(Trajectory.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}, line {lineno}: not a trajectory record ({exc}).") from None
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+            except RecursionError:
+                raise ValueError(f"{path}, line {lineno}: the JSON is nested too deeply to read.") from None
+            except ValueError as exc:  # Python's integer-conversion limit, ...
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc}).") from None
+
+
+def load_jsonl(path: Path | str) -> list[Trajectory]:
+    """Read trajectories written by :func:`save_jsonl`; a bad line raises ``ValueError`` naming file, line and field."""
+    out = []
+    for lineno, row in read_json_lines(path):
+        try:
+            out.append(Trajectory.from_dict(row))
+        except RecordError as exc:
+            raise ValueError(f"{path}, line {lineno}: not a trajectory record: {exc}") from None
     return out
 
 

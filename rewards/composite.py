@@ -10,7 +10,14 @@ A reward config lists named scorers with weights and parameters::
       - {name: politeness, scorer: politeness, weight: 0.0}   # weight 0: a metric only
 
 ``scorer`` is a name from :data:`SCORERS` or an import path ``"package.module:attr"``; ``params`` are
-passed to a scorer class. For one trajectory with ``T`` assistant turns::
+passed to a scorer class. An import path must name a scorer its author declared with
+:func:`rewards.declare_scorer` (see :mod:`pipeline.plugins`): a config cannot make turnwise call
+``subprocess:Popen``. Every entry is resolved and checked before any scorer class is instantiated. The
+YAML is read with ``yaml.safe_load`` (no tags that build Python objects), at most
+:data:`MAX_CONFIG_BYTES` bytes, and a config that expands to more than :data:`MAX_CONFIG_NODES` values
+(anchors repeated into a "billion laughs", or an anchor that contains itself) is refused.
+
+For one trajectory with ``T`` assistant turns::
 
     per_turn[t] = sum_k w_k * s_k(t) / T        (turn_aggregation: mean; "sum" drops the / T)
     terminal    = sum_j w_j * s_j
@@ -36,11 +43,13 @@ import importlib
 import inspect
 import logging
 import math
+import reprlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from pipeline.plugins import SCORER, NotDeclaredError, load_declared
 from rewards.base import (
     EPISODE,
     TURN,
@@ -123,20 +132,45 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+#: Largest reward config file read, in bytes (the shipped ones are under 2 KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+#: Most values (mappings, lists and scalars, each time an anchor repeats them) a reward config may hold.
+MAX_CONFIG_NODES = 10_000
+
+_SHIPPED = frozenset(SCORERS.values())
+
+_show = reprlib.Repr()
+_show.maxstring, _show.maxother, _show.maxlevel = 60, 60, 3
+
+
 class RewardConfigError(ValueError):
     """A reward config that cannot be built; the message says which entry and how to fix it."""
 
 
 def resolve_scorer(spec: str) -> Any:
-    """The object a scorer spec names: a key of :data:`SCORERS` or ``"package.module:attr"``.
+    """The object a scorer spec names: a key of :data:`SCORERS`, or ``"package.module:attr"`` naming a scorer
+    declared with :func:`rewards.declare_scorer`. Nothing it names is called.
 
     >>> resolve_scorer("tool_format").__name__
     'tool_format'
+    >>> resolve_scorer("subprocess:Popen")
+    Traceback (most recent call last):
+    ...
+    rewards.composite.RewardConfigError: 'subprocess:Popen' is not a declared scorer, so turnwise will not call it. ...
     """
+    if not isinstance(spec, str):
+        raise RewardConfigError(f"a scorer is a name or an import path, got {_show.repr(spec)}.")
     path = SCORERS.get(spec, spec)
     if ":" not in path:
-        raise RewardConfigError(f"Unknown scorer {spec!r}. Use one of {', '.join(sorted(SCORERS))}, or an import "
-                                "path like 'mypackage.scorers:my_scorer'.")
+        raise RewardConfigError(f"Unknown scorer {_show.repr(spec)}. Use one of {', '.join(sorted(SCORERS))}, or an "
+                                "import path like 'mypackage.scorers:my_scorer' to a scorer declared with "
+                                "@rewards.declare_scorer.")
+    if path not in _SHIPPED:
+        try:
+            return load_declared(path, SCORER)
+        except NotDeclaredError as exc:
+            raise RewardConfigError(str(exc)) from None
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -159,31 +193,48 @@ class ScorerConfig:
     params: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments of a scorer class"})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise RewardConfigError(f"scorer entry {_show.repr(self.scorer)}: 'name' must be a string, got "
+                                    f"{_show.repr(self.name)}.")
         if not isinstance(self.scorer, str) or not self.scorer:
             raise RewardConfigError(f"scorer entry {self.name or '?'}: 'scorer' must be a scorer name or import path.")
+        label = _show.repr(self.name or self.scorer)
+        if isinstance(self.weight, bool):
+            raise RewardConfigError(f"scorer {label}: weight {self.weight} is not a number.")
         try:
             self.weight = float(self.weight)
-        except (TypeError, ValueError):
-            raise RewardConfigError(f"scorer {self.name or self.scorer!r}: weight {self.weight!r} is not a number.") from None
+        except (TypeError, ValueError, OverflowError):
+            raise RewardConfigError(f"scorer {label}: weight {_show.repr(self.weight)} is not a number.") from None
         if not math.isfinite(self.weight):
-            raise RewardConfigError(f"scorer {self.name or self.scorer!r}: weight must be finite, got {self.weight}.")
+            raise RewardConfigError(f"scorer {label}: weight must be finite, got {self.weight}.")
         if not isinstance(self.params, dict):
-            raise RewardConfigError(f"scorer {self.name or self.scorer!r}: params must be a mapping of keyword "
-                                    f"arguments, got {type(self.params).__name__}.")
+            raise RewardConfigError(f"scorer {label}: params must be a mapping of keyword arguments, got "
+                                    f"{type(self.params).__name__}.")
+        bad = [k for k in self.params if not (isinstance(k, str) and k.isidentifier())]
+        if bad:
+            raise RewardConfigError(f"scorer {label}: params keys are keyword-argument names, got "
+                                    f"{_show.repr(bad[0])}.")
 
-    def build(self) -> Any:
+    def resolve(self) -> Any:
+        """The scorer function or class this entry names, checked (declared, params only for a class); not called."""
         target = resolve_scorer(self.scorer)
+        if not inspect.isclass(target) and self.params:
+            raise RewardConfigError(f"scorer {self.name!r} ({self.scorer}) is a function and takes no params; "
+                                    "remove 'params' or use a scorer class.")
+        return target
+
+    def build(self, target: Any = None) -> Any:
+        """The scorer: ``target`` (default: :meth:`resolve`) instantiated with ``params`` if it is a class."""
+        target = self.resolve() if target is None else target
         if inspect.isclass(target):
             try:
                 instance = target(**self.params)
             except TypeError as exc:
-                raise RewardConfigError(f"scorer {self.name!r} ({self.scorer}): bad params {self.params}: {exc}.") from None
+                raise RewardConfigError(f"scorer {self.name!r} ({self.scorer}): bad params "
+                                        f"{_show.repr(self.params)}: {exc}.") from None
             except ValueError as exc:
                 raise RewardConfigError(f"scorer {self.name!r} ({self.scorer}): {exc}") from None
         else:
-            if self.params:
-                raise RewardConfigError(f"scorer {self.name!r} ({self.scorer}) is a function and takes no params; "
-                                        "remove 'params' or use a scorer class.")
             instance = target
         if not self.name:
             self.name = scorer_name(instance)
@@ -210,25 +261,31 @@ class RewardConfig:
         if not self.scorers:
             raise RewardConfigError("a reward needs at least one scorer under 'scorers'.")
         try:
+            if isinstance(self.range, (str, bytes)) or any(isinstance(x, bool) for x in self.range):
+                raise TypeError
             low, high = (float(x) for x in self.range)
-        except (TypeError, ValueError):
-            raise RewardConfigError(f"range must be two numbers [low, high], got {self.range!r}.") from None
+        except (TypeError, ValueError, OverflowError):
+            raise RewardConfigError(f"range must be two numbers [low, high], got {_show.repr(self.range)}.") from None
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise RewardConfigError(f"range must be finite with low < high, got [{low}, {high}].")
         self.range = (low, high)
         if self.turn_aggregation not in ("mean", "sum"):
-            raise RewardConfigError(f"turn_aggregation must be 'mean' or 'sum', got {self.turn_aggregation!r}.")
+            raise RewardConfigError(f"turn_aggregation must be 'mean' or 'sum', got {_show.repr(self.turn_aggregation)}.")
         if self.on_error not in ("record", "raise"):
-            raise RewardConfigError(f"on_error must be 'record' or 'raise', got {self.on_error!r}.")
+            raise RewardConfigError(f"on_error must be 'record' or 'raise', got {_show.repr(self.on_error)}.")
+        for key in ("name", "description"):
+            if not isinstance(getattr(self, key), str):
+                raise RewardConfigError(f"{key} must be a string, got {_show.repr(getattr(self, key))}.")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RewardConfig":
         if not isinstance(data, Mapping):
             raise RewardConfigError(f"a reward config must be a mapping, got {type(data).__name__}.")
+        _check_size(data)
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise RewardConfigError(f"unknown reward config key(s) {unknown}; known keys: {sorted(known)}.")
+            raise RewardConfigError(f"unknown reward config key(s) {_show.repr(unknown)}; known keys: {sorted(known)}.")
         if "scorers" not in data:
             raise RewardConfigError("a reward config needs a 'scorers' list.")
         if not isinstance(data["scorers"], list):
@@ -242,10 +299,19 @@ class RewardConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"reward config {path} not found; shipped configs are in {CONFIG_DIR}.")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise RewardConfigError(f"{path}: {size:,} bytes; a reward config is at most {MAX_CONFIG_BYTES:,}.")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RewardConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                                    f"{exc.start}).") from None
         except yaml.YAMLError as exc:
-            raise RewardConfigError(f"{path}: not valid YAML ({exc}).") from None
+            raise RewardConfigError(f"{path}: not valid YAML ({_show.repr(str(exc))[1:-1]}). Reward configs are plain "
+                                    "YAML: mappings, lists, strings and numbers, no tags such as !!python/object.") from None
+        except RecursionError:
+            raise RewardConfigError(f"{path}: the YAML is nested too deeply to read.") from None
         try:
             return cls.from_dict(data or {})
         except RewardConfigError as exc:
@@ -260,13 +326,35 @@ class RewardConfig:
 def _entry(entry: Any) -> dict[str, Any]:
     if not isinstance(entry, Mapping):
         raise RewardConfigError(f"each scorer entry must be a mapping like {{scorer: tool_format, weight: 0.1}}, got "
-                                f"{entry!r}.")
-    unknown = sorted(set(entry) - {"scorer", "name", "weight", "params"})
+                                f"{_show.repr(entry)}.")
+    unknown = sorted(map(str, set(entry) - {"scorer", "name", "weight", "params"}))
     if unknown:
-        raise RewardConfigError(f"scorer entry {dict(entry)}: unknown key(s) {unknown}; use scorer, name, weight, params.")
+        raise RewardConfigError(f"scorer entry {_show.repr(dict(entry))}: unknown key(s) {_show.repr(unknown)}; use "
+                                "scorer, name, weight, params.")
     if "scorer" not in entry:
-        raise RewardConfigError(f"scorer entry {dict(entry)} has no 'scorer'.")
+        raise RewardConfigError(f"scorer entry {_show.repr(dict(entry))} has no 'scorer'.")
     return dict(entry)
+
+
+def _check_size(data: Any) -> None:
+    """Refuse a config that expands to more than :data:`MAX_CONFIG_NODES` values.
+
+    YAML anchors let a small file name one value many times (and an anchor can contain itself); every
+    later step (building, printing, ``asdict``) walks the expansion. The walk stops at the limit, so it
+    is cheap even on a "billion laughs" file.
+    """
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise RewardConfigError(f"the config expands to more than {MAX_CONFIG_NODES:,} values (YAML anchors "
+                                    "repeated, or an anchor that contains itself); write the values out.")
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def load_config(config: "RewardConfig | Mapping[str, Any] | str | Path | None" = None) -> RewardConfig:
@@ -310,8 +398,9 @@ class RewardFunction:
             self.tasks = dict(tasks) if isinstance(tasks, Mapping) else {t.id: t for t in tasks}
         self.scorers: list[tuple[str, float, str, Any]] = []
         names: set[str] = set()
-        for entry in config.scorers:
-            scorer = entry.build()
+        targets = [entry.resolve() for entry in config.scorers]  # every entry checked before any is instantiated
+        for entry, target in zip(config.scorers, targets):
+            scorer = entry.build(target)
             if entry.name in names:
                 raise RewardConfigError(f"two scorers are named {entry.name!r}; give each a distinct 'name'.")
             names.add(entry.name)

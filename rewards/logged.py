@@ -14,19 +14,25 @@ replaying the assistant messages in the task's sandbox (:func:`replay`, when the
 environment is deterministic, so this is the verdict the episode gets), or it stays unknown; then
 ``metadata["outcome_known"]`` is ``False`` and outcome scorers report "not applicable" rather than
 guessing. Rule scorers need nothing but the messages, so a rule-only reward config needs no model.
+
+A logged file is untrusted input. :func:`load_conversations` checks each line before anything uses it
+and raises ``ValueError`` naming the file, the line and the field: not UTF-8, not JSON, a field of the
+wrong type (``"success": "false"`` is not a success; ``"seed": Infinity`` is not a seed), a message that
+is not a chat message or holds text that is not valid Unicode (a lone surrogate), an assistant message
+longer than :data:`pipeline.chat.MAX_MESSAGE_CHARS`, or a conversation without any assistant message
+(there is nothing to score).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.chat import has_tool_call_markup
-from pipeline.envs.base import Outcome, Task
-from pipeline.trajectory import Trajectory, Turn
+from pipeline.chat import MAX_MESSAGE_CHARS, has_tool_call_markup
+from pipeline.envs.base import Outcome, RecordError, Task, check_type, json_kind
+from pipeline.trajectory import Trajectory, Turn, check_seed, read_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +49,15 @@ def from_chat(messages: Sequence[Mapping[str, Any]], task_id: str = "logged", ou
     >>> t.num_turns, t.turns[0].env_messages, t.metadata["outcome_known"]
     (1, [{'role': 'user', 'content': 'W1000001'}], False)
     """
-    messages = [dict(m) for m in messages]
     for i, m in enumerate(messages):
-        if m.get("role") not in ROLES or not isinstance(m.get("content", ""), (str, type(None))):
-            raise ValueError(f"message {i} is not a chat message: expected {{'role': one of {ROLES}, 'content': str}}, "
-                             f"got {str(m)[:120]}.")
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content", ""),
+                                                                                      (str, type(None))):
+            got = (f"role {json_kind(m.get('role'))} and content {json_kind(m.get('content'))}"
+                   if isinstance(m, Mapping) else json_kind(m))
+            raise RecordError(f"message {i} is not a chat message: expected {{'role': one of {', '.join(ROLES)}, "
+                              f"'content': a string}}, got {got}.")
+    messages = [dict(m) for m in messages]
+    for m in messages:
         m["content"] = m.get("content") or ""
     turns: list[Turn] = []
     for i, m in enumerate(messages):
@@ -108,35 +118,52 @@ def load_conversations(path: Path | str, tasks: Mapping[str, Task] | None = None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file. Pass a JSONL file with one conversation per line.")
     out: list[LoggedConversation] = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg}).") from None
-            try:
-                out.append(_conversation(row, lineno, tasks or {}))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}, line {lineno}: {exc}") from None
+    for lineno, row in read_json_lines(path):
+        try:
+            out.append(_conversation(row, lineno, tasks or {}))
+        except (KeyError, TypeError, ValueError) as exc:  # RecordError is a ValueError
+            raise ValueError(f"{path}, line {lineno}: {exc}") from None
     return out
+
+
+def check_logged_text(trajectory: Trajectory) -> None:
+    """Refuse what no honest log holds: an over-long assistant message, or text that is not valid Unicode.
+
+    Checks every message and every turn's assistant text; raises :class:`RecordError` naming the message.
+    """
+    texts = [(f"messages[{i}]", m["role"], m["content"]) for i, m in enumerate(trajectory.messages)]
+    texts += [(f"turns[{t.index}].assistant", "assistant", t.assistant) for t in trajectory.turns]
+    for where, role, text in texts:
+        if role == "assistant" and len(text) > MAX_MESSAGE_CHARS:
+            raise RecordError(f"{where}: an assistant message of {len(text):,} characters; an assistant message may "
+                              f"have at most {MAX_MESSAGE_CHARS:,} (pipeline.chat.MAX_MESSAGE_CHARS). No honest model "
+                              "turn is that long: drop the line or cut the message.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RecordError(f"{where}: not valid Unicode text (a lone surrogate {text[exc.start]!r} at character "
+                              f"{exc.start}); write the log as UTF-8 text.") from None
 
 
 def _conversation(row: Any, lineno: int, tasks: Mapping[str, Task]) -> LoggedConversation:
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-        raise ValueError('each line must be a JSON object with a "messages" list of chat messages.')
+        raise RecordError('each line must be a JSON object with a "messages" list of chat messages.')
     if "turns" in row and "outcome" in row:  # a full trajectory record (pipeline.trajectory.save_jsonl)
         trajectory = Trajectory.from_dict(row)
+        check_logged_text(trajectory)
         trajectory.metadata.setdefault("outcome_known", True)
         return LoggedConversation(lineno, trajectory, "logged")
-    task_id = row.get("task_id")
-    seed = int(row.get("seed", 0))
+    task_id = check_type(row.get("task_id"), (str, type(None)), "task_id")
+    seed = check_seed(row.get("seed", 0))
+    outcome = None if row.get("outcome") is None else Outcome.from_dict(row["outcome"], "outcome")
     metadata = {k: v for k, v in row.items() if k not in ("messages", "task_id", "seed", "outcome")}
-    if row.get("outcome") is not None:
-        trajectory = from_chat(row["messages"], task_id or "logged", Outcome.from_dict(row["outcome"]), seed, metadata)
-        return LoggedConversation(lineno, trajectory, "logged")
-    chat = from_chat(row["messages"], task_id or "logged", None, seed, metadata)
+    chat = from_chat(row["messages"], task_id or "logged", outcome, seed, metadata)
+    check_logged_text(chat)
+    if not chat.turns:
+        raise RecordError('the conversation has no assistant message, so there is nothing to score; each line needs '
+                          'at least one {"role": "assistant", "content": ...} message.')
+    if outcome is not None:
+        return LoggedConversation(lineno, chat, "logged")
     task = tasks.get(task_id) if task_id else None
     if task is None:
         warnings = [f"task {task_id!r} not found: outcome unknown"] if task_id else []
@@ -175,7 +202,7 @@ class ScoreReport:
             notes = []
             if r["failed"]:
                 notes.append("FAILED: " + ", ".join(f"{k} ({v})" for k, v in r["failed"].items()))
-            penalties = [k for k, v in r["components"].items() if (min(v) if isinstance(v, list) and v else v) < 0]
+            penalties = [k for k, v in r["components"].items() if (min(v, default=0.0) if isinstance(v, list) else v) < 0]
             if penalties:
                 notes.append("penalties: " + ", ".join(penalties))
             lines.append(f"  {r['line']:>4}  {str(r['task_id'])[:10]:<10} {str(r.get('policy') or '-')[:18]:<18} "

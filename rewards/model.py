@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from pipeline.chat import parse_tool_message
+from pipeline.plugins import declare_scorer
 from rewards.base import Score
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ class _LazyModel:
         return math.tanh(logit / self.scale)
 
 
+@declare_scorer
 class RewardModelScorer(_LazyModel):
     """Episode score ``tanh(r(conversation) / scale)`` from a trained reward model directory.
 
@@ -191,6 +193,7 @@ class RewardModelScorer(_LazyModel):
         return Score(self._value(trajectory.messages))
 
 
+@declare_scorer
 class TurnRewardModelScorer(_LazyModel):
     """Turn score: the change of ``tanh(r / scale)`` across turn ``index`` (potential-based shaping).
 

@@ -188,3 +188,13 @@ def test_tools_prompt_lists_every_tool_and_the_protocol():
     schemas = [json.loads(line) for line in prompt.splitlines() if line.startswith("{")]
     assert [s["name"] for s in schemas] == ["refund", "get_order"]
     assert schemas[0]["parameters"] == SCHEMA["function"]["parameters"]
+
+
+def test_doctests():
+    """The examples in pipeline/chat.py (the tagged-block scanner, strict JSON) hold."""
+    import doctest
+
+    import pipeline.chat
+
+    result = doctest.testmod(pipeline.chat, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -135,6 +135,7 @@ def test_eval_runs_the_oracle_and_writes_reports(tmp_path: Path, capsys: pytest.
 def weak_policy_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """An importable module with a scripted policy that never helps (named on the command line as MODULE:FUNCTION)."""
     (tmp_path / "weak_policies.py").write_text(
+        "from pipeline.plugins import declare_policy_factory\n\n\n@declare_policy_factory\n"
         "def chatty(task):\n    return lambda messages: 'Our store was founded in 1998.'\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))

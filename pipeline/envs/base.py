@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from transformers.utils import get_json_schema
 
@@ -22,6 +23,8 @@ from pipeline.chat import (
     ToolCall,
     ToolCallError,
     ToolError,
+    echo,
+    message_too_long,
     parse_tool_calls,
     tool_error_message,
     tool_result_message,
@@ -89,8 +92,99 @@ class Outcome:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> "Outcome":
-        return cls(**row)
+    def from_dict(cls, row: Mapping[str, Any], where: str = "outcome") -> "Outcome":
+        """An outcome from a JSON record, type-checked: ``"success": "false"`` is an error, not a success.
+
+        Raises :class:`RecordError` naming the field (``where`` prefixes it, e.g. ``outcome.success``).
+
+        >>> Outcome.from_dict({"success": "false", "completed": True, "stop_reason": "resolved"})
+        Traceback (most recent call last):
+        ...
+        pipeline.envs.base.RecordError: outcome.success: expected true or false, got the string 'false'.
+        """
+        record = check_record(row, where, required=("success", "completed", "stop_reason"),
+                              optional=("violations", "fields", "details"))
+        check_type(record["success"], bool, f"{where}.success")
+        check_type(record["completed"], bool, f"{where}.completed")
+        check_type(record["stop_reason"], (str, type(None)), f"{where}.stop_reason")
+        for i, violation in enumerate(check_type(record.get("violations", []), list, f"{where}.violations")):
+            check_type(violation, str, f"{where}.violations[{i}]")
+        for name, value in check_type(record.get("fields", {}), dict, f"{where}.fields").items():
+            if isinstance(value, (str, list)):  # field_correct would read any non-empty one as right
+                raise RecordError(f"{where}.fields.{name}: expected true or false (or a record with a boolean "
+                                  f'"correct"), got {json_kind(value)}.')
+            if isinstance(value, dict) and "correct" in value:
+                check_type(value["correct"], bool, f"{where}.fields.{name}.correct")
+        check_type(record.get("details", {}), dict, f"{where}.details")
+        return cls(**record)
+
+
+class RecordError(ValueError):
+    """A record read from a file (an outcome, a trajectory, a logged conversation) is malformed.
+
+    The message names the field, says what it holds and what it should hold; file readers add the
+    file name and line.
+    """
+
+
+def json_kind(value: Any) -> str:
+    """How a decoded JSON value reads in an error message.
+
+    >>> json_kind("false"), json_kind(float("inf")), json_kind(None), json_kind([1])
+    ("the string 'false'", 'Infinity', 'null', 'a list')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        return f"the number {text if len(text) <= 40 else text[:40] + '...'}"
+    if isinstance(value, str):
+        shown = repr(value) if len(value) <= 60 else f"{value[:60]!r}... ({len(value)} characters)"
+        return f"the string {shown}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def check_type(value: Any, types: type | tuple[type, ...], where: str) -> Any:
+    """``value`` if it has one of ``types`` (JSON's view: a bool is not an integer), else :class:`RecordError`."""
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    elif float in types and isinstance(value, float):
+        ok = math.isfinite(value)
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        raise RecordError(f"{where}: expected {wanted}, got {json_kind(value)}.")
+    return value
+
+
+def check_record(row: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
+                 allow_unknown: bool = False) -> Mapping[str, Any]:
+    """``row`` if it is a JSON object with the ``required`` keys (and, unless allowed, no others)."""
+    if not isinstance(row, Mapping):
+        raise RecordError(f"{where}: expected an object, got {json_kind(row)}.")
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise RecordError(f"{where}: missing field(s) {', '.join(missing)}.")
+    if not allow_unknown:
+        unknown = [str(k) for k in row if k not in required and k not in optional]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise RecordError(f"{where}: unknown field(s) {shown}; the fields are {', '.join(required + optional)}.")
+    return row
 
 
 def field_correct(value: Any) -> bool:
@@ -207,12 +301,16 @@ class ToolEnvironment:
             return Step([], True, {"error": "step() called before reset(); call reset(task) first."})
         if self.done:
             return Step([], True, {"error": "the episode has ended; call reset() to start another."})
-        if not isinstance(assistant_text, str):
-            assistant_text = "" if assistant_text is None else str(assistant_text)
+        assistant_text = _plain_text(assistant_text)
         turn = self.turn
         info: dict[str, Any] = {"turn": turn}
-        calls = parse_tool_calls(assistant_text)
-        if calls:
+        too_long = message_too_long(assistant_text)
+        calls = parse_tool_calls(assistant_text) if too_long is None else []
+        if too_long is not None:  # not read at all: neither the tools nor the user see it
+            info["kind"] = "too_long"
+            info["tool_calls"], info["tool_errors"] = [], [_error_record(too_long)]
+            messages, stop = [tool_error_message(too_long)], None
+        elif calls:
             messages = self._run_tools(calls, turn, info)
             stop = None
         else:
@@ -250,30 +348,40 @@ class ToolEnvironment:
         messages = []
         for call in calls:
             result = self._call(call, turn) if isinstance(call, ToolCall) else call
-            if isinstance(result, ToolCallError):
-                info["tool_errors"].append({"kind": result.kind, "name": result.name, "message": result.message})
-                messages.append(tool_error_message(result))
-            else:
-                info["tool_calls"].append({"name": call.name, "arguments": call.arguments})
-                messages.append(tool_result_message(call.name, result))
+            if not isinstance(result, ToolCallError):
+                try:
+                    message = tool_result_message(call.name, result)
+                except (TypeError, ValueError, RecursionError) as exc:  # a set, bytes, a value holding itself
+                    logger.warning("tool %s returned a result that is not JSON: %s: %s", call.name,
+                                   type(exc).__name__, _describe(exc))
+                    result = ToolCallError("tool_exception", f"{call.name} returned a result that cannot be sent "
+                                           f"as JSON ({type(exc).__name__}: {echo(str(exc), 120)}).", call.name)
+                else:
+                    info["tool_calls"].append({"name": call.name, "arguments": call.arguments})
+                    messages.append(message)
+                    continue
+            info["tool_errors"].append(_error_record(result))
+            messages.append(tool_error_message(result))
         return messages
 
     def _call(self, call: ToolCall, turn: int) -> Any:
         spec = self._tool_table.get(call.name)
         if spec is None:
             known = ", ".join(self._tool_table)
-            return ToolCallError("unknown_tool", f"Unknown tool {call.name!r}. Available tools: {known}.", call.name)
-        problem = validate_arguments(call.arguments, spec.schema)
-        if problem:
-            return ToolCallError("invalid_arguments", f"{call.name}: {problem}", call.name)
+            return ToolCallError("unknown_tool", f"Unknown tool {echo(call.name)}. Available tools: {known}.",
+                                 call.name[:64])
         try:
+            problem = validate_arguments(call.arguments, spec.schema)
+            if problem:
+                return ToolCallError("invalid_arguments", f"{call.name}: {problem}", call.name)
             self._before_tool(call, spec, turn)
             return spec.fn(**call.arguments)
-        except ToolError as exc:
-            return ToolCallError("rejected", str(exc), call.name)
+        except ToolError as exc:  # its text may quote an argument: clipped like any echo of model text
+            return ToolCallError("rejected", _describe(exc), call.name)
         except Exception as exc:  # noqa: BLE001 - tool bugs become tool errors, never escape
-            logger.warning("tool %s raised %s: %s", call.name, type(exc).__name__, exc)
-            return ToolCallError("tool_exception", f"{call.name} failed: {type(exc).__name__}: {exc}", call.name)
+            logger.warning("tool %s raised %s: %s", call.name, type(exc).__name__, _describe(exc))
+            return ToolCallError("tool_exception", f"{call.name} failed: {type(exc).__name__}: {_describe(exc)}",
+                                 call.name)
 
     # -- domain hooks ---------------------------------------------------------------------------
     def _setup(self, task: Task, seed: int) -> list[dict]:
@@ -293,3 +401,29 @@ class ToolEnvironment:
 
     def _before_tool(self, call: ToolCall, spec: Tool, turn: int) -> None:
         return None
+
+
+def _plain_text(value: Any) -> str:
+    """What ``step`` reads from a policy's reply: a plain ``str`` (a subclass's overrides are not trusted)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return str.__str__(value)
+    try:
+        return str.__str__(str(value))
+    except Exception as exc:  # noqa: BLE001 - a policy's odd return value must not end the rollout
+        return f"<a {type(value).__name__} that cannot be shown as text: {type(exc).__name__}>"
+
+
+def _error_record(error: ToolCallError) -> dict[str, Any]:
+    return {"kind": error.kind, "name": error.name, "message": error.message}
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception's message for a tool error, clipped (a tool may echo a huge argument in it)."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ raises still gets reported
+        return "(no message)"
+    return text if len(text) <= 500 else text[:500] + f"... ({len(text)} characters)"
+

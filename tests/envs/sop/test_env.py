@@ -496,7 +496,10 @@ def test_turnwise_eval_runs_the_oracle_on_an_sop_folder(capsys):
 
 MINI_POLICY = """import json
 
+from pipeline.plugins import declare_policy_factory
 
+
+@declare_policy_factory
 def factory(task):
     answer = json.dumps(task.payload["expected"])
     return lambda messages: "<final_output>" + answer + "</final_output>"
