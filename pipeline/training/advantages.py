@@ -24,8 +24,8 @@ critic) is a class registered the same way: its instances are called like the fu
 resume; it reads the policy's hidden states through ``batch.hidden_states()``, which the trainer computes
 only when called.
 
-Registered here: ``group_based`` (GRPO; training keeps TRL's own advantages), ``rloo``, ``grpo_passk``
-(episode-level) and ``group_based_per_turn``,
+Registered here: ``group_based`` (GRPO; training keeps TRL's own advantages), ``rloo``, ``grpo_passk``,
+``reinforce_pp``, ``opo``, ``gpg`` (episode-level or batch-normalised) and ``group_based_per_turn``,
 ``monte_carlo``, ``gae`` (turn-level; ``gae`` with a learned value head: PPO in multi-turn form).
 """
 
@@ -67,7 +67,7 @@ class AdvantageInput:
     """The environment's strict success check per episode (``grpo_passk`` needs it)."""
     turn_spans: Sequence[Sequence[tuple[int, int]]] | None = None
     """``[start, end)`` token range of each assistant turn in the episode's completion; ``end - start`` is
-    ``n_{i,t}``."""
+    ``n_{i,t}``, which token-weighted estimators read through :meth:`turn_tokens`."""
     gamma: float = 1.0
     """Discount over turns."""
     lam: float = 0.95
@@ -120,6 +120,13 @@ class AdvantageInput:
     def spread(self, per_episode: Sequence[float]) -> list[list[float]]:
         """An episode-level advantage on every turn of its episode: ``[[A_i] * K_i for each i]``."""
         return [[float(a)] * len(r) for a, r in zip(per_episode, self.turn_rewards)]
+
+    def turn_tokens(self, estimator: str) -> list[list[int]]:
+        """``n_{i,t}``, the tokens of each turn; ``estimator`` names the caller for the error without spans."""
+        if self.turn_spans is None:
+            raise ValueError(f"The {estimator} estimator weighs turns by their tokens: AdvantageInput.turn_spans "
+                             "is None; pass each turn's [start, end) token span.")
+        return [[end - start for start, end in spans] for spans in self.turn_spans]
 
     def require_successes(self, estimator: str) -> list[bool]:
         """The success flags; ``estimator`` names the caller for the error when there are none."""
@@ -253,6 +260,12 @@ def gae_over_turns(turn_rewards: Sequence[Sequence[float]], values: Sequence[Seq
     return advantages, targets
 
 
+def _zero_variance_groups(batch: AdvantageInput) -> list[list[int]]:
+    """The groups whose episodes all scored the same total (no learning signal in a group baseline)."""
+    return [idx for idx in batch.groups().values()
+            if max(batch.totals[i] for i in idx) - min(batch.totals[i] for i in idx) < 1e-8]
+
+
 # -- episode-level and batch-normalised estimators ---------------------------------------------------
 
 
@@ -336,6 +349,110 @@ def grpo_passk(batch: AdvantageInput) -> list[list[float]]:
         a_neg = (1.0 - rho - math.comb(n_neg - 1, k - 1) / math.comb(n - 1, k - 1)) / sigma
         out[idx] = torch.where(s, torch.tensor(a_pos), torch.tensor(a_neg))
     return batch.spread(out.tolist())
+
+
+@register_estimator("reinforce_pp")
+def reinforce_pp(batch: AdvantageInput) -> list[list[float]]:
+    """REINFORCE++ (Hu et al., 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both
+    Prompt and Reward Models", arXiv:2501.03262): critic-free returns, normalised over the whole batch.
+
+    Formula: the token's return ``G_t = sum_{s >= t} gamma^(s-t) r_s``, whitened over every trained token
+    of the batch, ``A = (G - mean) / sqrt(var + 1e-8)`` with the token-weighted mean and the unbiased
+    variance (verl's ``compute_reinforce_plus_plus_outcome_advantage`` with ``masked_whiten``). The
+    baseline is the global batch rather than each prompt's group, which the paper argues keeps
+    easy prompts from being over-fitted.
+
+    Multi-turn reading: a turn's tokens share the turn's return-to-go ``G_{i,t}`` over turns (``gamma``),
+    and the mean and variance weigh turn ``t`` by its ``n_{i,t}`` tokens, so the advantages of the batch's
+    assistant tokens have mean 0 and unit (sample) variance. The paper's per-token KL penalty stays in
+    TRL's loss (``beta``). A batch of fewer than two tokens gets 0.
+
+    >>> reinforce_pp(AdvantageInput([[1.0], [0.0]], [0, 1], turn_spans=[[(0, 1)], [(0, 1)]]))
+    [[0.7071067741154798], [-0.7071067741154798]]
+    """
+    returns = returns_to_go(batch.turn_rewards, batch.gamma)
+    tokens = batch.turn_tokens("reinforce_pp")
+    count = sum(map(sum, tokens))
+    if count < 2:
+        return [[0.0] * len(g) for g in returns]
+    mean = sum(n * g for ns, gs in zip(tokens, returns) for n, g in zip(ns, gs)) / count
+    variance = sum(n * (g - mean) ** 2 for ns, gs in zip(tokens, returns) for n, g in zip(ns, gs)) / (count - 1)
+    scale = 1.0 / math.sqrt(variance + 1e-8)
+    return [[(g - mean) * scale for g in gs] for gs in returns]
+
+
+@register_estimator("opo")
+def opo(batch: AdvantageInput) -> list[list[float]]:
+    """OPO's optimal reward baseline (Hao et al., 2025, "On-Policy RL with Optimal Reward Baseline",
+    arXiv:2505.23585): a length-weighted group mean.
+
+    Formula: ``b_g = sum_{j in g} |o_j| R_j / sum_{j in g} |o_j|`` and ``A_i = R_i - b_g``, where ``|o_j|``
+    is the response's length: the baseline that minimises the gradient's variance when the squared
+    gradient norm grows with length (verl's ``compute_opo_outcome_advantage``). The paper pairs it with
+    exact on-policy training: ``num_iterations=1``, one optimiser step per rollout batch.
+
+    Multi-turn reading: ``|o_j| = sum_t n_{j,t}``, the tokens episode ``j``'s policy sampled over all its
+    turns (the tokens its gradient runs through); every turn of episode ``i`` gets ``A_i``. A group of one
+    gets 0 (its baseline would be its own reward; verl's gives such an episode its whole reward).
+
+    >>> opo(AdvantageInput([[1.0], [0.0]], [0, 0], turn_spans=[[(0, 1)], [(0, 3)]]))
+    [[0.75], [-0.25]]
+    """
+    lengths = [sum(ns) for ns in batch.turn_tokens("opo")]
+    out = [0.0] * len(lengths)
+    for idx in batch.groups().values():
+        weight = sum(lengths[i] for i in idx)
+        if len(idx) < 2 or weight == 0:  # no other episode to compare with
+            continue
+        baseline = sum(lengths[i] * batch.totals[i] for i in idx) / weight
+        for i in idx:
+            out[i] = batch.totals[i] - baseline
+    return batch.spread(out)
+
+
+@register_estimator("gpg")
+def gpg(batch: AdvantageInput) -> list[list[float]]:
+    """Group Policy Gradient (Chu et al., 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline
+    for Model Reasoning", arXiv:2504.02546): the group-centred reward, rescaled for the groups that carry
+    no signal.
+
+    Formula: ``A_i = alpha (R_i - mean_g R) / F_norm`` with ``alpha = B / (B - M)``: ``B`` episodes in the
+    batch, ``M`` of them in groups whose rewards are all equal (their centred reward is 0, so without
+    ``alpha`` the batch-mean loss shrinks by ``(B - M) / B``; the paper's "accurate gradient
+    estimation"). ``F_norm`` is the group's sample standard deviation (``+ 1e-4``) with
+    ``scale_rewards="group"``, the batch's with ``"batch"``, and 1 with ``"none"`` (verl's
+    ``compute_gpg_outcome_advantage`` default). GPG's loss is the plain policy gradient averaged over
+    tokens: TRL's ``loss_type="dapo"`` with ``num_iterations=1`` (the ratio is 1, so nothing is clipped)
+    and ``beta=0``.
+
+    Multi-turn reading: ``R_i`` is the episode's total and every turn of episode ``i`` gets ``A_i``;
+    ``alpha`` counts episodes of this rollout batch. A batch where every group is flat gets 0.
+
+    >>> gpg(AdvantageInput([[1.0], [0.0], [1.0], [1.0]], [0, 0, 1, 1], scale_rewards="none"))
+    [[1.0], [-1.0], [0.0], [0.0]]
+    """
+    invalid = sum(len(idx) for idx in _zero_variance_groups(batch))
+    valid = len(batch.totals) - invalid
+    if valid == 0:
+        return batch.spread([0.0] * len(batch.totals))
+    alpha = len(batch.totals) / valid
+    batch_std = _sample_std(batch.totals)
+    out = [0.0] * len(batch.totals)
+    for idx in batch.groups().values():
+        rewards = [batch.totals[i] for i in idx]
+        mean = sum(rewards) / len(rewards)
+        norm = {"group": _sample_std(rewards) + EPS, "batch": batch_std + EPS, "none": 1.0}[batch.scale_rewards]
+        for i in idx:
+            out[i] = alpha * (batch.totals[i] - mean) / norm
+    return batch.spread(out)
+
+
+def _sample_std(values: Sequence[float]) -> float:
+    """The Bessel-corrected standard deviation; 0 for fewer than two values."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 # -- turn-level estimators ---------------------------------------------------------------------------

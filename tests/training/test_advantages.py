@@ -35,7 +35,8 @@ def test_doctests():
 
 
 def test_every_estimator_is_registered_under_its_name():
-    assert set(ESTIMATORS) == {"group_based", "rloo", "grpo_passk", "group_based_per_turn", "monte_carlo", "gae"}
+    assert set(ESTIMATORS) == {"group_based", "rloo", "grpo_passk", "reinforce_pp", "opo", "gpg",
+                               "group_based_per_turn", "monte_carlo", "gae"}
     # only group_based lets TRL's own advantages stand in training
     assert [name for name, r in ESTIMATORS.items() if r.trl_advantages] == ["group_based"]
     # the critic is a class with state; the others are plain functions
@@ -91,6 +92,8 @@ def test_input_validation_names_the_field_and_the_fix():
         AdvantageInput([[1.0, 0.0]], [0], turn_spans=[[(0, 3)]])
     with pytest.raises(ValueError, match=r"scale_rewards='std'.*'group', 'batch' or 'none'"):
         AdvantageInput([[1.0]], [0], scale_rewards="std")
+    with pytest.raises(ValueError, match=r"opo estimator weighs turns by their tokens: AdvantageInput.turn_spans"):
+        adv.opo(AdvantageInput([[1.0]], [0]))
     with pytest.raises(ValueError, match=r"grpo_passk estimator reads each episode's success"):
         adv.grpo_passk(AdvantageInput([[1.0]], [0], passk=1))
     with pytest.raises(ValueError, match=r"gae estimator reads the policy's hidden states"):
@@ -151,6 +154,83 @@ def test_grpo_passk(successes, k, expected):
 def test_grpo_passk_needs_k_samples_per_group():
     with pytest.raises(ValueError, match="at least k=3 episodes per group, got 2; raise num_generations"):
         adv.grpo_passk(AdvantageInput([[1.0], [0.0]], [0, 0], successes=[True, False], passk=3))
+
+
+# -- REINFORCE++ ---------------------------------------------------------------------------------------
+
+
+def test_reinforce_pp_whitens_returns_over_the_batchs_tokens():
+    # episode 0: rewards 0, 1 over turns of 2 and 1 tokens -> G = [1, 1]
+    # episode 1: reward 0.5 over 3 tokens                   -> G = [0.5]
+    # episode 2: rewards 0, 0 over 1 and 1 tokens           -> G = [0, 0]
+    # N = 2 + 1 + 3 + 1 + 1 = 8 tokens; mean = (2*1 + 1*1 + 3*0.5) / 8 = 4.5/8 = 0.5625
+    # deviations: 0.4375 (3 tokens), -0.0625 (3 tokens), -0.5625 (2 tokens)
+    # sum of squares = 3*0.19140625 + 3*0.00390625 + 2*0.31640625 = 1.21875; unbiased var = 1.21875/7
+    batch = AdvantageInput([[0.0, 1.0], [0.5], [0.0, 0.0]], ["a", "a", "b"],
+                           turn_spans=[[(0, 2), (5, 6)], [(0, 3)], [(0, 1), (2, 3)]])
+    std = math.sqrt(1.21875 / 7 + 1e-8)
+    out = adv.reinforce_pp(batch)
+    assert per_turn(out) == pytest.approx([0.4375 / std, 0.4375 / std, -0.0625 / std, -0.5625 / std, -0.5625 / std],
+                                          rel=1e-9)
+    # the batch is the baseline, not the group: regrouping changes nothing
+    regrouped = AdvantageInput(batch.turn_rewards, ["x", "y", "z"], turn_spans=batch.turn_spans)
+    assert adv.reinforce_pp(regrouped) == out
+
+
+def test_reinforce_pp_discounts_over_turns():
+    # gamma 0.5: episode 0 rewards 0, 1 (1 token each) -> G = [0 + 0.5*1, 1] = [0.5, 1]; episode 1 reward 1 over
+    # 2 tokens -> G = [1]. N = 4, mean = (0.5 + 1 + 2*1) / 4 = 0.875; deviations -0.375, 0.125, 0.125 (x2)
+    # sum of squares = 0.140625 + 0.015625 + 2*0.015625 = 0.1875; var = 0.1875/3 = 0.0625; std = 0.25
+    batch = AdvantageInput([[0.0, 1.0], [1.0]], [0, 0], turn_spans=[[(0, 1), (3, 4)], [(0, 2)]], gamma=0.5)
+    assert per_turn(adv.reinforce_pp(batch)) == pytest.approx([-1.5, 0.5, 0.5], rel=1e-6)
+    # fewer than two tokens: no variance to normalise by
+    assert adv.reinforce_pp(AdvantageInput([[1.0]], [0], turn_spans=[[(0, 1)]])) == [[0.0]]
+
+
+# -- OPO -------------------------------------------------------------------------------------------------
+
+
+def test_opo_subtracts_the_length_weighted_group_mean():
+    # group a: totals 1.0 (clipped; its turns sum to 1.1), 0.0, 0.5 with 4, 8 and 4 sampled tokens
+    #   b = (4*1.0 + 8*0.0 + 4*0.5) / (4 + 8 + 4) = 6/16 = 0.375  (the plain mean would be 0.5)
+    #   A = 1.0 - 0.375 = 0.625, 0.0 - 0.375 = -0.375, 0.5 - 0.375 = 0.125
+    # group b: one episode -> its baseline is its own total -> 0
+    batch = AdvantageInput([[0.2, 0.9], [0.0], [0.5], [0.7]], ["a", "a", "a", "b"], totals=[1.0, 0.0, 0.5, 0.7],
+                           turn_spans=[[(0, 2), (6, 8)], [(0, 8)], [(0, 4)], [(0, 3)]])
+    assert adv.opo(batch) == [[0.625, 0.625], [-0.375], [0.125], [0.0]]
+
+
+def test_opo_with_equal_lengths_is_the_group_mean_baseline():
+    # equal lengths (3 tokens each): b = (3*1 + 3*0 + 3*0 + 3*0) / 12 = 0.25 -> A = 0.75, -0.25, -0.25, -0.25
+    batch = AdvantageInput([[1.0], [0.0], [0.0], [0.0]], [0] * 4, turn_spans=[[(0, 3)]] * 4)
+    assert adv.opo(batch) == [[0.75], [-0.25], [-0.25], [-0.25]]
+
+
+# -- GPG -------------------------------------------------------------------------------------------------
+
+
+def gpg_batch(scale_rewards: str) -> AdvantageInput:
+    # group a: 1, 0, 0, 1 (mean 0.5); group b: 1, 1 and group c: 0, 0 carry no signal.
+    return AdvantageInput([[1.0], [0.0], [0.0], [1.0], [1.0], [1.0], [0.0], [0.0]],
+                          ["a", "a", "a", "a", "b", "b", "c", "c"], scale_rewards=scale_rewards)
+
+
+def test_gpg_rescales_by_the_share_of_episodes_with_signal():
+    # B = 8 episodes, M = 4 in the flat groups b and c -> alpha = 8 / (8 - 4) = 2
+    # scale_rewards="none" (F_norm = 1): group a -> 2 * (1 - 0.5) = 1, 2 * (0 - 0.5) = -1; b, c -> 0
+    assert adv.gpg(gpg_batch("none")) == [[1.0], [-1.0], [-1.0], [1.0], [0.0], [0.0], [0.0], [0.0]]
+    # "group": F_norm = group a's sample std sqrt(4 * 0.25 / 3) = sqrt(1/3), plus 1e-4
+    s = math.sqrt(1 / 3) + EPS
+    assert per_turn(adv.gpg(gpg_batch("group"))) == pytest.approx([1 / s, -1 / s, -1 / s, 1 / s, 0, 0, 0, 0])
+    # "batch": F_norm = the batch's sample std: four 1s and four 0s, mean 0.5 -> sqrt(8 * 0.25 / 7) = sqrt(2/7)
+    s = math.sqrt(2 / 7) + EPS
+    assert per_turn(adv.gpg(gpg_batch("batch"))) == pytest.approx([1 / s, -1 / s, -1 / s, 1 / s, 0, 0, 0, 0])
+
+
+def test_gpg_without_flat_groups_is_the_centred_reward_and_flat_batches_get_zero():
+    # no flat group: alpha = 2/2 = 1; totals 1, 0 -> 0.5, -0.5 on every turn of each episode
+    assert adv.gpg(AdvantageInput([[0.5, 0.5], [0.0]], [0, 0], scale_rewards="none")) == [[0.5, 0.5], [-0.5]]
+    assert adv.gpg(AdvantageInput([[1.0], [1.0], [0.0], [0.0]], [0, 0, 1, 1])) == [[0.0]] * 4
 
 
 # -- turn-level ------------------------------------------------------------------------------------------

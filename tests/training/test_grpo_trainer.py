@@ -65,6 +65,34 @@ def test_lora_weights_change_and_base_weights_do_not(make_trainer):
     assert len(logged) == 2 and all("rollout/reward/mean" in h for h in logged)
 
 
+@pytest.mark.parametrize("advantage", ["reinforce_pp", "opo", "gpg"])
+def test_each_added_estimator_trains_a_step(make_trainer, advantage):
+    """One GRPO step with REINFORCE++, OPO and GPG advantages: the loss is logged, the LoRA weights move,
+    the base weights do not, and the advantages sit on assistant tokens only."""
+    # 4 episodes per step (2 tasks x 2 generations), so the batch has two groups to compare
+    trainer = make_trainer(advantage, max_steps=1, per_device_train_batch_size=4)
+    params, lora, base = lora_and_base(trainer)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    seen = []
+    generate = trainer._generate_and_score_completions
+
+    def keep(inputs):
+        output = generate(inputs)
+        seen.append(output)
+        return output
+
+    trainer._generate_and_score_completions = keep
+    trainer.train()
+    output = seen[0]
+    assert output["advantages"].shape == output["completion_ids"].shape  # per token, not TRL's per episode
+    assert (output["advantages"] != 0).any()
+    assert (output["advantages"][output["tool_mask"] == 0] == 0).all()
+    assert any(not torch.equal(before[n], params[n]) for n in lora if "lora_B" in n)
+    assert all(torch.equal(before[n], params[n]) for n in base)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 1 and isinstance(logged[0]["loss"], float)
+
+
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 def test_group_based_keeps_trls_advantages_and_the_estimator_gives_the_same(make_trainer, rows, scale_rewards):
     """advantage=group_based leaves TRL's own GRPO advantages (one per episode) in place, and the registered
