@@ -1,7 +1,7 @@
 """What a GRPO run does besides optimising, as ``transformers`` callbacks.
 
 - :class:`ValidationCallback` runs the external evaluation on held-out tasks every ``val_every`` steps
-  (``val/success``, ``val/pass@1``, ``val/completion``), warns on the reward-hacking
+  (``val/success``, ``val/pass@1``, ``val/completion``, ``val/reward/mean``), warns on the reward-hacking
   signal (:func:`health_warning`), and with ``keep_best_val`` keeps the best validation's adapter.
 - :class:`SampleWriter` writes the latest trajectories as JSONL at each logging step, for people to read.
 - :class:`EstimatorCheckpoint` saves a stateful advantage estimator (a critic) into every
@@ -17,14 +17,16 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pipeline.envs.base import Task
+from pipeline.training.adapters import episode_total
 from pipeline.training.advantages import ESTIMATOR_STATE_FILE
+from pipeline.trajectory import Trajectory
 
 if TYPE_CHECKING:
     from pipeline.training.grpo_trainer import TurnwiseGRPOTrainer
@@ -36,14 +38,18 @@ BEST_FILE = "best_val.json"  # in <output_dir>/best_adapter (keep_best_val): the
 
 class ValidationCallback(TrainerCallback):
     """Runs the external evaluation on held-out tasks every ``every`` steps; logs ``val/success``,
-    ``val/pass@1`` and ``val/completion``, and warns when training reward rises while validation success
-    stays flat."""
+    ``val/pass@1``, ``val/completion`` and ``val/reward/mean`` (the run's trajectory reward averaged over
+    the validation episodes), and warns when training reward rises while validation success stays flat.
+
+    ``reward_fn`` scores the validation episodes; None uses the reward the trainer trains on.
+    """
 
     def __init__(self, trainer: "TurnwiseGRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
                  max_new_tokens: int, patience: int = 3, best_dir: Path | None = None,
-                 best: dict[str, Any] | None = None) -> None:
+                 best: dict[str, Any] | None = None, reward_fn: Callable[[Trajectory], Any] | None = None) -> None:
         self.trainer, self.tasks, self.every = trainer, list(tasks), every
         self.max_turns, self.max_new_tokens, self.patience = max_turns, max_new_tokens, patience
+        self.reward_fn = reward_fn
         self.history: list[tuple[float, float]] = []  # (train reward mean since last validation, val success)
         self._rewards: list[float] = []
         self.last: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest validation
@@ -58,8 +64,11 @@ class ValidationCallback(TrainerCallback):
         report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
                           max_new_tokens=self.max_new_tokens)
         model.train(was_training)
+        reward_fn = self.reward_fn or self.trainer.reward.reward_fn
+        totals = [episode_total(reward_fn(t)) for t in report.trajectories]
         return {"val/success": report.metrics["success"], "val/pass@1": report.metrics["pass@1"],
-                "val/completion": report.metrics["completion"]}
+                "val/completion": report.metrics["completion"],
+                "val/reward/mean": sum(totals) / len(totals) if totals else float("nan")}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "rollout/reward/mean" in logs:

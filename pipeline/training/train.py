@@ -33,8 +33,9 @@ RESULT_FILE = "grpo_result.json"  # written last, when the run has finished (tur
 def default_reward(config: str | None = None, tasks: Sequence[Any] = ()) -> Callable[[Trajectory], Any]:
     """The trajectory reward from the ``rewards`` package: ``build_reward`` on a YAML path or shipped name.
 
-    The reward is bound to the training tasks, so scorers that check claims against the sandbox
-    database or count a task's required facts use the task, not only what the trajectory shows.
+    The reward is bound to ``tasks`` (:func:`train` passes the training and validation tasks), so scorers
+    that check claims against the sandbox database or count a task's required facts use the task, not
+    only what the trajectory shows.
     """
     try:
         from rewards import build_reward
@@ -61,7 +62,11 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     all_val = load_tasks(task_args.tasks, task_args.val_split)
     val_tasks = all_val[: task_args.val_limit]
     rollout = EpisodeRollout(train_tasks, rollout_config, seed=grpo_args.seed)
-    reward = TrajectoryReward(reward_fn or default_reward(task_args.reward_config, train_tasks), rollout)
+    # Bound to the validation tasks too, so that val/reward/mean scores them as training scores its own
+    # tasks; a training task keeps its own entry.
+    known = {t.id for t in train_tasks}
+    reward_tasks = list(train_tasks) + [t for t in val_tasks if t.id not in known]
+    reward = TrajectoryReward(reward_fn or default_reward(task_args.reward_config, reward_tasks), rollout)
     grpo_args.max_completion_length = max(grpo_args.max_completion_length or 0, rollout_config.max_total_tokens)
     peft_config = get_peft_config(model_args)
     if task_args.adapter:  # continue training an existing adapter (an SFT warm start): its LoRA config wins

@@ -1,4 +1,4 @@
-"""Tests for pipeline/training/callbacks.py: estimator checkpoints, TensorBoard names."""
+"""Tests for pipeline/training/callbacks.py: validation metrics, estimator checkpoints, TensorBoard names."""
 
 from __future__ import annotations
 
@@ -10,11 +10,48 @@ import pytest
 import torch
 
 from pipeline.training import callbacks
-from pipeline.training.callbacks import EstimatorCheckpoint
+from pipeline.training.callbacks import EstimatorCheckpoint, ValidationCallback
 
 
 def test_doctests():
     assert doctest.testmod(callbacks).failed == 0
+
+
+def test_validation_logs_the_mean_reward_of_the_validation_episodes(make_trainer):
+    """val/reward/mean is the run's trajectory reward (a breakdown's total) averaged over the validation
+    episodes, one per validation task, next to the external evaluation's success metrics."""
+    from pipeline.envs import load_tasks
+
+    tasks = load_tasks("customer_service", "val")[:2]
+    scored = []
+
+    def reward(trajectory):
+        scored.append(trajectory.task_id)
+        return SimpleNamespace(total=[1.0, 0.25][len(scored) - 1], per_turn=[], terminal=0.0)
+
+    trainer = make_trainer()
+    validation = ValidationCallback(trainer, tasks, every=1, max_turns=2, max_new_tokens=4, reward_fn=reward)
+    metrics = validation.validate()
+    assert sorted(scored) == sorted(t.id for t in tasks)  # each validation episode scored once
+    assert metrics["val/reward/mean"] == (1.0 + 0.25) / 2
+    assert set(metrics) == {"val/success", "val/pass@1", "val/completion", "val/reward/mean"}
+
+    # without its own reward_fn it scores with the reward the trainer trains on (here a plain float reward)
+    trainer.reward.reward_fn = lambda trajectory: 0.5 if trajectory.task_id == tasks[0].id else 0.0
+    default = ValidationCallback(trainer, tasks, every=1, max_turns=2, max_new_tokens=4).validate()
+    assert default["val/reward/mean"] == (0.5 + 0.0) / 2
+
+
+def test_validation_logs_its_metrics_during_training(make_trainer):
+    from pipeline.envs import load_tasks
+
+    trainer = make_trainer(max_steps=1)
+    trainer.reward.reward_fn = lambda trajectory: 0.75  # training and validation episodes all score 0.75
+    trainer.add_callback(ValidationCallback(trainer, load_tasks("customer_service", "val")[:1], every=1, max_turns=2,
+                                            max_new_tokens=4))
+    trainer.train()
+    validated = [h for h in trainer.state.log_history if "val/success" in h]
+    assert len(validated) == 1 and validated[0]["val/reward/mean"] == 0.75 and validated[0]["step"] == 1
 
 
 class Unnamed:

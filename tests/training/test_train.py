@@ -64,7 +64,7 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     with caplog.at_level("WARNING", logger="pipeline.training.train"):
         result = train(task_args, rollout_config, grpo_args(2), model_args, reward_fn=token_count_reward)
     assert "--resume: no checkpoint in" in caplog.text
-    assert result["steps"] == 2 and set(result["val"]) == {"val/success", "val/pass@1", "val/completion"}
+    assert result["steps"] == 2 and set(result["val"]) == {"val/success", "val/pass@1", "val/completion", "val/reward/mean"}
     samples = sorted((tmp_path / "samples").glob("step-*.jsonl"))
     assert [p.name for p in samples] == ["step-000001.jsonl", "step-000002.jsonl"]
     record = json.loads(samples[0].read_text().splitlines()[0])
@@ -72,6 +72,7 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     assert any("val/success" in h for h in history)  # validation ran during training (val_every=1)
+    assert all(isinstance(h["val/reward/mean"], float) for h in history if "val/success" in h)
     assert any("rollout/turns/mean" in h and "analysis/zero_adv_groups" in h for h in history)
     final_history = json.loads((tmp_path / "log_history.json").read_text())
     # val_every=1 validated step 2 already: the final val is that one, not a second evaluation
@@ -100,7 +101,8 @@ def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_c
     scores = iter([0.25, 0.75, 0.75, 0.5, 0.5])  # steps 1-3, then a resumed step 4, then a fresh run
 
     def validate(self):
-        return {"val/success": next(scores), "val/pass@1": 0.0, "val/completion": 0.0}
+        return {"val/success": next(scores), "val/pass@1": 0.0, "val/completion": 0.0,
+                "val/reward/mean": 0.0}
 
     monkeypatch.setattr(ValidationCallback, "validate", validate)
     rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000)
@@ -143,9 +145,10 @@ def test_keep_best_val_needs_periodic_validation():
         TaskArguments(keep_best_val=True)
 
 
-def test_train_resumes_the_critic(tiny_model_dir, tmp_path, monkeypatch, caplog):
+def test_train_resumes_the_critic_and_binds_the_reward_to_the_validation_tasks(tiny_model_dir, tmp_path,
+                                                                                monkeypatch, caplog):
     """With --resume, train() restores a stateful estimator (the gae value head) from the checkpoint it
-    resumes."""
+    resumes; the reward it builds knows the validation tasks too, so val/reward/mean scores them fully."""
     import importlib
 
     from trl import GRPOConfig, ModelConfig
@@ -154,7 +157,9 @@ def test_train_resumes_the_critic(tiny_model_dir, tmp_path, monkeypatch, caplog)
     from pipeline.training.advantages import GAE
 
     train_module = importlib.import_module("pipeline.training.train")
-    monkeypatch.setattr(train_module, "default_reward", lambda config=None, tasks=(): token_count_reward)
+    bound = []
+    monkeypatch.setattr(train_module, "default_reward",
+                        lambda config=None, tasks=(): bound.append([t.id for t in tasks]) or token_count_reward)
     restored = []
     load_state_dict = GAE.load_state_dict
     monkeypatch.setattr(GAE, "load_state_dict",
@@ -176,3 +181,6 @@ def test_train_resumes_the_critic(tiny_model_dir, tmp_path, monkeypatch, caplog)
         assert run(2)["steps"] == 2
     assert restored == [16]  # the tiny model's hidden size: the head saved at step 1 was loaded
     assert "starts again from scratch" not in caplog.text
+    train_ids = [t.id for t in load_tasks("customer_service", "train")[:2]]
+    val_ids = [t.id for t in load_tasks("customer_service", "val")[:2]]
+    assert bound[0] == train_ids + [v for v in val_ids if v not in train_ids] and set(val_ids) <= set(bound[0])
