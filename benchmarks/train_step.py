@@ -124,7 +124,7 @@ def main() -> None:
 
     from pipeline.envs import load_tasks, make_env
     from pipeline.models import load_model
-    from pipeline.trainer import EpisodeRollout, RolloutConfig, TrajectoryReward, TurnwiseGRPOTrainer, task_dataset
+    from pipeline.training import EpisodeRollout, RolloutConfig, TrajectoryReward, TurnwiseGRPOTrainer, task_dataset
 
     torch.manual_seed(0)
     groups = args.episodes // 2

@@ -344,7 +344,7 @@ def add_train_parser(subparsers: Subparsers) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from pipeline.config import parse_train_args
-    from pipeline.trainer import train
+    from pipeline.training import train
 
     options = ["--help" if o == "--help-all" else o for o in args.options]
     task_args, rollout_config, grpo_args, model_args = parse_train_args(options)

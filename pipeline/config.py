@@ -1,7 +1,7 @@
 """Typed configuration for ``turnwise train``.
 
 A run is described by four dataclasses: :class:`TaskArguments` (which tasks, validation, reward),
-:class:`~pipeline.trainer.RolloutConfig` (how episodes are played and credited), TRL's ``GRPOConfig``
+:class:`~pipeline.training.RolloutConfig` (how episodes are played and credited), TRL's ``GRPOConfig``
 (optimiser, loss type, ``num_iterations``, ``beta``, checkpoints, ``report_to``) and TRL's ``ModelConfig``
 (model and LoRA). YAML recipes go through TRL's ``TrlParser``; command-line flags override the YAML.
 """
@@ -77,7 +77,7 @@ def parse_train_args(argv: Sequence[str] | None = None):
     """``(TaskArguments, RolloutConfig, GRPOConfig, ModelConfig)`` from ``--config FILE.yaml`` and flags."""
     from trl import GRPOConfig, ModelConfig, TrlParser
 
-    from pipeline.trainer import RolloutConfig
+    from pipeline.training import RolloutConfig
 
     parser = TrlParser((TaskArguments, RolloutConfig, GRPOConfig, ModelConfig), prog="turnwise train")
     parser.set_defaults(bf16=hardware_bf16())  # a recipe or --bf16 still overrides it

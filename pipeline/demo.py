@@ -128,7 +128,7 @@ def parse_grpo(section: dict[str, Any], adapter: str | None = None):
     from trl import GRPOConfig, ModelConfig
 
     from pipeline.config import TaskArguments, parse_recipe
-    from pipeline.trainer import RolloutConfig
+    from pipeline.training import RolloutConfig
 
     config = {**section, "adapter": adapter} if adapter else section
     return parse_recipe((TaskArguments, RolloutConfig, GRPOConfig, ModelConfig), [], config, prog="turnwise train")
@@ -144,8 +144,8 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
     """
     from pipeline.models import ALIASES, prepare_embedded_model
     from pipeline.sft import RESULT_FILE as SFT_RESULT
-    from pipeline.trainer import RESULT_FILE as GRPO_RESULT
-    from pipeline.trainer import train
+    from pipeline.training import RESULT_FILE as GRPO_RESULT
+    from pipeline.training import train
 
     start = time.time()
     load_at_start = _load()

@@ -86,7 +86,7 @@ def image_uri(region: str, version: str = DEFAULT_DLC_VERSION) -> str:
 
 METRICS = ("loss", "rollout/reward/mean", "rollout/success", "rollout/completion", "rollout/turns/mean",
            "rollout/truncated_frac", "analysis/zero_adv_groups", "val/success", "val/pass@1", "val/completion")
-"""What CloudWatch charts for a job: the trainer's metric keys (see pipeline/trainer.py)."""
+"""What CloudWatch charts for a job: the trainer's metric keys (see pipeline/training/)."""
 
 _NUMBER = r"(-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)"
 

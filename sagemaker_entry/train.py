@@ -2,7 +2,7 @@
 
 The training toolkit runs ``python sagemaker_entry/train.py --config RECIPE.yaml --key value ...``, one
 ``--key value`` per hyperparameter. This script only maps the container onto the configs of
-``turnwise train`` and calls the same `pipeline.trainer.train`:
+``turnwise train`` and calls the same `pipeline.training.train`:
 
 - hyperparameters are `turnwise train` options (TRL's ``TrlParser``: ``--config`` YAML, flags override it);
 - ``SM_CHANNEL_MODEL`` (a checkpoint directory) becomes ``model_name_or_path`` unless one is given;
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import parse_train_args
     from pipeline.models import DEFAULT_MODEL
-    from pipeline.trainer import train
+    from pipeline.training import train
 
     options = container_options(entry_args, sm)
     logger.info("turnwise train %s", " ".join(options))

@@ -231,7 +231,7 @@ def test_model_prepare_on_the_real_embedded_model_is_idempotent(embedded_model_d
 def test_train_hands_every_option_to_the_recipe_parser(monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """`turnwise train --config FILE --flag value` reaches TrlParser whole, a leading --option included."""
-    import pipeline.trainer as trainer
+    import pipeline.training as training
 
     seen = {}
 
@@ -239,7 +239,7 @@ def test_train_hands_every_option_to_the_recipe_parser(monkeypatch: pytest.Monke
         seen.update(task_args=task_args, rollout_config=rollout_config, grpo_args=grpo_args)
         return {"steps": 0, "val": {"val/success": 0.0}, "adapter": "a", "output_dir": "o", "samples": "s"}
 
-    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.delenv("TURNWISE_TRUST_TOOLS", raising=False)
     assert main(["train", "--config", "configs/grpo_cpu_quick.yaml", "--max_turns", "3", "--env",
                  "sop:data/sop/warranty_claims", "--trust-tools", "--learning_rate", "0.5"]) == 0

@@ -1,6 +1,6 @@
 """Tests for pipeline/demo.py: `turnwise demo --resume` reuses finished stages and continues GRPO.
 
-The stages themselves are replaced by recorders here (test_sft.py and test_trainer.py train for real);
+The stages themselves are replaced by recorders here (test_sft.py and tests/training/ train for real);
 what is under test is which stages run again, with what, and what the summary says about the time.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import pipeline.sft
-import pipeline.trainer
+import pipeline.training
 from pipeline import demo
 
 
@@ -52,7 +52,7 @@ def stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list]:
         return {"n_tasks": 1}
 
     monkeypatch.setattr(pipeline.sft, "run_sft", sft)
-    monkeypatch.setattr(pipeline.trainer, "train", grpo)
+    monkeypatch.setattr(pipeline.training, "train", grpo)
     monkeypatch.setattr(demo, "evaluate_policies", evaluate)
     return calls
 
@@ -87,7 +87,7 @@ def test_resume_skips_a_finished_grpo_and_only_evaluates(recipe, stages, tmp_pat
     grpo = tmp_path / "run" / "grpo"
     grpo.mkdir()
     (grpo / "log_history.json").write_text(json.dumps([{"rollout/reward/mean": 0.25, "val/success": 0.5}]))
-    (grpo / pipeline.trainer.RESULT_FILE).write_text(json.dumps({
+    (grpo / pipeline.training.RESULT_FILE).write_text(json.dumps({
         "adapter": str(grpo / "adapter"), "log_history": str(grpo / "log_history.json"),
         "samples": str(grpo / "samples"), "wall_time_s": 30.0}))
     summary = demo.run(recipe, resume=True)

@@ -212,7 +212,8 @@ def test_submit_wait_logs_metrics_download_against_moto(moto_aws, tmp_path, tiny
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="turnwise-test")["Contents"]]
     assert "turnwise/turnwise-moto-1/input/train/train.jsonl" in keys
     members = bundle_members(moto_aws, "turnwise-moto-1")
-    assert {"sagemaker_entry/train.py", "requirements.txt", "configs/grpo_cpu_quick.yaml", "pipeline/trainer.py"} <= set(members)
+    assert {"sagemaker_entry/train.py", "requirements.txt", "configs/grpo_cpu_quick.yaml",
+            "pipeline/training/train.py"} <= set(members)
     assert not any(name.startswith((".git/", ".venv/")) or "__pycache__" in name for name in members)
 
     seen = []
@@ -252,7 +253,7 @@ def test_cli_status_logs_download_against_moto(moto_aws, tmp_path, capsys):
 
 def planted_tree(root: Path) -> Path:
     """A source tree with secrets planted where people leave them."""
-    for rel in ("sagemaker_entry/train.py", "sagemaker_entry/requirements.txt", "pipeline/trainer.py"):
+    for rel in ("sagemaker_entry/train.py", "sagemaker_entry/requirements.txt", "pipeline/training/train.py"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(f"# {rel}\n")
     (root / ".env").write_text(f"AWS_ACCESS_KEY_ID={PLANTED_KEY_ID}\nAWS_SECRET_ACCESS_KEY={PLANTED_SECRET}\n")
@@ -269,7 +270,7 @@ def planted_tree(root: Path) -> Path:
 def test_source_bundle_leaves_out_secrets_and_never_prints_them(moto_aws, tmp_path, capsys, caplog):
     source = planted_tree(tmp_path / "src")
     bundle = make_bundle(tmp_path / "out" / "sourcedir.tar.gz", source)
-    assert sorted(bundle.files) == ["pipeline/trainer.py", "requirements.txt", "sagemaker_entry/requirements.txt",
+    assert sorted(bundle.files) == ["pipeline/training/train.py", "requirements.txt", "sagemaker_entry/requirements.txt",
                                     "sagemaker_entry/train.py"]
     reasons = dict(bundle.excluded)
     assert reasons[".env"] == "secret file name" and reasons["credentials"] == "secret file name"

@@ -19,7 +19,7 @@ from pipeline.models import load_model
 from pipeline.rollout import RolloutEngine
 from pipeline.rollout.backends import Generation
 from pipeline.sft import SFTArguments, demonstration_dataset, oracle_demonstrations, run_sft, tokenize_demonstration
-from pipeline.trainer import RolloutConfig, train
+from pipeline.training import RolloutConfig, train
 
 
 def token_count_reward(trajectory) -> float:

@@ -1,7 +1,7 @@
 """A tiny multi-turn GRPO run for `accelerate launch` (tests/test_distributed.py): each rank saves its weights.
 
 Usage: accelerate launch --multi_gpu --num_processes 2 tests/distributed/grpo_run.py TINY_MODEL_DIR OUT_DIR
-Shrunk like tests/test_trainer.py: 2-layer random Llama, 2 tasks x 2 generations (one task per rank),
+Shrunk like tests/training/test_grpo_trainer.py: 2-layer random Llama, 2 tasks x 2 generations (one task per rank),
 2 turns of at most 4 new tokens, 2 optimiser steps.
 """
 
@@ -14,7 +14,7 @@ from trl import GRPOConfig
 
 from pipeline.envs import load_tasks
 from pipeline.models import load_model
-from pipeline.trainer import EpisodeRollout, RolloutConfig, TrajectoryReward, TurnwiseGRPOTrainer, task_dataset
+from pipeline.training import EpisodeRollout, RolloutConfig, TrajectoryReward, TurnwiseGRPOTrainer, task_dataset
 
 
 def token_count_reward(trajectory) -> float:

@@ -164,7 +164,7 @@ def test_a_toy_domain_trains_one_grpo_step_and_evaluates(toy, tiny_model_dir, tm
 
     from pipeline.config import TaskArguments
     from pipeline.evaluation import evaluate
-    from pipeline.trainer import RolloutConfig, train
+    from pipeline.training import RolloutConfig, train
 
     task_args = TaskArguments(tasks="toy_library", val_limit=1, foothold_tasks=0)
     rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=4000)  # tiny model: short turns

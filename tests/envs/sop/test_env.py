@@ -568,9 +568,11 @@ def test_audit_and_score_refuse_untrusted_tools_py_and_trust_tools_allows_it(cod
 
 def test_turnwise_train_takes_an_sop_folder_with_the_sop_reward(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """`turnwise train --env sop:PATH` trains on the folder's rows with the SOP reward (one tiny step)."""
-    import pipeline.trainer as trainer_module
+    import importlib
+
     from pipeline.config import TaskArguments
 
+    trainer_module = importlib.import_module("pipeline.training.train")  # the module; pipeline.training.train is train()
     rewards_built = []
     default_reward = trainer_module.default_reward
     monkeypatch.setattr(trainer_module, "default_reward", lambda path=None, tasks=(): rewards_built.append(path) or

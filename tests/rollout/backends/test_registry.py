@@ -11,7 +11,7 @@ import pipeline.rollout.backends as backends
 from pipeline.envs import load_tasks
 from pipeline.rollout.backends import GenerationRequest, backend_names, build_backend, register_backend
 from pipeline.rollout.backends.hf import HFBackend
-from pipeline.trainer import EpisodeRollout, RolloutConfig, task_dataset
+from pipeline.training import EpisodeRollout, RolloutConfig, task_dataset
 
 
 @pytest.fixture

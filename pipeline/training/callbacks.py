@@ -1,0 +1,258 @@
+"""What a GRPO run does besides optimising, as ``transformers`` callbacks.
+
+- :class:`ValidationCallback` runs the external evaluation on held-out tasks every ``val_every`` steps
+  (``val/success``, ``val/pass@1``, ``val/completion``, ``val/reward/mean``), warns on the reward-hacking
+  signal (:func:`health_warning`), and with ``keep_best_val`` keeps the best validation's adapter.
+- :class:`SampleWriter` writes the latest trajectories as JSONL at each logging step, for people to read.
+- :class:`EstimatorCheckpoint` saves a stateful advantage estimator (a critic) into every
+  checkpoint from ``on_save``, and restores it when a run resumes, so TRL's own checkpointing stays as is.
+- :func:`use_namespaced_tensorboard` keeps metric names that carry a namespace (``rollout/reward/mean``)
+  as they are in TensorBoard, instead of transformers' ``train/`` prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from pipeline.envs.base import Task
+from pipeline.training.adapters import episode_total
+from pipeline.training.advantages import ESTIMATOR_STATE_FILE
+from pipeline.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from pipeline.training.grpo_trainer import TurnwiseGRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+BEST_FILE = "best_val.json"  # in <output_dir>/best_adapter (keep_best_val): the step and val success it had
+
+
+class ValidationCallback(TrainerCallback):
+    """Runs the external evaluation on held-out tasks every ``every`` steps; logs ``val/success``,
+    ``val/pass@1``, ``val/completion`` and ``val/reward/mean`` (the run's trajectory reward averaged over
+    the validation episodes), and warns when training reward rises while validation success stays flat.
+
+    ``reward_fn`` scores the validation episodes; None uses the reward the trainer trains on.
+    """
+
+    def __init__(self, trainer: "TurnwiseGRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
+                 max_new_tokens: int, patience: int = 3, best_dir: Path | None = None,
+                 best: dict[str, Any] | None = None, reward_fn: Callable[[Trajectory], Any] | None = None) -> None:
+        self.trainer, self.tasks, self.every = trainer, list(tasks), every
+        self.max_turns, self.max_new_tokens, self.patience = max_turns, max_new_tokens, patience
+        self.reward_fn = reward_fn
+        self.history: list[tuple[float, float]] = []  # (train reward mean since last validation, val success)
+        self._rewards: list[float] = []
+        self.last: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest validation
+        # keep_best_val: where the best validation's adapter goes, and that validation ({"step", "val/success"})
+        self.best_dir, self.best = best_dir, best
+
+    def validate(self) -> dict[str, float]:
+        from pipeline.evaluation import evaluate
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        was_training = model.training
+        report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
+                          max_new_tokens=self.max_new_tokens)
+        model.train(was_training)
+        reward_fn = self.reward_fn or self.trainer.reward.reward_fn
+        totals = [episode_total(reward_fn(t)) for t in report.trajectories]
+        return {"val/success": report.metrics["success"], "val/pass@1": report.metrics["pass@1"],
+                "val/completion": report.metrics["completion"],
+                "val/reward/mean": sum(totals) / len(totals) if totals else float("nan")}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "rollout/reward/mean" in logs:
+            self._rewards.append(float(logs["rollout/reward/mean"]))
+            if float(logs.get("analysis/zero_adv_groups", 0.0)) > 0.5:
+                logger.warning("step %d: %.0f%% of groups have zero advantage (every rollout of a task scored the "
+                               "same): no learning signal. Raise num_generations or temperature, or use a denser "
+                               "reward.", state.global_step, 100 * float(logs["analysis/zero_adv_groups"]))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self._run(state)
+
+    def final(self) -> dict[str, float]:
+        """Val metrics of the trained policy: the last periodic validation's when it ran at the last step."""
+        step = self.trainer.state.global_step
+        if self.last is not None and self.last[0] == step:
+            return self.last[1]
+        metrics = self.validate()
+        self.last = (step, dict(metrics))
+        self._keep_if_best(step, metrics)
+        self.trainer.log(metrics)  # TRL's log() adds its pending training metrics to the dict it is given
+        return self.last[1]
+
+    def _run(self, state) -> None:
+        metrics = self.validate()
+        self.last = (state.global_step, dict(metrics))
+        self._keep_if_best(state.global_step, metrics)
+        self.trainer.log(metrics)
+        reward = sum(self._rewards) / len(self._rewards) if self._rewards else float("nan")
+        self._rewards = []
+        self.history.append((reward, metrics["val/success"]))
+        warning = health_warning(self.history, self.patience)
+        if warning:
+            logger.warning("step %d: %s", state.global_step, warning)
+
+    def _keep_if_best(self, step: int, metrics: dict[str, float]) -> None:
+        """With keep_best_val: save the adapter when this validation beats every earlier one. It is written
+        beside ``best_dir`` with its ``best_val.json`` and then renamed into place, so a kill leaves the
+        previous best whole."""
+        if self.best_dir is None or (self.best is not None and metrics["val/success"] <= self.best["val/success"]):
+            return
+        self.best = {"step": step, "val/success": metrics["val/success"], "adapter": str(self.best_dir)}
+        staging = self.best_dir.with_name(f".{self.best_dir.name}.tmp")
+        if self.trainer.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        self.trainer.save_model(str(staging))  # every process takes part; only the main one writes
+        if not self.trainer.args.should_save:
+            return
+        from pipeline.models import publish_directory
+        from pipeline.trajectory import atomic_write_text
+
+        self.trainer.processing_class.save_pretrained(str(staging))
+        atomic_write_text(staging / BEST_FILE, json.dumps(self.best, indent=2) + "\n")
+        publish_directory(staging, self.best_dir)
+        logger.info("step %d: val success %.3f is the best so far; its adapter is in %s", step,
+                    metrics["val/success"], self.best_dir)
+
+
+def health_warning(history: Sequence[tuple[float, float]], patience: int = 3, min_rise: float = 0.05,
+                   flat: float = 0.02) -> str | None:
+    """The reward-hacking signal: training reward rose over the last ``patience`` validations while
+    validation success moved by less than ``flat``.
+
+    >>> health_warning([(0.1, 0.2), (0.3, 0.2), (0.5, 0.21)])
+    'training reward rose by 0.40 over the last 3 validations while val/success stayed flat (0.20 -> 0.21): likely reward hacking. Read the transcripts where reward is high and success is false; run `turnwise audit`.'
+    >>> health_warning([(0.1, 0.2), (0.3, 0.3), (0.5, 0.4)]) is None
+    True
+    """
+    if len(history) < patience:
+        return None
+    window = history[-patience:]
+    rise = window[-1][0] - window[0][0]
+    moved = abs(window[-1][1] - window[0][1])
+    if rise >= min_rise and moved < flat:
+        return (f"training reward rose by {rise:.2f} over the last {patience} validations while val/success stayed "
+                f"flat ({window[0][1]:.2f} -> {window[-1][1]:.2f}): likely reward hacking. Read the transcripts where "
+                "reward is high and success is false; run `turnwise audit`.")
+    return None
+
+
+class SampleWriter(TrainerCallback):
+    """Writes a few of the latest trajectories as JSONL at every logging step (``<output_dir>/samples/``),
+    and shows the current reward and success on the progress bar."""
+
+    def __init__(self, trainer: "TurnwiseGRPOTrainer", limit: int = 4) -> None:
+        self.trainer, self.limit = trainer, limit
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from pipeline.trajectory import atomic_write_text
+
+        if not state.is_world_process_zero or not self.trainer.rollout.last:
+            return
+        lines = self.trainer.sample_trajectories(self.limit)
+        atomic_write_text(Path(args.output_dir) / "samples" / f"step-{state.global_step:06d}.jsonl",
+                          "\n".join(lines) + "\n")
+        if logs and "rollout/reward/mean" in logs:
+            for callback in self.trainer.callback_handler.callbacks:
+                bar = getattr(callback, "training_bar", None)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{float(logs['rollout/reward/mean']):.3f}",
+                                    success=f"{float(logs.get('rollout/success', 0.0)):.2f}")
+
+
+class EstimatorCheckpoint(TrainerCallback):
+    """Keeps a stateful advantage estimator in the run's checkpoints.
+
+    ``on_save`` writes ``estimator.state_dict()`` into the checkpoint TRL has just written
+    (``checkpoint-N/<state_file>``, the estimator's ``state_file`` or ``estimator_state.pt``): to a temporary
+    name, synced, then renamed, so a checkpoint never holds half a file. :meth:`load` restores it from a
+    checkpoint before training resumes; a resumed run that did not restore it is warned about, because
+    its critic starts again from scratch.
+    """
+
+    def __init__(self, estimator: Any, name: str) -> None:
+        self.estimator, self.name = estimator, name
+        self.restored_from: str | None = None
+
+    @property
+    def filename(self) -> str:
+        return getattr(self.estimator, "state_file", ESTIMATOR_STATE_FILE)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        estimator_state = self.estimator.state_dict()
+        if estimator_state is None or not checkpoint.is_dir():
+            return
+        tmp = checkpoint / f"{self.filename}.tmp"
+        with tmp.open("wb") as f:
+            torch.save(estimator_state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint's
+        os.replace(tmp, checkpoint / self.filename)
+
+    def load(self, checkpoint: str | Path) -> bool:
+        """Restore the estimator from ``checkpoint``; False (with a warning) when it holds no state for it."""
+        path = Path(checkpoint) / self.filename
+        if not path.exists():
+            logger.warning("%s has no %s: the %s estimator's state starts again from scratch.", checkpoint,
+                           self.filename, self.name)
+            return False
+        self.estimator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.restored_from = str(checkpoint)
+        return True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and self.restored_from is None:
+            logger.warning("resuming at step %d without the %s estimator's state: its critic starts again from "
+                           "scratch. Call trainer.load_estimator_state(checkpoint) before trainer.train(...) (turnwise "
+                           "train does).", state.global_step, self.name)
+
+
+def use_namespaced_tensorboard(trainer) -> None:
+    """Replace transformers' TensorBoard callback on ``trainer`` with one that keeps namespaced names."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in list(trainer.callback_handler.callbacks):
+        if type(callback) is TensorBoardCallback:  # keep rollout/reward/mean as is, not train/rollout/...
+            trainer.callback_handler.remove_callback(callback)
+            trainer.add_callback(namespaced_tensorboard_callback())
+
+
+def namespaced_tensorboard_callback():
+    """A TensorBoard callback that files ``rollout/reward/mean`` under that tag, not ``train/rollout/...``."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    class NamespacedTensorBoardCallback(TensorBoardCallback):
+        """TensorBoard logging that keeps metric names that already carry a namespace (``rollout/reward/mean``,
+        ``val/success``) as they are; transformers' own callback files every training metric under ``train/``."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if self.tb_writer is None:
+                self._init_summary_writer(args)
+            if self.tb_writer is None:
+                return
+            for key, value in logs.items():
+                tag = key if "/" in key and not key.startswith(("eval_", "test_")) else next(iter(rewrite_logs({key: 0})))
+                if isinstance(value, (int, float)):
+                    self.tb_writer.add_scalar(tag, value, state.global_step)
+            self.tb_writer.flush()
+
+    return NamespacedTensorBoardCallback()

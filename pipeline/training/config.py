@@ -1,0 +1,55 @@
+"""How episodes are played and credited during training: :class:`RolloutConfig`.
+
+TRL's ``GRPOConfig`` holds the optimiser, the loss type, ``num_generations``, ``beta`` and checkpointing;
+this dataclass holds what multi-turn training adds to it: the turn and token budgets of an episode, and
+the advantage estimator with its settings. YAML recipes and flags reach it through TRL's ``TrlParser``
+(:func:`pipeline.config.parse_train_args`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.rollout.backends import backend_names, check_backend_name
+from pipeline.training.advantages import ESTIMATORS, get_estimator
+
+
+@dataclass
+class RolloutConfig:
+    """How episodes are played and credited during training (TRL's ``GRPOConfig`` holds the rest)."""
+
+    max_turns: int = field(default=12, metadata={"help": "Assistant-turn budget per episode."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Token budget per assistant turn."})
+    max_total_tokens: int = field(default=4096, metadata={"help": "Token budget per episode (prompt included)."})
+    advantage: str = field(default="group_based", metadata={
+        "help": f"Advantage estimator, a registered name: {', '.join(ESTIMATORS)}."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount over turns for turn-level estimators."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda over turns (advantage=gae)."})
+    value_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the value head (advantage=gae)."})
+    value_epochs: int = field(default=4, metadata={
+        "help": "Value-head optimiser steps per rollout batch, on that batch's targets (advantage=gae)."})
+    passk: int = field(default=2, metadata={"help": "k for the grpo_passk estimator."})
+    share_prefix: bool = field(default=True, metadata={
+        "help": "In the loss, run the prefix every episode of a batch shares (the system prompt) once instead of "
+                "once per episode; same log-probs and gradients. Off with gradient checkpointing or several "
+                "processes, where the plain forward runs."})
+    backend: str = field(default="hf", metadata={
+        "help": f"Generation backend for rollouts, by name: {', '.join(backend_names())} (pipeline.rollout.backends). "
+                "Rollouts must come from the model being trained, which hf does; vllm serves a fixed model."})
+
+    def __post_init__(self) -> None:
+        check_backend_name(self.backend, "RolloutConfig.backend")
+        try:
+            get_estimator(self.advantage)
+        except ValueError as exc:
+            raise ValueError(f"RolloutConfig.{exc}") from None
+        for name in ("max_turns", "max_new_tokens", "max_total_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RolloutConfig.{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"RolloutConfig.gamma must be in [0, 1], got {self.gamma}.")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"RolloutConfig.lam must be in [0, 1], got {self.lam}.")
+        if self.value_lr <= 0 or self.value_epochs < 1:
+            raise ValueError(f"RolloutConfig.value_lr must be > 0 and value_epochs >= 1, got {self.value_lr} and "
+                             f"{self.value_epochs}.")

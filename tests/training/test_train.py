@@ -1,0 +1,186 @@
+"""Tests for pipeline/training/train.py: the whole `turnwise train` run on a tiny model, and the reward it
+builds (a shipped name or a YAML path, bound to the tasks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.envs import load_tasks, make_env, oracle_policy
+from pipeline.rollout import run_policy
+from pipeline.training import RolloutConfig, default_reward
+
+
+def token_count_reward(trajectory) -> float:
+    return sum(sum(turn.completion_ids) for turn in trajectory.turns) % 7 / 7.0
+
+
+
+@pytest.mark.parametrize("config", [None, "default", "configs/rewards/default.yaml"])
+def test_train_reward_accepts_names_and_paths_and_binds_the_tasks(config):
+    tasks = load_tasks("customer_service", "test")[:3]
+    reward = default_reward(config, tasks)
+    assert set(reward.tasks) == {t.id for t in tasks}
+    task = tasks[2]
+    breakdown = reward(run_policy(make_env(task), task, oracle_policy(task)))
+    assert breakdown.failed == {} and breakdown.total == pytest.approx(0.888, abs=1e-3)
+
+
+def test_sop_reward_by_shipped_name_scores_the_oracle_near_one():
+    task = load_tasks("sop:data/sop/warranty_claims", "test")[0]
+    reward = default_reward("sop", [task])
+    breakdown = reward(run_policy(make_env(task), task, oracle_policy(task)))
+    assert breakdown.failed == {} and breakdown.total > 0.95
+    assert "field_accuracy" in breakdown.components
+
+
+def test_unknown_reward_name_is_refused_with_the_choices():
+    with pytest.raises(FileNotFoundError, match="nonexistent not found; shipped configs are in .*configs/rewards"):
+        default_reward("nonexistent")
+
+
+def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_model_dir, tmp_path, caplog):
+    """``train()`` runs the whole loop: validation through pipeline.evaluation, trajectory samples as
+    JSONL at each logging step, and a saved adapter; ``resume`` continues from the last checkpoint."""
+    import json
+
+    from trl import GRPOConfig, ModelConfig
+
+    from pipeline.config import TaskArguments
+    from pipeline.training import train
+
+    # --resume on a fresh output directory starts from scratch (a pipeline run resumes every stage this way)
+    task_args = TaskArguments(train_limit=2, val_limit=2, val_every=1, resume=True)
+    tmp_path = tmp_path / "run"
+    rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+
+    def grpo_args(steps):
+        return GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=steps,
+                          logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="steps", save_steps=1, beta=0.0,
+                          learning_rate=1e-2)
+
+    with caplog.at_level("WARNING", logger="pipeline.training.train"):
+        result = train(task_args, rollout_config, grpo_args(2), model_args, reward_fn=token_count_reward)
+    assert "--resume: no checkpoint in" in caplog.text
+    assert result["steps"] == 2 and set(result["val"]) == {"val/success", "val/pass@1", "val/completion", "val/reward/mean"}
+    samples = sorted((tmp_path / "samples").glob("step-*.jsonl"))
+    assert [p.name for p in samples] == ["step-000001.jsonl", "step-000002.jsonl"]
+    record = json.loads(samples[0].read_text().splitlines()[0])
+    assert record["task_id"] and record["tokens"]["assistant_mask"]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert any("val/success" in h for h in history)  # validation ran during training (val_every=1)
+    assert all(isinstance(h["val/reward/mean"], float) for h in history if "val/success" in h)
+    assert any("rollout/turns/mean" in h and "analysis/zero_adv_groups" in h for h in history)
+    final_history = json.loads((tmp_path / "log_history.json").read_text())
+    # val_every=1 validated step 2 already: the final val is that one, not a second evaluation
+    assert [h["step"] for h in final_history if "val/success" in h] == [1, 2]
+    assert (tmp_path / "grpo_result.json").is_file()
+
+    again = train(task_args, rollout_config, grpo_args(3), model_args, reward_fn=token_count_reward)
+    assert again["steps"] == 3
+    assert (tmp_path / "samples" / "step-000003.jsonl").exists()
+
+
+def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_competing(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """keep_best_val: the adapter of the step with the best val success (ties: the earlier) is kept in
+    best_adapter/ with its step, and is the run's result adapter; the last step's stays in adapter/. A
+    resumed run starts from the kept best; a fresh run in the same directory replaces it."""
+    import json
+
+    from safetensors.torch import load_file
+    from trl import GRPOConfig, ModelConfig
+
+    from pipeline.config import TaskArguments
+    from pipeline.training import ValidationCallback, train
+    from pipeline.training.callbacks import BEST_FILE
+
+    scores = iter([0.25, 0.75, 0.75, 0.5, 0.5])  # steps 1-3, then a resumed step 4, then a fresh run
+
+    def validate(self):
+        return {"val/success": next(scores), "val/pass@1": 0.0, "val/completion": 0.0,
+                "val/reward/mean": 0.0}
+
+    monkeypatch.setattr(ValidationCallback, "validate", validate)
+    rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+
+    def run(steps, resume):
+        grpo_args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                               max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                               save_strategy="steps", save_steps=1, beta=0.0, learning_rate=1e-2)
+        task_args = TaskArguments(train_limit=2, val_limit=1, val_every=1, keep_best_val=True, foothold_tasks=0,
+                                  resume=resume)
+        return train(task_args, rollout_config, grpo_args, model_args, reward_fn=token_count_reward)
+
+    def weights(directory):
+        return load_file(str(directory / "adapter_model.safetensors"))
+
+    result = run(3, resume=False)
+    best = tmp_path / "best_adapter"
+    assert result["adapter"] == str(best) and result["final_adapter"] == str(tmp_path / "adapter")
+    assert result["best_val"] == {"step": 2, "val/success": 0.75, "adapter": str(best)}
+    assert json.loads((best / BEST_FILE).read_text()) == result["best_val"]
+    kept, step_2, last = weights(best), weights(tmp_path / "checkpoint-2"), weights(tmp_path / "adapter")
+    assert kept.keys() == step_2.keys() and all(torch.equal(kept[k], step_2[k]) for k in kept)
+    assert any(not torch.equal(kept[k], last[k]) for k in kept)
+    assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert not list(tmp_path.glob(".best_adapter*"))  # no staging left behind
+
+    resumed = run(4, resume=True)  # step 4 validates 0.5: the step-2 adapter stays the best
+    assert resumed["best_val"]["step"] == 2 and all(torch.equal(kept[k], v) for k, v in weights(best).items())
+
+    fresh = run(1, resume=False)  # a new run in the same directory does not compete with the old best
+    assert fresh["best_val"] == {"step": 1, "val/success": 0.5, "adapter": str(best)}
+
+
+def test_keep_best_val_needs_periodic_validation():
+    from pipeline.config import TaskArguments
+
+    with pytest.raises(ValueError, match="keep_best_val chooses among periodic validations: set val_every"):
+        TaskArguments(keep_best_val=True)
+
+
+def test_train_resumes_the_critic_and_binds_the_reward_to_the_validation_tasks(tiny_model_dir, tmp_path,
+                                                                                monkeypatch, caplog):
+    """With --resume, train() restores a stateful estimator (the gae value head) from the checkpoint it
+    resumes; the reward it builds knows the validation tasks too, so val/reward/mean scores them fully."""
+    import importlib
+
+    from trl import GRPOConfig, ModelConfig
+
+    from pipeline.config import TaskArguments
+    from pipeline.training.advantages import GAE
+
+    train_module = importlib.import_module("pipeline.training.train")
+    bound = []
+    monkeypatch.setattr(train_module, "default_reward",
+                        lambda config=None, tasks=(): bound.append([t.id for t in tasks]) or token_count_reward)
+    restored = []
+    load_state_dict = GAE.load_state_dict
+    monkeypatch.setattr(GAE, "load_state_dict",
+                        lambda self, state: restored.append(state["hidden_size"]) or load_state_dict(self, state))
+    task_args = TaskArguments(train_limit=2, val_limit=2, foothold_tasks=0, resume=True)
+    rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000, advantage="gae")
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+
+    def run(steps):
+        grpo_args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                               max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                               save_strategy="steps", save_steps=1, beta=0.0, learning_rate=1e-2)
+        return train_module.train(task_args, rollout_config, grpo_args, model_args)
+
+    run(1)
+    assert (tmp_path / "checkpoint-1" / "value_head.pt").is_file() and restored == []
+    with caplog.at_level("WARNING"):
+        assert run(2)["steps"] == 2
+    assert restored == [16]  # the tiny model's hidden size: the head saved at step 1 was loaded
+    assert "starts again from scratch" not in caplog.text
+    train_ids = [t.id for t in load_tasks("customer_service", "train")[:2]]
+    val_ids = [t.id for t in load_tasks("customer_service", "val")[:2]]
+    assert bound[0] == train_ids + [v for v in val_ids if v not in train_ids] and set(val_ids) <= set(bound[0])
