@@ -28,8 +28,8 @@ from pipeline.training.adapters import episode_total
 from pipeline.training.advantages import ESTIMATOR_STATE_FILE
 from pipeline.trajectory import Trajectory
 
-if TYPE_CHECKING:
-    from pipeline.training.grpo_trainer import TurnwiseGRPOTrainer
+if TYPE_CHECKING:  # the trainer is a pipeline.training.grpo_trainer.TurnwiseGRPOTrainer, which imports this module
+    from trl import GRPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ValidationCallback(TrainerCallback):
     ``reward_fn`` scores the validation episodes; None uses the reward the trainer trains on.
     """
 
-    def __init__(self, trainer: "TurnwiseGRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
+    def __init__(self, trainer: "GRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
                  max_new_tokens: int, patience: int = 3, best_dir: Path | None = None,
                  best: dict[str, Any] | None = None, reward_fn: Callable[[Trajectory], Any] | None = None) -> None:
         self.trainer, self.tasks, self.every = trainer, list(tasks), every
@@ -154,7 +154,7 @@ class SampleWriter(TrainerCallback):
     """Writes a few of the latest trajectories as JSONL at every logging step (``<output_dir>/samples/``),
     and shows the current reward and success on the progress bar."""
 
-    def __init__(self, trainer: "TurnwiseGRPOTrainer", limit: int = 4) -> None:
+    def __init__(self, trainer: "GRPOTrainer", limit: int = 4) -> None:
         self.trainer, self.limit = trainer, limit
 
     def on_log(self, args, state, control, logs=None, **kwargs):
