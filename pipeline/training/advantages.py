@@ -565,6 +565,21 @@ class GAE:
         return {"hidden_size": self.head.proj.in_features, "head": self.head.state_dict(), "optimizer": optimizer}
 
     def load_state_dict(self, state: dict) -> None:
-        self.head = ValueHead(state["hidden_size"])
-        self.head.load_state_dict(state["head"])
-        self.optimizer, self._optimizer_state = None, state["optimizer"]
+        hidden_size = state.get("hidden_size") if isinstance(state, dict) else None
+        head = state.get("head") if isinstance(state, dict) else None
+        if type(hidden_size) is not int or hidden_size < 1 or not isinstance(head, dict):
+            raise ValueError("a gae state is {'hidden_size': int, 'head': ValueHead state, 'optimizer': ...}")
+        shapes = {name: tuple(value.shape) for name, value in head.items() if isinstance(value, torch.Tensor)}
+        if shapes != {"proj.weight": (1, hidden_size), "proj.bias": (1,)}:
+            raise ValueError(f"the value head's tensors are {shapes}, not those of a head on hidden size {hidden_size}")
+        self.head = ValueHead(hidden_size)
+        self.head.load_state_dict(head)
+        self.optimizer, self._optimizer_state = None, state.get("optimizer")
+
+    def check_model(self, model, source: str = "the restored value head") -> None:
+        """Fail before training when the restored head reads another hidden size than ``model``'s."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if self.head is not None and self.head.proj.in_features != config.hidden_size:
+            raise ValueError(f"{source} reads hidden size {self.head.proj.in_features}, but the policy's is "
+                             f"{config.hidden_size}: resume with the model the checkpoint was trained on, or delete "
+                             "the checkpoint.")

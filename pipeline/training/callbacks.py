@@ -212,7 +212,12 @@ class EstimatorCheckpoint(TrainerCallback):
             logger.warning("%s has no %s: the %s estimator's state starts again from scratch.", checkpoint,
                            self.filename, self.name)
             return False
-        self.estimator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            self.estimator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # torch's unpickler and the estimator's own checks raise many types
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]  # torch's advice to unpickle anyway is left out
+            raise ValueError(f"{path} is not a {self.name} estimator state ({type(exc).__name__}: {reason}); delete "
+                             f"{checkpoint} to resume from an earlier checkpoint.") from exc
         self.restored_from = str(checkpoint)
         return True
 

@@ -35,6 +35,7 @@ from pipeline.envs.base import BUDGET_STOPS, STOP_MAX_TOKENS, STOP_MAX_TURNS
 from pipeline.training.adapters import EpisodeRollout, TrajectoryReward, episode_total
 from pipeline.training.advantages import AdvantageInput, broadcast_turns, build_estimator, get_estimator, has_state
 from pipeline.training.callbacks import EstimatorCheckpoint, use_namespaced_tensorboard
+from pipeline.training.checkpoints import CheckpointMarker
 from pipeline.training.config import RolloutConfig
 from pipeline.training.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_logps
 from pipeline.training.value_head import boundary_hidden_states
@@ -69,13 +70,29 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
             self.estimator_checkpoint = EstimatorCheckpoint(self.estimator, rollout_config.advantage)
             self.add_callback(self.estimator_checkpoint)
         use_namespaced_tensorboard(self)
+        self.checkpoint_marker = CheckpointMarker(self)  # marks each checkpoint complete once all else is written
+        self.add_callback(self.checkpoint_marker)
+
+    def add_callback(self, callback) -> None:
+        """transformers' ``add_callback``, keeping the checkpoint marker the last callback, so that a checkpoint is
+        marked complete only after every other ``on_save`` has written into it."""
+        super().add_callback(callback)
+        marker = getattr(self, "checkpoint_marker", None)
+        if marker is not None and callback is not marker:
+            self.callback_handler.callbacks.remove(marker)
+            self.callback_handler.callbacks.append(marker)
 
     def load_estimator_state(self, checkpoint: str | Path) -> bool:
         """Restore a stateful estimator (a critic) from ``checkpoint`` before ``train(resume_from_checkpoint=...)``;
         False when the estimator has no state or the checkpoint holds none for it."""
         if self.estimator_checkpoint is None:
             return False
-        return self.estimator_checkpoint.load(checkpoint)
+        loaded = self.estimator_checkpoint.load(checkpoint)
+        check_model = getattr(self.estimator, "check_model", None)
+        if loaded and callable(check_model):  # a critic for another model fails now, not inside the first batch
+            check_model(self.accelerator.unwrap_model(self.model),
+                        source=str(Path(checkpoint) / self.estimator_checkpoint.filename))
+        return loaded
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
