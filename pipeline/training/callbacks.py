@@ -59,11 +59,13 @@ class ValidationCallback(TrainerCallback):
     def validate(self) -> dict[str, float]:
         from pipeline.evaluation import evaluate
 
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        was_training = model.training
-        report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
-                          max_new_tokens=self.max_new_tokens)
-        model.train(was_training)
+        from pipeline.training.sharding import generation_model
+
+        with generation_model(self.trainer) as model:  # parameters gathered under ZeRO-3 / FSDP2
+            was_training = model.training
+            report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
+                              max_new_tokens=self.max_new_tokens)
+            model.train(was_training)
         reward_fn = self.reward_fn or self.trainer.reward.reward_fn
         totals = [episode_total(reward_fn(t)) for t in report.trajectories]
         return {"val/success": report.metrics["success"], "val/pass@1": report.metrics["pass@1"],

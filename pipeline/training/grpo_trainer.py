@@ -124,7 +124,12 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
             group_ids=list(group_ids), totals=[episode_total(b) for b in self.reward.breakdowns],
             successes=[t.outcome.success for t in trajectories], turn_spans=spans, gamma=config.gamma, lam=config.lam,
             passk=config.passk, scale_rewards=self.scale_rewards, value_lr=config.value_lr,
-            value_epochs=config.value_epochs, hidden_states=hidden_states, log_metric=log_metric)
+            value_epochs=config.value_epochs, hidden_states=hidden_states, log_metric=log_metric,
+            all_reduce=self._sum_over_processes if self.accelerator.num_processes > 1 else None)
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every process (the same on each): what a critic's gradients are averaged with."""
+        return self.accelerator.reduce(tensor, reduction="sum")
 
     def _record_metrics(self, mode: str, metrics: Iterable[tuple[str, float]]) -> None:
         """The one place turnwise writes TRL's per-mode metric buffer (``self._metrics``): each value joins
