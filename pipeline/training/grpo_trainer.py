@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from trl import GRPOTrainer
+from trl.distributed import DistributedBackend
 
 from pipeline.rollout.backends.kv_cache import shared_prefix_length
 from pipeline.envs.base import BUDGET_STOPS, STOP_MAX_TOKENS, STOP_MAX_TURNS
@@ -36,7 +37,7 @@ from pipeline.training.adapters import EpisodeRollout, TrajectoryReward, episode
 from pipeline.training.advantages import AdvantageInput, broadcast_turns, build_estimator, get_estimator, has_state
 from pipeline.training.callbacks import EstimatorCheckpoint, use_namespaced_tensorboard
 from pipeline.training.checkpoints import CheckpointMarker
-from pipeline.training.config import RolloutConfig
+from pipeline.training.config import RolloutConfig, check_run_config
 from pipeline.training.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_logps
 from pipeline.training.value_head import boundary_hidden_states
 from pipeline.trajectory import Trajectory
@@ -61,7 +62,11 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, rollout: EpisodeRollout, reward: TrajectoryReward, rollout_config: RolloutConfig,
                  **kwargs) -> None:
+        if kwargs.get("args") is not None:  # before TRL builds its vLLM engine or wraps the model
+            check_run_config(rollout_config, kwargs["args"])
         super().__init__(*args, rollout_func=rollout, reward_funcs=[reward], **kwargs)
+        topology = DistributedBackend(self.accelerator)  # the launch as accelerate set it up
+        check_run_config(rollout_config, self.args, zero_stage=topology.zero_stage, fsdp_version=topology.fsdp_version)
         self.rollout, self.reward, self.rollout_config = rollout, reward, rollout_config
         self.estimator_registration = get_estimator(rollout_config.advantage)
         self.estimator = build_estimator(rollout_config.advantage)

@@ -23,7 +23,7 @@ from pipeline.envs.base import Task
 from pipeline.training.adapters import EpisodeRollout, TrajectoryReward, task_dataset
 from pipeline.training.callbacks import BEST_FILE, SampleWriter, ValidationCallback
 from pipeline.training.checkpoints import latest_complete_checkpoint
-from pipeline.training.config import RolloutConfig
+from pipeline.training.config import RolloutConfig, check_run_config
 from pipeline.training.grpo_trainer import TurnwiseGRPOTrainer
 from pipeline.trajectory import Trajectory
 
@@ -55,6 +55,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     from pipeline.models import DEFAULT_MODEL, adapter_base_model, load_model
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    check_run_config(rollout_config, grpo_args)  # vLLM, GPU and batch layout: fail before the model loads
     start = time.time()
     base = adapter_base_model(task_args.adapter) if task_args.adapter else None
     model_name = model_args.model_name_or_path or base or DEFAULT_MODEL
