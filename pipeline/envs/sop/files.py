@@ -145,7 +145,12 @@ class FolderFiles:
     # -- text, JSON, CSV --------------------------------------------------------------------------
     def read_text(self, name: str, kind: str = "text") -> str:
         data, where = self.read_bytes(name, kind)
-        return decode_utf8(data, where)
+        text = decode_utf8(data, where)
+        nul = text.find("\x00")
+        if nul != -1:
+            raise TaskFileError(where, text.count("\n", 0, nul) + 1, None, "contains a NUL byte, which is not text; "
+                                "remove it (the file may be binary, or UTF-16: save it as UTF-8).")
+        return text
 
     def read_json(self, name: str) -> Any:
         text = self.read_text(name, "json")
@@ -244,15 +249,13 @@ def _csv_problem(exc: csv.Error) -> str:
     if "field larger than field limit" in text:
         return (f"holds a value longer than {MAX_CELL:,} characters, the most one CSV value may hold; shorten it, or "
                 "keep long documents out of the table.")
-    if "NUL" in text:
-        return "contains a NUL byte, which is not text; remove it (the file may be binary or UTF-16)."
     return f"is not valid CSV ({text})."
 
 
-def rows_contain(table: CsvTable, other: CsvTable) -> bool:
-    """Whether ``table`` holds every row of ``other`` (compared on ``other``'s columns, stripped): a copy of it."""
+def shares_a_row(table: CsvTable, other: CsvTable) -> bool:
+    """Whether ``table`` has every column of ``other`` and holds one of its rows (compared on ``other``'s columns,
+    stripped): a copy of it, in any column order, encoding or length."""
     if not other.rows or not set(other.columns) <= set(table.columns):
         return False
-    have = Counter(tuple(row[c].strip() for c in other.columns) for row in table.rows)
-    want = Counter(tuple(row[c].strip() for c in other.columns) for row in other.rows)
-    return all(have[key] >= n for key, n in want.items())
+    rows = {tuple(row[c].strip() for c in other.columns) for row in other.rows}
+    return any(tuple(row[c].strip() for c in other.columns) in rows for row in table.rows)

@@ -293,3 +293,47 @@ def test_sop_check_never_runs_tools_py(tmp_path, capsys):
     (folder / "tools.py").write_text((folder / "tools.py").read_text() + "\nopen('RAN', 'w').write('x')\n")
     assert cli.main(["sop", "check", str(folder)]) == 0
     assert not Path("RAN").exists() and not (folder / "RAN").exists()
+
+
+# -- tools classes as the public benchmark writes them ----------------------------------------------
+def test_a_tool_routed_by_process_tool_call_to_a_method_of_another_name_is_called_through_it(tmp_path):
+    folder = write_folder(tmp_path, set())
+    code = (folder / "tools.py").read_text().replace("def check_policy(", "def _policy_for(")
+    code = code.replace("return getattr(self, tool_name)(**tool_input)",
+                        'if tool_name == "check_policy":\n            return self._policy_for(**tool_input)\n'
+                        "        return getattr(self, tool_name)(**tool_input)")
+    (folder / "tools.py").write_text(code)
+    solve_every_row(folder)
+    warnings = [p.message for p in inspect_folder(folder).warnings]
+    assert any("has no method check_policy; its process_tool_call routes the tool" in w for w in warnings), warnings
+
+
+def test_a_manager_that_inherits_its_tools_from_a_base_class_in_tools_py_is_the_tools_class(tmp_path):
+    folder = write_folder(tmp_path, set())
+    code = (folder / "tools.py").read_text().replace("class ReturnsDeskManager:", "class Base:")
+    code += "\n\nclass ReturnsDeskManager(Base):\n    def get_order(self, order_id):\n        return super().get_order(order_id)\n"
+    (folder / "tools.py").write_text(code)
+    assert inspect_folder(folder).folder.code.class_name == "ReturnsDeskManager"
+    solve_every_row(folder)
+
+
+def test_of_unrelated_classes_holding_tools_the_manager_is_taken_and_two_managers_are_an_error(tmp_path):
+    """As the public benchmark's loader, which takes the class whose name ends with Manager."""
+    folder = write_folder(tmp_path, set())
+    other = "\n\nclass {}:\n    def get_order(self, order_id):\n        return {{}}\n"
+    (folder / "tools.py").write_text((folder / "tools.py").read_text() + other.format("Fixture"))
+    assert inspect_folder(folder).folder.code.class_name == "ReturnsDeskManager"
+    (folder / "tools.py").write_text((folder / "tools.py").read_text() + other.format("AuditManager"))
+    with pytest.raises(TaskFileError, match=r"defines tools in several classes \(ReturnsDeskManager, AuditManager\)"):
+        load_tasks(f"sop:{folder}")
+
+
+def test_an_implementation_that_requires_what_the_spec_marks_optional_is_a_warning(tmp_path):
+    folder = write_folder(tmp_path, set())
+    specs = json.loads((folder / "toolspecs.json").read_text())
+    specs[1]["toolSpec"]["inputSchema"]["json"]["required"] = ["channel"]  # amount optional, as some public specs have it
+    (folder / "toolspecs.json").write_text(json.dumps(specs))
+    warnings = [p.message for p in inspect_folder(folder).warnings]
+    assert len(warnings) == 1 and "check_policy(channel, amount) requires ['amount'], which its inputSchema in " \
+                                  "toolspecs.json marks optional" in warnings[0]
+    solve_every_row(folder)  # the scripted policy passes it, so every row still works
