@@ -1,4 +1,4 @@
-"""``turnwise sop check|trust``: lint an SOP folder, and grant trust to its tools.py; the shell side of `pipeline.envs.sop`.
+"""``turnwise sop check|trust``: lint an SOP folder, or grant trust to its tools.py (`pipeline.envs.sop`'s shell side).
 
 Kept beside `pipeline.cli` (which lists `add_sop_parser` in its ``COMMANDS``); like the rest of the CLI it
 is the only place here that prints. :func:`trust_tools_flag` is how ``--trust-tools`` on ``eval``,

@@ -1,4 +1,4 @@
-"""Hostile SOP folders (``--env sop:PATH``): escapes, leaks of the test set, trust, and inputs built to break the loader.
+"""Hostile SOP folders (``--env sop:PATH``): escapes, test-set leaks, trust, and inputs built to break the loader.
 
 A folder is data that users download and share. Whatever it holds, loading it must end in a working
 environment or in a :class:`TaskFileError` that names the file (and field or line) and says how to fix it;
@@ -223,7 +223,8 @@ def test_finding5_a_grant_holds_the_folder_and_its_tools_py_digest_and_stops_whe
     a, b = two_coded
     TaskArguments(tasks=f"sop:{a}", trust_tools=True)  # `turnwise train --env sop:A --trust-tools`
     grant = json.loads(os.environ[TRUST_ENV])
-    assert grant == [{"folder": str(a.resolve()), "tools_sha256": hashlib.sha256((a / "tools.py").read_bytes()).hexdigest()}]
+    digest = hashlib.sha256((a / "tools.py").read_bytes()).hexdigest()
+    assert grant == [{"folder": str(a.resolve()), "tools_sha256": digest}]
     assert "result" in agent_view(a, [("fee", {"order_id": "O1"})])  # granted: A's tools run
     (a / "tools.py").write_text(TOOLS_PY + "\nimport os  # changed after the grant\n")
     with pytest.raises(PermissionError, match="has changed since"):
@@ -465,7 +466,8 @@ def test_bad_links_are_refused_naming_the_file(tmp_path, target):
     assert f"{folder.resolve() / 'sop.txt'}: {expected}" in message
 
 
-@pytest.mark.parametrize("name, size, cap", [("sop.txt", 2 * 2**20, "1,048,576"), ("toolspecs.json", 9 * 2**20, "8,388,608")])
+@pytest.mark.parametrize("name, size, cap", [("sop.txt", 2 * 2**20, "1,048,576"),
+                                             ("toolspecs.json", 9 * 2**20, "8,388,608")])
 def test_files_over_their_cap_are_refused_before_they_are_read(tmp_path, name, size, cap):
     folder = make_folder(tmp_path)
     (folder / name).write_text(" " * size)

@@ -1,7 +1,8 @@
 """SOP task folders as a domain: follow a standard operating procedure with tools, then give a structured answer.
 
 One folder in the public SOP-Bench format is one set of tasks (:mod:`pipeline.envs.sop.folder` reads and
-checks it, through :mod:`pipeline.envs.sop.files`, which keeps every read inside the folder;
+checks it, through :mod:`pipeline.envs.sop.files`, which keeps every read inside the folder, and
+:mod:`pipeline.envs.sop.code`, which reads tools.py without running it;
 :mod:`pipeline.envs.sop.tasks` turns its rows into tasks, :mod:`pipeline.envs.sop.env` plays them,
 :mod:`pipeline.envs.sop.oracle` holds the scripted experts of the shipped folders, and
 :mod:`pipeline.envs.sop.trust` decides when a folder's tools.py may run). Commands name a folder as

@@ -142,7 +142,7 @@ def final_output_body(text: str) -> tuple[str | None, str | None]:
 
 
 def parse_final_output(text: str) -> tuple[dict | None, str | None]:
-    """The JSON object in a message's last ``<final_output>`` block, or ``(None, why not)`` (see the module docstring)."""
+    """The JSON object in a message's last ``<final_output>`` block, or ``(None, why not)`` (see the module doc)."""
     body, problem = final_output_body(text)
     if body is None:
         return None, problem

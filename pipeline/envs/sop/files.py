@@ -131,8 +131,8 @@ class FolderFiles:
                 what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, pipe or socket)"
                 raise TaskFileError(where, None, None, f"is {what}; it must be a plain file.")
             if info.st_size > cap:
-                raise TaskFileError(where, None, None, f"is {info.st_size:,} bytes; an SOP folder's {kind} files may be "
-                                                       f"at most {cap:,} bytes. Shrink it or split it.")
+                raise TaskFileError(where, None, None, f"is {info.st_size:,} bytes; an SOP folder's {kind} files may "
+                                                       f"be at most {cap:,} bytes. Shrink it or split it.")
             with os.fdopen(os.dup(fd), "rb") as handle:
                 data = handle.read(cap + 1)
         finally:

@@ -59,13 +59,9 @@ and saying how to fix it, when the folder is loaded rather than halfway through 
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import logging
-import math
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -75,7 +71,8 @@ from typing import Any
 from pipeline.chat import ToolError
 from pipeline.envs.base import Tool
 from pipeline.envs.schema import TaskFileError
-from pipeline.envs.sop.files import CsvTable, FolderFiles, decode_utf8, shares_a_row
+from pipeline.envs.sop.code import CodeTool, CodeTools, DispatchedTool, import_tools, read_code
+from pipeline.envs.sop.files import CsvTable, FolderFiles, shares_a_row
 from pipeline.envs.sop.trust import HOW_TO_TRUST, TOOLS_PY, TRUST_ENV, code_digest, env_grant
 
 __all__ = ["CsvLookup", "CsvTable", "FolderCheck", "Problem", "SopFolder", "ToolSpec", "TRUST_ENV",
@@ -89,8 +86,6 @@ TEST_SET, TEST_INPUTS = "test_set_with_outputs.csv", "test_set_without_outputs.c
 LOOKUP_KEY = "x-csv-lookup"
 #: The public benchmark's answer columns, used when metadata.json names no outputs (in this order).
 LEGACY_OUTPUTS = ("expected_output", "final_decision")
-#: Public methods of a tools.py class that are plumbing, not tools (SOP-Bench's dispatcher).
-DISPATCH_METHODS = frozenset({"process_tool_call"})
 #: Deepest nesting of ``items`` allowed in an argument schema.
 MAX_SCHEMA_DEPTH = 32
 FORMAT_HELP = ("An SOP folder holds sop.txt (or sop.md), toolspecs.json and test_set_with_outputs.csv, usually "
@@ -373,7 +368,9 @@ def _parse_spec(index: int, entry: Any, names: set[str], tables: _Tables) -> Too
     if not isinstance(input_schema, dict) or "json" not in input_schema:
         raise _SpecError(f"{where}.inputSchema", 'must be {"json": <JSON schema of the arguments>}')
     parameters = _check_input_schema(input_schema["json"], f"{where}.inputSchema.json")
-    lookup = _parse_lookup(body[LOOKUP_KEY], f"{where}.{LOOKUP_KEY}", parameters, tables) if LOOKUP_KEY in body else None
+    lookup = None
+    if LOOKUP_KEY in body:
+        lookup = _parse_lookup(body[LOOKUP_KEY], f"{where}.{LOOKUP_KEY}", parameters, tables)
     return ToolSpec(name, description.strip(), parameters, lookup, index)
 
 
@@ -396,116 +393,8 @@ def _read_specs(files: FolderFiles, tables: _Tables, found: _Collector) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------------
-# tools.py, read without running it
+# tools.py against the specs (pipeline.envs.sop.code reads it)
 # ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Signature:
-    """The keyword parameters a function (or method, ``self`` dropped) takes."""
-
-    line: int
-    accepted: tuple[str, ...]  # names a call may pass by keyword
-    required: tuple[str, ...]  # names without a default (positional-only ones included)
-    var_keyword: bool  # it takes **kwargs
-
-    def render(self, name: str) -> str:
-        return f"{name}({', '.join(self.accepted)}{', **kwargs' if self.var_keyword else ''})"
-
-
-def _signature(fn: ast.FunctionDef, method: bool) -> Signature:
-    args = fn.args
-    positional = list(args.posonlyargs) + list(args.args)
-    decorators = {d.id for d in fn.decorator_list if isinstance(d, ast.Name)}
-    if method and positional and "staticmethod" not in decorators:
-        positional = positional[1:]  # self, or cls for a classmethod
-    posonly = {a.arg for a in args.posonlyargs}
-    n_defaults = len(args.defaults)
-    required = [a.arg for a in positional[: len(positional) - n_defaults]] if n_defaults else [a.arg for a in positional]
-    required += [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
-    accepted = [a.arg for a in positional if a.arg not in posonly] + [a.arg for a in args.kwonlyargs]
-    return Signature(fn.lineno, tuple(accepted), tuple(required), args.kwarg is not None)
-
-
-@dataclass
-class CodeTools:
-    """What tools.py defines: public functions, or the public methods of the one class holding the tools.
-
-    ``definitions`` holds every public function or method (tools and helpers). ``dispatched`` names the
-    tools that the class's ``process_tool_call`` routes by name (a string constant in its body) with no
-    method of that name, as some of the public benchmark's folders do; they are called through it.
-    ``sha256`` is the digest of the bytes that were checked, which a trust grant and the import must match.
-    """
-
-    path: Path
-    class_name: str | None
-    definitions: dict[str, Signature]
-    sha256: str = ""
-    dispatched: frozenset[str] = frozenset()
-
-
-def _bases(node: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: frozenset[str] = frozenset()) -> list[ast.ClassDef]:
-    """The classes of the same module that ``node`` inherits from, nearest first."""
-    found = []
-    for base in node.bases:
-        if isinstance(base, ast.Name) and base.id in classes and base.id not in seen | {node.name}:
-            found.append(classes[base.id])
-            found += _bases(classes[base.id], classes, seen | {node.name})
-    return found
-
-
-def _class_methods(node: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> dict[str, Signature]:
-    """Public methods of a class, those inherited from classes of the same module included."""
-    methods: dict[str, Signature] = {}
-    for cls in reversed([node, *_bases(node, classes)]):  # the class's own definitions win
-        for item in cls.body:
-            if isinstance(item, ast.FunctionDef) and not item.name.startswith("_") and item.name not in DISPATCH_METHODS:
-                methods[item.name] = _signature(item, method=True)
-    return methods
-
-
-def _dispatched_names(node: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> set[str]:
-    """The string constants in the class's ``process_tool_call`` (the tool names it routes)."""
-    for cls in [node, *_bases(node, classes)]:
-        for item in cls.body:
-            if isinstance(item, ast.FunctionDef) and item.name in DISPATCH_METHODS:
-                return {n.value for n in ast.walk(item) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    return set()
-
-
-def _read_code(files: FolderFiles, spec_names: set[str]) -> CodeTools:
-    path = files.root / TOOLS_PY
-    data, _ = files.read_bytes(TOOLS_PY, "code")
-    source = decode_utf8(data, path)
-    try:
-        tree = ast.parse(source, filename=str(path))
-    except SyntaxError as exc:
-        raise TaskFileError(path, exc.lineno, None, f"is not valid Python ({exc.msg}); fix the syntax.") from None
-    except (RecursionError, MemoryError, ValueError) as exc:
-        raise TaskFileError(path, None, None, f"cannot be parsed ({type(exc).__name__}); simplify it.") from None
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    holding: dict[str, tuple[dict[str, Signature], set[str]]] = {}
-    for name, node in classes.items():
-        if name.startswith("_"):
-            continue
-        methods = _class_methods(node, classes)
-        routed = (_dispatched_names(node, classes) & spec_names) - methods.keys()
-        if (methods.keys() | routed) & spec_names:
-            holding[name] = methods, routed
-    if len(holding) > 1:  # a base class and its subclass both hold tools: the subclass is the tools class
-        inherited = {b.name for name in holding for b in _bases(classes[name], classes)}
-        holding = {k: v for k, v in holding.items() if k not in inherited} or holding
-    if len(holding) > 1:  # the public benchmark's loader takes the class whose name ends with Manager
-        holding = {k: v for k, v in holding.items() if k.endswith("Manager")} or holding
-    if len(holding) > 1:
-        raise TaskFileError(path, None, None, f"defines tools in several classes ({', '.join(holding)}); keep them in "
-                                              "one class, or write them as module-level functions.")
-    if holding:
-        name, (methods, routed) = next(iter(holding.items()))
-        return CodeTools(path, name, methods, code_digest(data), frozenset(routed))
-    functions = {n.name: _signature(n, method=False) for n in tree.body
-                 if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
-    return CodeTools(path, None, functions, code_digest(data))
 
 
 def _check_implementations(root: Path, specs: dict[str, ToolSpec], code: CodeTools | None, found: _Collector) -> None:
@@ -577,75 +466,6 @@ def _signature_warnings(code: CodeTools, spec: ToolSpec, found: _Collector) -> N
                    "cannot pass them, so every call fails. Declare them, or give them defaults.")
 
 
-_MODULES: dict[tuple[Path, str], Any] = {}
-
-
-def _import_tools(path: Path, digest: str, data: bytes) -> Any:
-    """Run tools.py's checked bytes as a module of its own (cached per file and content). Only called once trusted."""
-    key = (path, digest)
-    if key in _MODULES:
-        return _MODULES[key]
-    name = "turnwise_sop_tools_" + digest[:16]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pickling look classes up by module name
-    try:
-        exec(compile(data, str(path), "exec"), module.__dict__)  # noqa: S102 - trusted by grant, bytes as checked
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise TaskFileError(path, None, None, f"failed to import: {type(exc).__name__}: {exc}") from exc
-    _MODULES[key] = module
-    return module
-
-
-def _plain(value: Any) -> Any:
-    """A tool result as plain JSON values: numpy/pandas scalars unwrapped, NaN as null, dates as ISO text."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if hasattr(value, "tolist"):
-        return _plain(value.tolist())
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return str(value)
-
-
-@dataclass(frozen=True)
-class _CodeTool:
-    """A tools.py tool as the agent calls it: arguments it does not take are refused, results made plain JSON.
-
-    A small picklable class (not a closure): tools are built per episode and may cross process boundaries.
-    """
-
-    fn: Callable[..., Any]
-    name: str
-    signature: Signature
-
-    def __call__(self, **arguments: Any) -> Any:
-        if not self.signature.var_keyword:
-            extra = [a for a in arguments if a not in self.signature.accepted]
-            if extra:
-                raise ToolError(f"{self.name} does not take {', '.join(map(repr, extra))}: {TOOLS_PY} implements it as "
-                                f"{self.signature.render(self.name)}. Call it without {'them' if len(extra) > 1 else 'it'}.")
-        return _plain(self.fn(**arguments))
-
-
-@dataclass(frozen=True)
-class _DispatchedTool:
-    """A tool the class's ``process_tool_call(tool_name, tool_input)`` routes (no method of its name)."""
-
-    dispatch: Callable[[str, dict], Any]
-    name: str
-
-    def __call__(self, **arguments: Any) -> Any:
-        return _plain(self.dispatch(self.name, dict(arguments)))
-
-
 # ---------------------------------------------------------------------------------------------------
 # The folder
 # ---------------------------------------------------------------------------------------------------
@@ -713,9 +533,9 @@ class SopFolder:
             if spec.lookup is not None:
                 fn: Callable[..., Any] = spec.lookup
             elif name in self.code.definitions:
-                fn = _CodeTool(getattr(implementation, name), name, self.code.definitions[name])
+                fn = CodeTool(getattr(implementation, name), name, self.code.definitions[name])
             else:
-                fn = _DispatchedTool(implementation.process_tool_call, name)
+                fn = DispatchedTool(implementation.process_tool_call, name)
             tools[name] = SpecTool(fn, spec.schema if strict else spec.lenient_schema, spec.schema)
         return tools
 
@@ -727,7 +547,7 @@ class SopFolder:
             raise UntrustedToolsError(f"{self.code.path} changed after it was checked (SHA-256 now {digest[:12]}...); "
                                       f"it is not run. Load the folder again, and grant trust again if you still "
                                       "trust it.")
-        module = _import_tools(self.code.path, digest, data)
+        module = import_tools(self.code.path, digest, data)
         if self.code.class_name is None:
             return module
         try:
@@ -755,7 +575,8 @@ def _optional_column(metadata: dict, key: str, path: Path, table: CsvTable) -> s
     return value
 
 
-def _outputs(metadata: dict, meta_path: Path, table: CsvTable, without: CsvTable | None) -> tuple[list[str], str | None]:
+def _outputs(metadata: dict, meta_path: Path, table: CsvTable,
+             without: CsvTable | None) -> tuple[list[str], str | None]:
     """The output columns and, when inferred, how (``None`` when metadata.json lists them)."""
     if "output_columns" in metadata:
         return _column_list(metadata, "output_columns", meta_path), None
@@ -768,9 +589,10 @@ def _outputs(metadata: dict, meta_path: Path, table: CsvTable, without: CsvTable
         return [legacy], f"the public benchmark's answer column {legacy!r}"
     tried = (f"{TEST_INPUTS} has every column of {TEST_SET}" if without is not None
              else f"there is no {TEST_INPUTS} to compare with")
-    raise TaskFileError(meta_path, None, "output_columns", f"must be a non-empty list of the test set's expected-output "
-                        f"columns; it is not given, and it cannot be inferred ({tried}, and there is no "
-                        f"{' or '.join(LEGACY_OUTPUTS)} column). Add \"output_columns\": [...] to {METADATA}.")
+    raise TaskFileError(meta_path, None, "output_columns",
+                        f"must be a non-empty list of the test set's expected-output columns; it is not given, and "
+                        f"it cannot be inferred ({tried}, and there is no {' or '.join(LEGACY_OUTPUTS)} column). Add "
+                        f"\"output_columns\": [...] to {METADATA}.")
 
 
 def _columns(metadata: dict, meta_path: Path, table: CsvTable, without: CsvTable | None,
@@ -797,11 +619,13 @@ def _columns(metadata: dict, meta_path: Path, table: CsvTable, without: CsvTable
             raise TaskFileError(meta_path, None, key, f"{absent} are not columns of {TEST_SET} (its columns: "
                                                       f"{', '.join(table.columns)}); fix {METADATA} or the CSV header.")
     if not inputs:
-        raise TaskFileError(meta_path, None, "input_columns", f"is empty: every column of {TEST_SET} is an output, so "
-                                                              "the agent would get no case to work on. List the inputs.")
+        raise TaskFileError(meta_path, None, "input_columns", f"is empty: every column of {TEST_SET} is an output, "
+                                                              "so the agent would get no case to work on. List the "
+                                                              "inputs.")
     for key, how in inferred.items():
-        found.warn(meta_path, None, key, f"not given; inferred as {how}: {', '.join(outputs if key == 'output_columns' else inputs)}. "
-                                         f"List them in {METADATA} to make this explicit.")
+        listed = ", ".join(outputs if key == "output_columns" else inputs)
+        found.warn(meta_path, None, key, f"not given; inferred as {how}: {listed}. List them in {METADATA} to make "
+                                         "this explicit.")
     return inputs, outputs, inferred
 
 
@@ -828,9 +652,11 @@ def _data_warnings(table: CsvTable, inputs: list[str], specs: dict[str, ToolSpec
             if argument not in inputs or not isinstance(schema.get("enum"), list):
                 continue
             allowed = {str(v) for v in schema["enum"]}
-            outside = sorted({row[argument] for row in table.rows if row[argument].strip() and row[argument] not in allowed})
+            outside = sorted({row[argument] for row in table.rows
+                              if row[argument].strip() and row[argument] not in allowed})
             if outside:
-                shown = ", ".join(repr(v) for v in outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+                more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+                shown = ", ".join(repr(v) for v in outside[:5]) + more
                 found.warn(spec_path, None, f"[{spec.index}].inputSchema.json.properties.{argument}.enum",
                            f"does not allow {shown}, which the test set's {argument} column holds; with "
                            "strict_tool_schema on, the agent cannot pass those values to "
@@ -912,9 +738,9 @@ def _inspect(path: Path, version: tuple) -> FolderCheck:
             name = None
         strict = metadata.get("strict_tool_schema")
         if strict is not None and not isinstance(strict, bool):
-            found.attempt(_raise, TaskFileError(meta_path, None, "strict_tool_schema", "must be true or false (default: "
-                                                                                       "false when the folder has "
-                                                                                       "tools.py, else true)."))
+            found.attempt(_raise, TaskFileError(meta_path, None, "strict_tool_schema",
+                                                "must be true or false (default: false when the folder has tools.py, "
+                                                "else true)."))
 
     columns = id_column = intent_column = None
     if metadata is not None and table is not None:
@@ -931,7 +757,7 @@ def _inspect(path: Path, version: tuple) -> FolderCheck:
         specs = found.attempt(_read_specs, files, tables, found)
     code = None
     if files.exists(TOOLS_PY):
-        code = found.attempt(_read_code, files, set(specs or ()))
+        code = found.attempt(read_code, files, set(specs or ()))
     if specs is not None and (code is not None or not files.exists(TOOLS_PY)):
         _check_implementations(path, specs, code, found)
     if specs is not None and columns is not None:

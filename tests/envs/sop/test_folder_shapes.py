@@ -178,7 +178,8 @@ def test_shape2_public_helpers_without_a_spec_are_not_tools_and_the_load_log_lis
     folder = write_folder(tmp_path, {"helpers"})
     with caplog.at_level("WARNING", logger="pipeline.envs.sop.folder"):
         trajectories = solve_every_row(folder)
-    assert "class ReturnsDeskManager has public helpers that no spec in toolspecs.json names: load_orders" in caplog.text
+    assert ("class ReturnsDeskManager has public helpers that no spec in toolspecs.json names: load_orders"
+            in caplog.text)
     assert "load_orders" not in trajectories[0].messages[0]["content"]  # the agent is never shown it
     task = load_tasks(f"sop:{folder}")[0]
     env = make_env(task, trust_tools=True)
@@ -204,7 +205,8 @@ def test_shape4_an_optional_spec_argument_the_implementation_does_not_take_warns
     solve_every_row(folder)
     warnings = [p.message for p in inspect_folder(folder).warnings]
     assert len(warnings) == 1
-    assert f"{folder.resolve() / 'tools.py'}, line 17: check_policy(channel, amount) does not take 'note'" in warnings[0]
+    tools_py = folder.resolve() / "tools.py"
+    assert f"{tools_py}, line 17: check_policy(channel, amount) does not take 'note'" in warnings[0]
     task = load_tasks(f"sop:{folder}")[0]
     env = make_env(task, trust_tools=True)
     env.reset(task)
@@ -311,7 +313,8 @@ def test_a_tool_routed_by_process_tool_call_to_a_method_of_another_name_is_calle
 def test_a_manager_that_inherits_its_tools_from_a_base_class_in_tools_py_is_the_tools_class(tmp_path):
     folder = write_folder(tmp_path, set())
     code = (folder / "tools.py").read_text().replace("class ReturnsDeskManager:", "class Base:")
-    code += "\n\nclass ReturnsDeskManager(Base):\n    def get_order(self, order_id):\n        return super().get_order(order_id)\n"
+    code += ("\n\nclass ReturnsDeskManager(Base):\n    def get_order(self, order_id):\n"
+             "        return super().get_order(order_id)\n")
     (folder / "tools.py").write_text(code)
     assert inspect_folder(folder).folder.code.class_name == "ReturnsDeskManager"
     solve_every_row(folder)
@@ -331,7 +334,7 @@ def test_of_unrelated_classes_holding_tools_the_manager_is_taken_and_two_manager
 def test_an_implementation_that_requires_what_the_spec_marks_optional_is_a_warning(tmp_path):
     folder = write_folder(tmp_path, set())
     specs = json.loads((folder / "toolspecs.json").read_text())
-    specs[1]["toolSpec"]["inputSchema"]["json"]["required"] = ["channel"]  # amount optional, as some public specs have it
+    specs[1]["toolSpec"]["inputSchema"]["json"]["required"] = ["channel"]  # amount optional, as in some public specs
     (folder / "toolspecs.json").write_text(json.dumps(specs))
     warnings = [p.message for p in inspect_folder(folder).warnings]
     assert len(warnings) == 1 and "check_policy(channel, amount) requires ['amount'], which its inputSchema in " \
