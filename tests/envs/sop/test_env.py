@@ -617,3 +617,18 @@ def test_turnwise_train_takes_an_sop_folder_with_the_sop_reward(tiny_model_dir, 
     assert sample["task_id"].startswith("warranty_claims-")
     assert set(sample["outcome"]["fields"]) == {"decision", "reason_code", "recall_id"}
     assert rewards_built == ["sop"]
+
+
+def test_turnwise_sop_trust_prints_the_grant_for_one_folder(coded, capsys, monkeypatch):
+    assert cli.main(["sop", "trust", str(coded)]) == 0
+    out, err = capsys.readouterr()
+    grant = json.loads(out)
+    assert grant == [{"folder": str(coded.resolve()), "tools_sha256": grant_for(coded).tools_sha256}]
+    assert "export it as TURNWISE_TRUST_TOOLS" in err
+    monkeypatch.setenv(TRUST_ENV, out.strip())
+    task = task_of(coded)
+    env = make_env(task)  # trusted through the exported grant alone
+    env.reset(task)
+    assert bodies(env.step(format_tool_call("fee", {"order_id": "O1"})))[0]["ok"] is True
+    assert cli.main(["sop", "trust", SHIPPED]) == 1
+    assert "has no tools.py, so there is no code to trust" in capsys.readouterr().err
