@@ -287,7 +287,7 @@ class _Tables:
             try:
                 self.by_name[name] = self.files.read_csv(name)
             except TaskFileError as exc:
-                raise _SpecError(where, f"names a file that cannot be used: {exc}") from None
+                raise _SpecError(where, f"names a file that cannot be used: {str(exc).rstrip('.')}") from None
         return self.by_name[name]
 
     def gives_away(self, table: CsvTable, column: str) -> bool:
