@@ -1,9 +1,12 @@
 """SOP task folders as a domain: follow a standard operating procedure with tools, then give a structured answer.
 
 One folder in the public SOP-Bench format is one set of tasks (:mod:`pipeline.envs.sop.folder` reads and
-checks it, :mod:`pipeline.envs.sop.tasks` turns its rows into tasks, :mod:`pipeline.envs.sop.env` plays
-them, :mod:`pipeline.envs.sop.oracle` holds the scripted experts of the shipped folders). Commands name a
-folder as ``--env sop:PATH``; the reward defaults to ``configs/rewards/sop.yaml``.
+checks it, through :mod:`pipeline.envs.sop.files`, which keeps every read inside the folder, and
+:mod:`pipeline.envs.sop.code`, which reads tools.py without running it;
+:mod:`pipeline.envs.sop.tasks` turns its rows into tasks, :mod:`pipeline.envs.sop.env` plays them,
+:mod:`pipeline.envs.sop.oracle` holds the scripted experts of the shipped folders, and
+:mod:`pipeline.envs.sop.trust` decides when a folder's tools.py may run). Commands name a folder as
+``--env sop:PATH``; ``turnwise sop check PATH`` lints one; the reward defaults to ``configs/rewards/sop.yaml``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ __all__ = ["DOMAIN", "SopEnv", "load_sop_tasks", "oracle_policy"]
 
 
 def make_env(source: str | Path | Task | None = None, **kwargs: Any) -> SopEnv:
-    """An SOP environment; a task or a folder (``PATH`` of ``sop:PATH``) is checked, with its trust, up front."""
+    """An SOP environment; a task or a folder (``PATH`` of ``sop:PATH``) is checked, with its trust, up front.
+
+    ``trust_tools=True`` trusts that folder's tools.py (only that folder's); ``strict_tool_schema`` overrides
+    the folder's setting (see :mod:`pipeline.envs.sop.env`).
+    """
     folder = source.payload["folder"] if isinstance(source, Task) else source
     return SopEnv(folder=folder or None, **kwargs)
 
