@@ -260,6 +260,7 @@ def test_cli_status_logs_download_against_moto(moto_aws, tmp_path, capsys):
 # -- MLflow, the job's environment and secrets -------------------------------------------------------
 
 MLFLOW_ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/support"
+HF_SECRET_ID, KEYS_SECRET_ID = "turnwise/hf-token", "turnwise/keys"  # secret names (ids), not values
 
 
 def test_mlflow_env_and_secrets_reach_the_job_and_no_secret_value_does(moto_aws, tmp_path, capsys, caplog):
@@ -273,15 +274,15 @@ def test_mlflow_env_and_secrets_reach_the_job_and_no_secret_value_does(moto_aws,
     token = "hf_" + "".join(["Zx9Yw8Vu7T", "s6Rq5Po4Nm", "3Lk2Jh1GfE", "dCbA"])
     api_key = "".join(["wandb", "0f1e2d3c4b5a69788796a5b4c3d2e1f0"])
     secrets = moto_aws.client("secretsmanager")
-    secrets.create_secret(Name="turnwise/hf-token", SecretString=token)
-    secrets.create_secret(Name="turnwise/keys", SecretString=json.dumps({"wandb": api_key}))
+    secrets.create_secret(Name=HF_SECRET_ID, SecretString=token)
+    secrets.create_secret(Name=KEYS_SECRET_ID, SecretString=json.dumps({"wandb": api_key}))
     session = boto3.session.Session(region_name=REGION)
     sent: list[bytes] = []
     session._session.register("before-send.sagemaker.CreateTrainingJob", lambda request, **_: sent.append(request.body))
     caplog.set_level(logging.DEBUG, logger="pipeline")
     config = SubmitConfig(config=RECIPE, role=ROLE, bucket="turnwise-test", job_name="turnwise-mlflow",
                           environment={"HF_HUB_ENABLE_HF_TRANSFER": "0"},
-                          secrets={"HF_TOKEN": "turnwise/hf-token", "WANDB_API_KEY": "turnwise/keys#wandb"},
+                          secrets={"HF_TOKEN": HF_SECRET_ID, "WANDB_API_KEY": f"{KEYS_SECRET_ID}#wandb"},
                           mlflow_arn=MLFLOW_ARN, mlflow_experiment="support-agents", mlflow_run="grpo-seed0")
     job = submit(config, session=session)
     body = json.loads(sent[0])
@@ -289,8 +290,8 @@ def test_mlflow_env_and_secrets_reach_the_job_and_no_secret_value_does(moto_aws,
     assert body["MlflowConfig"] == {"MlflowResourceArn": MLFLOW_ARN, "MlflowExperimentName": "support-agents",
                                     "MlflowRunName": "grpo-seed0"}
     assert body["Environment"] == {
-        "HF_HUB_ENABLE_HF_TRANSFER": "0", "TURNWISE_SECRET_HF_TOKEN": "turnwise/hf-token",
-        "TURNWISE_SECRET_WANDB_API_KEY": "turnwise/keys#wandb", "TURNWISE_SECRETS_REGION": REGION,
+        "HF_HUB_ENABLE_HF_TRANSFER": "0", "TURNWISE_SECRET_HF_TOKEN": HF_SECRET_ID,
+        "TURNWISE_SECRET_WANDB_API_KEY": f"{KEYS_SECRET_ID}#wandb", "TURNWISE_SECRETS_REGION": REGION,
         "MLFLOW_TRACKING_URI": MLFLOW_ARN, "MLFLOW_EXPERIMENT_NAME": "support-agents"}
     hps = {k: json.loads(v) for k, v in body["HyperParameters"].items()}
     assert hps["report_to"] == "mlflow" and hps["run_name"] == "grpo-seed0"
@@ -309,15 +310,17 @@ def test_mlflow_env_and_secrets_reach_the_job_and_no_secret_value_does(moto_aws,
 def test_secret_resolution_errors_name_the_secret_never_a_value(moto_aws):
     from sagemaker_entry.environment import resolve_secrets
 
+    wanted, region = "TURNWISE_SECRET_HF_TOKEN", "TURNWISE_SECRETS_REGION"  # the job environment's names
     moto_aws.client("secretsmanager").create_secret(Name="turnwise/plain", SecretString="not-json-" + "v" * 20)
     with pytest.raises(RuntimeError, match="Cannot read Secrets Manager secret 'turnwise/missing' for HF_TOKEN.*"
                                            "secretsmanager:GetSecretValue"):
-        resolve_secrets({"TURNWISE_SECRET_HF_TOKEN": "turnwise/missing", "TURNWISE_SECRETS_REGION": REGION})
+        resolve_secrets({wanted: "turnwise/missing", region: REGION})
     with pytest.raises(RuntimeError, match="not a JSON object with the key 'token'") as error:
-        resolve_secrets({"TURNWISE_SECRET_HF_TOKEN": "turnwise/plain#token", "TURNWISE_SECRETS_REGION": REGION})
+        resolve_secrets({wanted: "turnwise/plain#token", region: REGION})
     assert "v" * 20 not in str(error.value)
-    already = {"TURNWISE_SECRET_HF_TOKEN": "turnwise/missing", "HF_TOKEN": "set-by-the-launcher"}
-    assert resolve_secrets(already) == [] and already["HF_TOKEN"] == "set-by-the-launcher"
+    launcher_value = "set by the launcher"
+    already = {wanted: "turnwise/missing", "HF_TOKEN": launcher_value}  # a parent process resolved it
+    assert resolve_secrets(already) == [] and already["HF_TOKEN"] == launcher_value
 
 
 def test_cli_mlflow_env_secret_flags_dry_run(capsys, monkeypatch):
