@@ -310,7 +310,7 @@ _SECRET_NAME = (rb"(?:aws_?secret_?access_?key|secret_?access_?key|aws_?session_
 SECRET_ASSIGNMENT = re.compile(
     rb"(?<![A-Za-z0-9])[\"']?(?:[A-Za-z0-9_.-]*[_.-])?" + _SECRET_NAME + rb"[\"']?\s*(?:=|:|=>)\s*"
     rb"(?:(?P<q>[\"'])[^\"'\s{}$<>%]{8,}(?P=q)"  # a quoted literal of 8 characters or more
-    rb"|(?=[^\s\"']*[0-9/+=])[A-Za-z0-9/+=_\-.~]{16,}(?=[\s,;})\]]|$))",  # a bare value with a secret's alphabet
+    rb"|(?P<bare>[A-Za-z0-9/+=_\-.~]{16,})(?=[\s,;})\]]|$))",  # a bare value of a secret's alphabet (see find_secret)
     re.IGNORECASE | re.MULTILINE)
 """A literal value assigned to a secret-like key name, in any syntax: ``.s3cfg``'s ``secret_key = ...``,
 JSON's ``"aws_secret_access_key": "..."``, a pasted boto3 response's ``'SecretAccessKey': '...'``, YAML's
@@ -341,9 +341,12 @@ def find_secret(data: bytes) -> str | None:
             match = rx.search(text)
             if match:
                 return f"{what} on line {text.count(newline, 0, match.start()) + 1}"
-        match = SECRET_ASSIGNMENT.search(text)
-        if match:
-            return f"a secret-like key with a literal value on line {text.count(newline, 0, match.start()) + 1}"
+        for match in SECRET_ASSIGNMENT.finditer(text):
+            bare = match["bare"]
+            # A bare value counts when it looks random (a digit, or mixed case): a secret, not a name such as
+            # `turnwise/hf-token` in `--secret HF_TOKEN=turnwise/hf-token`.
+            if bare is None or re.search(rb"[0-9]", bare) or (re.search(rb"[a-z]", bare) and re.search(rb"[A-Z]", bare)):
+                return f"a secret-like key with a literal value on line {text.count(newline, 0, match.start()) + 1}"
     return None
 
 
