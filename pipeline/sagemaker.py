@@ -1,11 +1,17 @@
 """Submit turnwise training jobs to SageMaker from a notebook or the shell, and follow them.
 
 `submit` packages the source tree (never ``.git``, virtual environments, caches, outputs or secrets),
-uploads it and any local input channels to S3, and calls ``CreateTrainingJob`` on the Hugging Face PyTorch
-training DLC. Inside the container the SageMaker training toolkit runs ``sagemaker_entry/train.py`` with
-the recipe as ``--config`` and the recipe's scalar values as hyperparameters, so a job's console page
-shows what it ran and a hyperparameter can be changed per job without editing the YAML. Everything is
-validated before anything is sent, and ``dry_run=True`` returns the request without sending it.
+uploads it and any local input channels to S3, and calls ``CreateTrainingJob`` on a Hugging Face PyTorch
+training DLC (`DLC_IMAGES`). Inside the container the SageMaker training toolkit runs
+``sagemaker_entry/train.py`` with the recipe as ``--config`` and the recipe's scalar values as
+hyperparameters, so a job's console page shows what it ran and a hyperparameter can be changed per job
+without editing the YAML. Everything is validated before anything is sent, against SageMaker's own rules
+(`validate_request`), and ``dry_run=True`` returns the request without sending it.
+
+Secrets never travel: the bundle leaves out any file that holds one (`find_secret`), a recipe,
+hyperparameter or environment value that names or holds one is refused, and ``secrets=`` sends only the
+name of a Secrets Manager secret, which the entry point reads in the container. ``mlflow_arn=`` sets the
+job's ``MlflowConfig`` and the trainer reports to SageMaker-managed MLflow.
 
 `TrainingJob` is the handle: ``status()``, ``wait()``, ``logs()`` (CloudWatch), ``metrics()`` (the same
 regexes SageMaker charts, applied to the logs), ``download()`` (``model.tar.gz``, extracted) and ``stop()``.
