@@ -753,6 +753,9 @@ def build_request(config: SubmitConfig, region: str, source_uri: str, channels: 
     if config.mlflow_arn:  # the trainer's report_to; the run is named after the job unless told otherwise
         if "report_to" not in config.hyperparameters:
             hyperparameters["report_to"] = "mlflow"
+        elif "mlflow" not in str(config.hyperparameters["report_to"]):
+            logger.warning("--mlflow-arn is set but -H report_to=%s leaves MLflow out: the job will not log to it.",
+                           config.hyperparameters["report_to"])
         hyperparameters.setdefault("run_name", config.mlflow_run or config.job_name)
     hyperparameters.update({
         "sagemaker_program": ENTRY_POINT,
