@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import subprocess
+import uuid
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,6 @@ TRAIN = {
     "report_to": "mlflow", "run_name": "container-stack",  # as submit(mlflow_arn=...) sets them
 }
 EVALUATE = {"limit": 1, "max_turns": 1, "max_new_tokens": 4, "tasks": "test"}
-SECRET_NAME = "turnwise/hf-token"
 
 
 def built_environment(name: str) -> tuple[Path, dict]:
@@ -98,7 +98,7 @@ def toolkit(python: Path, base: Path, environ: dict[str, str]) -> subprocess.Com
 
 @pytest.fixture
 def secrets_manager(monkeypatch):
-    """A moto server holding the job's HF token; returns (endpoint, token)."""
+    """A moto server holding the job's HF token; returns (endpoint, secret name, token)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -109,9 +109,10 @@ def secrets_manager(monkeypatch):
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     token = "hf_" + "".join(["Cs7Kq2Wx9P", "m4Rt8Ln3Vb", "6Hy1Zd5Fg0", "Jc2E"])
+    name = f"turnwise/container-stack-{uuid.uuid4().hex[:8]}"  # unique: moto's backends outlive one server
     boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=endpoint, aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_secret(Name=SECRET_NAME, SecretString=token)
-    yield endpoint, token
+                 aws_secret_access_key="testing").create_secret(Name=name, SecretString=token)
+    yield endpoint, name, token
     server.stop()
 
 
@@ -130,11 +131,11 @@ def test_toolkit_trains_and_evaluates_on_the_image_stack(name, tmp_path, tiny_mo
                            capture_output=True, text=True)
     assert probe.stdout.split()[0].split("+")[0] == image.torch, probe.stdout + probe.stderr  # pip kept the image's torch
 
-    endpoint, token = secrets_manager
+    endpoint, secret_name, token = secrets_manager
     bundle = make_bundle(tmp_path / "src" / "sourcedir.tar.gz").path
     mlruns = tmp_path / "mlruns"
     job_environment = {  # what submit(secrets=..., mlflow_arn=...) puts in the job's Environment
-        "TURNWISE_SECRET_HF_TOKEN": SECRET_NAME, "TURNWISE_SECRETS_REGION": "us-east-1",
+        "TURNWISE_SECRET_HF_TOKEN": secret_name, "TURNWISE_SECRETS_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "MLFLOW_TRACKING_URI": mlruns.as_uri(), "MLFLOW_EXPERIMENT_NAME": "support-agents",
         "MLFLOW_ALLOW_FILE_STORE": "true",  # a local stand-in for the managed server

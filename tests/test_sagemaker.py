@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import tarfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -260,7 +261,10 @@ def test_cli_status_logs_download_against_moto(moto_aws, tmp_path, capsys):
 # -- MLflow, the job's environment and secrets -------------------------------------------------------
 
 MLFLOW_ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/support"
-HF_SECRET_ID, KEYS_SECRET_ID = "turnwise/hf-token", "turnwise/keys"  # secret names (ids), not values
+# Secret names (ids), not values; unique per session, because moto's backends outlive one moto server.
+_RUN = uuid.uuid4().hex[:8]
+HF_SECRET_ID, KEYS_SECRET_ID, PLAIN_SECRET_ID = (f"turnwise/{_RUN}/hf-token", f"turnwise/{_RUN}/keys",
+                                                 f"turnwise/{_RUN}/plain")
 
 
 def test_mlflow_env_and_secrets_reach_the_job_and_no_secret_value_does(moto_aws, tmp_path, capsys, caplog):
@@ -311,12 +315,12 @@ def test_secret_resolution_errors_name_the_secret_never_a_value(moto_aws):
     from sagemaker_entry.environment import resolve_secrets
 
     wanted, region = "TURNWISE_SECRET_HF_TOKEN", "TURNWISE_SECRETS_REGION"  # the job environment's names
-    moto_aws.client("secretsmanager").create_secret(Name="turnwise/plain", SecretString="not-json-" + "v" * 20)
+    moto_aws.client("secretsmanager").create_secret(Name=PLAIN_SECRET_ID, SecretString="not-json-" + "v" * 20)
     with pytest.raises(RuntimeError, match="Cannot read Secrets Manager secret 'turnwise/missing' for HF_TOKEN.*"
                                            "secretsmanager:GetSecretValue"):
         resolve_secrets({wanted: "turnwise/missing", region: REGION})
     with pytest.raises(RuntimeError, match="not a JSON object with the key 'token'") as error:
-        resolve_secrets({wanted: "turnwise/plain#token", region: REGION})
+        resolve_secrets({wanted: f"{PLAIN_SECRET_ID}#token", region: REGION})
     assert "v" * 20 not in str(error.value)
     launcher_value = "set by the launcher"
     already = {wanted: "turnwise/missing", "HF_TOKEN": launcher_value}  # a parent process resolved it
