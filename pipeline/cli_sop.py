@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,7 +79,8 @@ def run_sop_check(args: argparse.Namespace) -> int:
 
 
 def run_sop_trust(args: argparse.Namespace) -> int:
-    from pipeline.envs.sop.trust import TRUST_ENV, encode, grant_for
+    from pipeline.envs.sop.grants import grant_for
+    from pipeline.envs.sop.trust import TRUST_ENV, encode
 
     grant = grant_for(_folder(args.folder))
     if grant is None:
@@ -101,15 +103,20 @@ def trust_tools_flag(run: Callable[[argparse.Namespace], int]) -> Callable[[argp
     def with_trust(args: argparse.Namespace) -> int:
         if not getattr(args, "trust_tools", False):
             return run(args)
-        from pipeline.envs.sop.trust import grants_for_spec, trusting
+        from pipeline.envs.registry import trust_environment
 
-        grants = grants_for_spec(getattr(args, "env", None))
-        if not grants:
-            logger.warning("--trust-tools: the task set %s has no SOP folder with a tools.py; nothing is trusted.",
-                           getattr(args, "env", None))
-        for grant in grants:
-            logger.info("trusting %s/tools.py (SHA-256 %s) for this command", grant.folder, grant.tools_sha256[:12])
-        with trusting(grants):
+        granted = trust_environment(getattr(args, "env", None))
+        for key, value in granted.items():
+            logger.info("--trust-tools: %s=%s for this command", key, value)
+        previous = {key: os.environ.get(key) for key in granted}
+        os.environ.update(granted)
+        try:
             return run(args)
+        finally:  # the grant belongs to this call: the previous values come back
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     return with_trust
