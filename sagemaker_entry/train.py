@@ -36,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (the toolkit does): make the source bundle importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sagemaker_entry.environment import SageMakerEnv, as_bool, has_option, pop_option
+from sagemaker_entry.environment import SageMakerEnv, as_bool, has_option, pop_option, resolve_secrets
 
 logger = logging.getLogger("sagemaker_entry.train")
 
@@ -175,6 +175,8 @@ def save_artifacts(result: dict, sm: SageMakerEnv, base_model: str, merge: bool,
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in resolve_secrets():  # before anything loads a model; names only, never values
+        logger.info("%s: set from Secrets Manager", name)
     sm = SageMakerEnv.from_environ()
     entry_args = list(argv)
     merge = as_bool(pop_option(entry_args, "merge_adapter", "false"), "merge_adapter")
