@@ -40,10 +40,6 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         check_backend_name(self.backend, "RolloutConfig.backend")
-        if self.backend == "vllm":
-            from pipeline.training.vllm import require_vllm_runtime
-
-            require_vllm_runtime("backend=vllm")  # at parse time, before any model loads
         try:
             get_estimator(self.advantage)
         except ValueError as exc:
@@ -63,8 +59,9 @@ class RolloutConfig:
 def check_run_config(rollout_config: RolloutConfig, grpo_args, zero_stage: int | None = None,
                      fsdp_version: int | None = None) -> None:
     """What :class:`RolloutConfig` cannot check alone, before the model loads: its agreement with TRL's
-    ``GRPOConfig`` on vLLM (:func:`~pipeline.training.vllm.check_vllm_config`) and what a run across
-    processes needs (:func:`~pipeline.training.sharding.check_parallel_config`)."""
+    ``GRPOConfig`` on vLLM, with the vllm package and a GPU present (:func:`~pipeline.training.vllm.check_vllm_config`),
+    and what a run across processes needs (:func:`~pipeline.training.sharding.check_parallel_config`). Not at
+    parse time: a recipe that trains with vLLM on a GPU still parses on the laptop that submits it."""
     from pipeline.training.sharding import check_parallel_config
     from pipeline.training.vllm import check_vllm_config
 

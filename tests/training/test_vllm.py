@@ -281,32 +281,24 @@ def grpo_args(**overrides):
                                 use_cpu=True, bf16=False), **overrides})
 
 
-def test_missing_vllm_or_gpu_fails_at_parse_time_with_the_fix(monkeypatch):
-    from pipeline.config import parse_train_args
-
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
-    with pytest.raises(ImportError, match=r"backend=vllm needs the vllm package.*pip install 'vllm>=0\.22,<0\.32'"):
-        parse_train_args(["--backend", "vllm", "--use_vllm", "true", "--output_dir", "unused"])
-    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
-    with pytest.raises(RuntimeError, match=r"backend=vllm needs a CUDA GPU, and none is visible here"):
-        parse_train_args(["--backend", "vllm", "--use_vllm", "true", "--output_dir", "unused"])
-
-
-def test_train_refuses_vllm_without_a_gpu_before_loading_the_model(monkeypatch, tmp_path):
-    """use_vllm with the HF backend named would still need vLLM: train() refuses before anything loads."""
+def test_missing_vllm_or_gpu_fails_before_the_model_loads_with_the_fix(monkeypatch, tmp_path):
+    """A recipe with backend: vllm parses anywhere (the laptop that submits it has neither vLLM nor a GPU);
+    train() refuses it before it loads anything, naming the fix."""
     import pipeline.models as models
     from trl import ModelConfig
 
-    from pipeline.config import TaskArguments
-    from pipeline.training import RolloutConfig, train
+    from pipeline.config import parse_train_args
+    from pipeline.training import train
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    task_args, rollout_config, args, _ = parse_train_args(["--backend", "vllm", "--use_vllm", "true", "--output_dir",
+                                                           str(tmp_path), "--foothold_tasks", "0"])
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(ImportError, match=r"use_vllm=True needs the vllm package.*pip install 'vllm>=0\.22,<0\.32'"):
+        train(task_args, rollout_config, args, ModelConfig())
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
-    rollout_config = RolloutConfig()
-    rollout_config.backend = "vllm"  # as if parsed on a GPU machine
-    with pytest.raises(RuntimeError, match=r"use_vllm=True needs a CUDA GPU"):
-        train(TaskArguments(foothold_tasks=0), rollout_config, grpo_args(use_vllm=True, output_dir=str(tmp_path)),
-              ModelConfig())
+    with pytest.raises(RuntimeError, match=r"use_vllm=True needs a CUDA GPU, and none is visible here"):
+        train(task_args, rollout_config, args, ModelConfig())
 
 
 @pytest.mark.parametrize("backend, use_vllm, message", [
