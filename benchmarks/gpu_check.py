@@ -24,10 +24,9 @@ The last output line is one JSON object: rollout and baseline tokens/s, each GRP
 memory, and ``ok`` (the exit status is 0 only when every check passed).
 
 Running it on a GPU machine without TRL or network access. The script runs from a checkout, without
-installing turnwise (pyproject.toml pins the CI machines' torch; the GPU image's torch 2.11 is accepted
-by every package below). The machine it was written for has torch 2.11, transformers 5.17, peft,
-accelerate 1.15, pandas, pyarrow and xxhash, and lacks TRL and datasets. Here, in the checkout's root
-(``.whl`` is ignored by git; about 17 MB):
+installing turnwise; torch 2.11 is inside pyproject's range and every package below accepts it. The
+machine it was written for has torch 2.11, transformers 5.17, peft, accelerate 1.15, pandas, pyarrow and
+xxhash, and lacks TRL and datasets. Here, in the checkout's root (``.whl`` is ignored by git; about 17 MB):
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
