@@ -742,6 +742,14 @@ def job_environment(config: SubmitConfig, region: str) -> dict[str, str]:
     return environment
 
 
+VLLM_IMAGE_HELP = (
+    "use_vllm: true needs an image that carries vLLM, and none of the training images turnwise picks does: the "
+    "vLLM releases that run transformers 5 (which turnwise needs) pin torch 2.11 (vLLM 0.25) or 2.13 (vLLM 0.30), "
+    "while the Hugging Face training DLCs carry torch 2.8 and 2.9. Pass --image-uri of an image with one of those "
+    "pairs (for example one built FROM a PyTorch DLC), or drop use_vllm to roll out with the HF backend.")
+"""Why a vLLM run needs --image-uri (see the README's GPU section)."""
+
+
 def build_request(config: SubmitConfig, region: str, source_uri: str, channels: Mapping[str, str]) -> dict[str, Any]:
     """The ``CreateTrainingJob`` parameters (SageMaker's hyperparameters are strings: JSON-encoded values)."""
     recipe_in_bundle, _ = recipe_arcname(config)
@@ -765,6 +773,8 @@ def build_request(config: SubmitConfig, region: str, source_uri: str, channels: 
     })
     if config.instance_count > 1:
         hyperparameters["sagemaker_torch_distributed_enabled"] = True  # torchrun across the instances
+    if not config.image_uri and str(hyperparameters.get("use_vllm", "")).strip().lower() in ("true", "1", "yes"):
+        raise ValueError(VLLM_IMAGE_HELP)
     encoded = {key: json.dumps(value) for key, value in hyperparameters.items()}
     for key, value in encoded.items():
         if len(key) > 256 or len(value) > 2500:

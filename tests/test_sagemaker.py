@@ -94,6 +94,34 @@ def test_dry_run_prints_a_request_botocore_accepts(capsys, monkeypatch, tmp_path
         "rollout/reward/mean", "rollout/success", "val/success"}
 
 
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "sagemaker").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_dry_runs_on_an_image_the_stack_accepts(recipe, capsys, monkeypatch):
+    """Each shipped SageMaker recipe submits as it is (no vLLM keys on images without vLLM): the request passes
+    botocore's validator and names a table image whose torch and Python are at or above the stack's floors."""
+    from pipeline.sagemaker import DLC_IMAGES, STACK_FLOORS, _version_tuple
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    status = turnwise(["sagemaker", "submit", "--config", str(recipe), "--role", ROLE, "--bucket", "my-bucket",
+                       "--job-name", "turnwise-recipe", "--dry-run"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    request = json.loads(out.out)
+    validate_request(request)
+    tag = request["AlgorithmSpecification"]["TrainingImage"].rsplit(":", 1)[1]
+    image = next(i for i in DLC_IMAGES.values() if i.tag == tag)
+    assert _version_tuple(image.torch) >= _version_tuple(STACK_FLOORS["torch"])
+    assert _version_tuple(image.python) >= _version_tuple(STACK_FLOORS["python"])
+
+
+def test_use_vllm_without_an_image_that_has_it_is_refused_before_anything_is_sent(capsys, monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    status = turnwise(["sagemaker", "submit", "--config", "configs/sagemaker/grpo_qwen2.5_0.5b.yaml", "--role", ROLE,
+                       "--bucket", "my-bucket", "-H", "use_vllm=true", "-H", "backend=vllm", "--dry-run"])
+    out = capsys.readouterr()
+    assert status == 1 and out.out == ""
+    assert "use_vllm: true needs an image that carries vLLM" in out.err and "--image-uri" in out.err
+
+
 @pytest.mark.parametrize("change, message", [
     ({"role": "SageMakerRole"}, "is not an IAM role ARN"),
     ({"bucket": "s3://my-bucket"}, "takes a bucket name, not a URI"),
