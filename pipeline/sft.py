@@ -305,18 +305,20 @@ def save_adapter(model, tokenizer, adapter_dir: Path | str, base_model_name: str
 # ---------------------------------------------------------------------------------------------------
 
 
-def parse_sft_args(argv: Sequence[str] | None = None, config: dict | None = None):
+def parse_sft_args(argv: Sequence[str] | None = None, config: dict | None = None, extra: Sequence[type] = (),
+                   where: str = "the recipe", **text: str):
     """``(SFTArguments, SFTConfig, ModelConfig)`` from turnwise's defaults, a recipe and flags (flags win).
 
-    ``config`` is a recipe mapping (a pipeline recipe's ``sft:`` section); ``argv`` may also name one with
-    ``--config FILE.yaml``.
+    ``config`` is a recipe mapping (a pipeline recipe's ``sft:`` section, ``where`` in errors); ``argv``
+    may also name one with ``--config FILE.yaml``. ``extra`` dataclasses (the CLI's ``--threads``) are
+    parsed too and follow; ``text`` is the help's ``description``, ``epilog`` and ``usage``.
     """
     from trl import ModelConfig, SFTConfig
 
-    from pipeline.config import parse_recipe
+    from pipeline.config import parse_options
 
-    return parse_recipe((SFTArguments, SFTConfig, ModelConfig), argv, config, defaults=sft_defaults(),
-                        prog="turnwise sft")
+    return parse_options((SFTArguments, SFTConfig, ModelConfig, *extra), [] if argv is None else argv,
+                         prog="turnwise sft", recipe=config, where=where, defaults=sft_defaults(), **text)
 
 
 def sft_defaults() -> dict[str, Any]:
