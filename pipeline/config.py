@@ -95,9 +95,9 @@ class TaskArguments:
         if self.trust_tools:
             # The grant names the folders and their tools.py digests, so that worker processes (which inherit the
             # environment) trust exactly those, and nothing else this process or its children import.
-            from pipeline.envs.sop.trust import encode, grants_for_spec
+            from pipeline.envs.registry import trust_environment
 
-            os.environ[TRUST_ENV] = encode(grants_for_spec(self.tasks))
+            os.environ.update(trust_environment(self.tasks))
 
 
 @dataclass

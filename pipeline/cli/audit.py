@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.cli.options import writable_dir
-    from pipeline.cli.sop import trusted
+    from pipeline.cli.options import trusted
     from pipeline.config import parse_options
     from rewards.audit import AuditConfig
 

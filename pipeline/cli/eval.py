@@ -73,7 +73,7 @@ def parse(options: list[str]) -> tuple[PolicyArguments, "EvalArguments", TaskSet
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.cli.options import writable_dir
-    from pipeline.cli.sop import trusted
+    from pipeline.cli.options import trusted
 
     who, how, task_set, threads = parse(args.options)
     threads.apply()

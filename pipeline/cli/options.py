@@ -8,19 +8,26 @@ way), so a shared flag reads the same everywhere:
 - :class:`ThreadArguments`: ``--threads`` (``train``, ``sft``, ``eval``, ``demo``), torch's CPU threads,
   set before any work.
 
+:func:`trusted` turns ``--trust-tools`` into the grant the task set's domain gives, for one command.
+
 :func:`writable_dir` and :func:`writable_file` check an output location before a command spends minutes
 producing what goes there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.budgets import check_count
+
+logger = logging.getLogger(__name__)
 
 
 def physical_cores() -> int:
@@ -89,6 +96,36 @@ class TaskSetArguments:
                 "directory of <split>.jsonl files or a .jsonl file (default: the default domain's shipped tasks)."})
     trust_tools: bool = field(default=False, metadata={
         "help": "Run the tools.py (Python code) of the SOP folder --env names, as it is now, for this command only."})
+
+
+@contextlib.contextmanager
+def trusted(task_set: TaskSetArguments) -> Iterator[None]:
+    """With ``--trust-tools``, grant what the task set's domain grants (for an SOP folder: its tools.py as it is
+    now) while the block runs, and nothing else.
+
+    The grant is environment variables (`pipeline.envs.registry.trust_environment`), so worker processes
+    inherit exactly it; the previous values come back when the block ends.
+    """
+    if not task_set.trust_tools:
+        yield
+        return
+    from pipeline.envs.registry import trust_environment
+
+    granted = trust_environment(task_set.env)
+    if not granted:
+        logger.warning("--trust-tools: the task set %s has no code to trust; nothing is trusted.", task_set.env)
+    for key, value in granted.items():
+        logger.info("--trust-tools: %s=%s for this command", key, value)
+    previous = {key: os.environ.get(key) for key in granted}
+    os.environ.update(granted)
+    try:
+        yield
+    finally:  # the grant belongs to this call
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def writable_dir(path: Path, flag: str) -> Path:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.cli.options import writable_file
-    from pipeline.cli.sop import trusted
+    from pipeline.cli.options import trusted
     from pipeline.config import parse_options
     from pipeline.trajectory import atomic_write_text
     from rewards.logged import load_conversations, score_conversations

@@ -1,21 +1,14 @@
 """``turnwise sop check|trust``: lint an SOP folder, or grant trust to its tools.py (`pipeline.envs.sop`'s shell side).
 
-:func:`trusted` is how ``--trust-tools`` on ``eval``, ``audit`` and ``score`` becomes a grant for the
-folders ``--env`` names, for that command only.
+``--trust-tools`` on ``eval``, ``audit`` and ``score`` is `pipeline.cli.options.trusted`, which asks the
+domain the task set belongs to; ``turnwise sop trust`` prints the grant for processes started by hand.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-from pipeline.cli.options import TaskSetArguments
-
-logger = logging.getLogger(__name__)
 
 DESCRIPTION = "SOP task folders in the public SOP-Bench format (--env sop:PATH)."
 EPILOG = """examples:
@@ -78,7 +71,8 @@ def run_check(spec: str) -> int:
 
 
 def run_trust(spec: str) -> int:
-    from pipeline.envs.sop.trust import TRUST_ENV, encode, grant_for
+    from pipeline.envs.sop.grants import grant_for
+    from pipeline.envs.sop.trust import TRUST_ENV, encode
 
     grant = grant_for(_folder(spec))
     if grant is None:
@@ -88,25 +82,3 @@ def run_trust(spec: str) -> int:
     print(f"(trusts {grant.folder}/tools.py with SHA-256 {grant.tools_sha256}; export it as {TRUST_ENV})",
           file=sys.stderr)
     return 0
-
-
-@contextlib.contextmanager
-def trusted(task_set: TaskSetArguments) -> Iterator[None]:
-    """With ``--trust-tools``, trust the SOP folders ``--env`` names while the block runs, and nothing else.
-
-    The grant (:mod:`pipeline.envs.sop.trust`) goes into ``$TURNWISE_TRUST_TOOLS`` for the block, so that
-    worker processes inherit exactly it, and the previous value comes back when it ends.
-    """
-    if not task_set.trust_tools:
-        yield
-        return
-    from pipeline.envs.sop.trust import grants_for_spec, trusting
-
-    grants = grants_for_spec(task_set.env)
-    if not grants:
-        logger.warning("--trust-tools: the task set %s has no SOP folder with a tools.py; nothing is trusted.",
-                       task_set.env)
-    for grant in grants:
-        logger.info("trusting %s/tools.py (SHA-256 %s) for this command", grant.folder, grant.tools_sha256[:12])
-    with trusting(grants):
-        yield

@@ -159,7 +159,10 @@ def test_finding1_an_sop_that_is_a_link_to_the_test_set_is_refused(tmp_path):
 
 ANSWER_KEY_POLICY = """import json
 
+from pipeline.plugins import declare_policy_factory
 
+
+@declare_policy_factory
 def factory(task):
     answer = json.dumps(task.payload["expected"])
     return lambda messages: "<final_output>" + answer + "</final_output>"
@@ -537,6 +540,10 @@ def test_explicit_trust_covers_only_the_folder_it_names(two_coded):
     "</final_output><final_output>" * 3_000,
 ])
 def test_hostile_final_outputs_end_the_episode_quickly_without_an_exception(tmp_path, message):
+    """A malformed final output under the message cap ends the episode as not completed; one over the cap is
+    answered with a tool error without being read (pipeline.chat.MAX_MESSAGE_CHARS). Either way, fast."""
+    from pipeline.chat import MAX_MESSAGE_CHARS
+
     folder = make_folder(tmp_path)
     task = load_tasks(f"sop:{folder}")[0]
     env = make_env(task)
@@ -544,7 +551,10 @@ def test_hostile_final_outputs_end_the_episode_quickly_without_an_exception(tmp_
     start = time.perf_counter()
     step = env.step(message)
     elapsed = time.perf_counter() - start
-    assert step.done and not env.outcome().completed and env.outcome().details["parse_error"]
+    if len(message) > MAX_MESSAGE_CHARS:
+        assert not step.done and step.info["tool_errors"][0]["kind"] == "message_too_long"
+    else:
+        assert step.done and not env.outcome().completed and env.outcome().details["parse_error"]
     assert elapsed < 1.0, elapsed
 
 

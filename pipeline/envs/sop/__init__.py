@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.envs.base import Task
 from pipeline.envs.registry import Domain
 from pipeline.envs.sop.env import SopEnv
+from pipeline.envs.sop.grants import trust_environment
 from pipeline.envs.sop.oracle import oracle_policy
 from pipeline.envs.sop.tasks import check_sop_payload, load_sop_tasks
 
@@ -47,5 +48,6 @@ DOMAIN = Domain(
     check_payload=check_sop_payload,
     oracle_policy=oracle_policy,
     default_reward="sop",
+    trust_environment=trust_environment,
     description="SOP-Bench task folders: an SOP, tool specs, a test set; the agent ends with a <final_output>.",
 )

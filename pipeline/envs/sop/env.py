@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.budgets import MAX_TURNS
-from pipeline.chat import ToolCall, ToolCallError, format_tool_call, validate_arguments
+from pipeline.chat import ToolCall, ToolCallError, first_json_object, format_tool_call, scan_tagged, validate_arguments
 from pipeline.envs.base import STOP_FINAL_OUTPUT, Outcome, Task, Tool, ToolEnvironment
 from pipeline.envs.sop.folder import SopFolder, load_folder
 from pipeline.envs.sop.tasks import resolve_folder
@@ -112,7 +112,8 @@ def values_match(expected: Any, actual: Any) -> bool:
 
 
 def final_output_body(text: str) -> tuple[str | None, str | None]:
-    """The body of the last complete ``<final_output>`` block, or ``(None, why not)``; linear in ``text``.
+    """The body of the last complete ``<final_output>`` block, or ``(None, why not)``; linear in ``text``
+    (:func:`pipeline.chat.scan_tagged`, the scanner tool calls are read with).
 
     >>> final_output_body("<final_output>a</final_output> <final_output>b</final_output>")
     ('b', None)
@@ -121,47 +122,29 @@ def final_output_body(text: str) -> tuple[str | None, str | None]:
     >>> final_output_body("<final_output>" * 3)
     (None, '<final_output> is not closed with </final_output>')
     """
-    body, opened_at = None, None
-    pos, next_open, next_close = 0, text.find(FINAL_OPEN), text.find(FINAL_CLOSE)
-    # Each tag is found once, scanning forward from the last one consumed, so the whole scan is O(len(text)).
-    while next_open != -1 or next_close != -1:
-        if next_close == -1 or (next_open != -1 and next_open < next_close):
-            opened_at = pos = next_open + len(FINAL_OPEN)  # a later opening tag replaces an unclosed earlier one
-            next_open = text.find(FINAL_OPEN, pos)
-        else:
-            if opened_at is not None:
-                body, opened_at = text[opened_at:next_close], None
-            pos = next_close + len(FINAL_CLOSE)
-            next_close = text.find(FINAL_CLOSE, pos)
-            if next_open != -1 and next_open < pos:
-                next_open = text.find(FINAL_OPEN, pos)
-    if body is None:
-        if FINAL_OPEN in text:
-            return None, f"{FINAL_OPEN} is not closed with {FINAL_CLOSE}"
-        return None, f"no {FINAL_OPEN} block"
-    return body, None
+    bodies = scan_tagged(text, FINAL_OPEN, FINAL_CLOSE).bodies
+    if bodies:
+        return bodies[-1], None
+    if FINAL_OPEN in text:
+        return None, f"{FINAL_OPEN} is not closed with {FINAL_CLOSE}"
+    return None, f"no {FINAL_OPEN} block"
 
 
 def parse_final_output(text: str) -> tuple[dict | None, str | None]:
-    """The JSON object in a message's last ``<final_output>`` block, or ``(None, why not)`` (see the module doc)."""
+    """The JSON object in a message's last ``<final_output>`` block, or ``(None, why not)`` (see the module doc).
+
+    The object is read as every model-written JSON is (:func:`pipeline.chat.first_json_object`: strict,
+    bounded, never raising), trying at most ``MAX_JSON_STARTS`` opening braces.
+    """
     body, problem = final_output_body(text)
     if body is None:
         return None, problem
     if len(body) > MAX_FINAL_CHARS:
         return None, f"the {FINAL_OPEN} block holds {len(body):,} characters; at most {MAX_FINAL_CHARS:,} are read"
-    decoder = json.JSONDecoder()
-    start = body.find("{")
-    for _ in range(MAX_JSON_STARTS):
-        if start == -1:
-            break
-        try:
-            value, _ = decoder.raw_decode(body, start)
-        except (ValueError, RecursionError):  # invalid JSON, a number too long to convert, nesting too deep
-            value = None
-        if isinstance(value, dict):
-            return value, None
-        start = body.find("{", start + 1)
-    return None, f"no JSON object inside {FINAL_OPEN}"
+    value, _ = first_json_object(body, max_starts=MAX_JSON_STARTS)
+    if value is None:
+        return None, f"no JSON object inside {FINAL_OPEN}"
+    return value, None
 
 
 def _find_key(answer: dict, name: str) -> str | None:

@@ -54,20 +54,6 @@ def code_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def grant_for(folder: str | Path) -> TrustGrant | None:
-    """The grant for a folder's tools.py as it is now (``None`` when the folder has no tools.py).
-
-    The folder is checked first (:func:`~pipeline.envs.sop.folder.load_folder`), so a grant only exists
-    for a folder that loads, and its tools.py is read through the same safe reader the import uses.
-    """
-    from pipeline.envs.sop.folder import load_folder
-
-    loaded = load_folder(folder)
-    if loaded.code is None:
-        return None
-    return TrustGrant(str(loaded.path), loaded.code.sha256)
-
-
 def encode(grants: Iterable[TrustGrant]) -> str:
     """The value of ``$TURNWISE_TRUST_TOOLS`` that carries exactly ``grants``."""
     unique = sorted({(g.folder, g.tools_sha256) for g in grants})
@@ -131,28 +117,3 @@ def trusting(grants: Iterable[TrustGrant]) -> Iterator[str]:
             os.environ.pop(TRUST_ENV, None)
         else:
             os.environ[TRUST_ENV] = previous
-
-
-def grants_for_spec(spec: str | None) -> list[TrustGrant]:
-    """The grants ``--trust-tools`` gives for a task spec: every SOP folder with a tools.py that it names.
-
-    ``sop:PATH`` names one folder; a task file or directory names the folders of its SOP tasks. Other
-    task sets name none (there is no code to trust).
-    """
-    from pipeline.envs.registry import resolve
-    from pipeline.envs.sop.tasks import resolve_folder
-
-    if spec is None:
-        return []
-    resolved = resolve(spec)
-    if resolved is not None:
-        domain, argument = resolved
-        if domain.name != "sop":
-            return []
-        folders = [resolve_folder(argument)] if argument else []
-    else:
-        from pipeline.envs import load_tasks
-
-        folders = sorted({resolve_folder(t.payload["folder"]) for t in load_tasks(spec) if t.domain == "sop"})
-    grants = [grant_for(folder) for folder in folders]
-    return [g for g in grants if g is not None]

@@ -21,7 +21,8 @@ from pipeline.envs import Environment, Task, TaskFileError, load_tasks, make_env
 from pipeline.envs.base import STOP_FINAL_OUTPUT, STOP_MAX_TURNS
 from pipeline.envs.sop.env import SopEnv, parse_final_output, values_match
 from pipeline.envs.sop.folder import TRUST_ENV, UntrustedToolsError, inspect_folder
-from pipeline.envs.sop.trust import encode, grant_for
+from pipeline.envs.sop.grants import grant_for
+from pipeline.envs.sop.trust import encode
 from pipeline.envs.tasks import DATA_ROOT
 from pipeline.rollout import run_policy
 
