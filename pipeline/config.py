@@ -343,12 +343,6 @@ def parse_train_args(argv: Sequence[str] | None = None, extra: Sequence[type] = 
                          defaults={"bf16": hardware_bf16()}, **text)  # a recipe or --bf16 still overrides bf16
 
 
-def parse_recipe(types_: tuple, argv: Sequence[str] | None = None, config: dict | None = None,
-                 defaults: dict | None = None, prog: str | None = None):
-    """:func:`parse_options` with a recipe mapping ``config`` (a pipeline recipe's section) and no other flags."""
-    return parse_options(types_, argv or [], prog=prog or "turnwise", recipe=config, defaults=defaults)
-
-
 def _option_parser(types_: Sequence[type], hints: dict, **kwargs: Any) -> argparse.ArgumentParser:
     """A ``transformers.HfArgumentParser`` of ``types_`` that also reads ``none`` or ``null`` as None for an
     optional number or path (``--limit none``), as TRL's copy of it does, without importing TRL."""
@@ -475,8 +469,7 @@ def _check_value(value: Any, hint: Any, name: str, where: str) -> Any:
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        quote = ' (YAML reads an unquoted yes, no, on or off as a boolean: quote it, as "no")' if isinstance(value, bool) else ""
-        raise ValueError(f"{where}{name} must be text, got {_kind(value)} {value!r}{quote}.")
+        raise _not_text(value, name, where)
     if origin is typing.Literal:
         if value in args:
             return value
@@ -491,8 +484,13 @@ def _check_value(value: Any, hint: Any, name: str, where: str) -> Any:
             return value
         raise ValueError(f"{where}{name} must be a mapping, got {_kind(value)} {value!r}.")
     if isinstance(hint, type) and issubclass(hint, (Enum, Path)):
-        raise ValueError(f"{where}{name} must be text, got {_kind(value)} {value!r}.")
+        raise _not_text(value, name, where)
     return value
+
+
+def _not_text(value: Any, name: str, where: str) -> ValueError:
+    quote = ' (YAML reads an unquoted yes, no, on or off as a boolean: quote it, as "no")' if isinstance(value, bool) else ""
+    return ValueError(f"{where}{name} must be text, got {_kind(value)} {value!r}{quote}.")
 
 
 _BOOL_WORDS = ("yes", "no", "true", "false", "t", "f", "y", "n", "1", "0")  # as TRL's parser reads a flag

@@ -11,11 +11,13 @@ seed: 0
 tasks: ...                         # a domain spec, directory or .jsonl (default: the default domain)
 sft:  {...}   # `turnwise sft` options (pipeline.sft.SFTArguments, TRL SFTConfig, ModelConfig); omit to skip
 grpo: {...}   # `turnwise train` options; starts from the SFT adapter when SFT ran; omit to skip
-eval: {...}   # EvalArguments: the held-out evaluation of base, SFT-only and SFT+GRPO
+eval: {...}   # EvalStageArguments (`turnwise eval`'s EvalArguments, plus tasks, oracle, base): the held-out
+              # evaluation of base, SFT-only and SFT+GRPO
 ```
 
-Every stage section is parsed by the stage's own typed configs before anything runs, so a typo fails
-in a second, not after the SFT. The evaluation runs every policy on the same tasks and seeds, compares
+Every stage section is parsed by the stage's own typed configs (`pipeline.config.parse_options`, as the
+stage's command parses its flags) before anything runs, so a typo fails in a second, naming the section
+and the key, not after the SFT. The evaluation runs every policy on the same tasks and seeds, compares
 SFT+GRPO against SFT-only (and SFT against the base) with paired-bootstrap 95% intervals, and writes the
 report and ``summary.json`` (the numbers, the SFT val curve, the GRPO health signals, wall time, machine).
 """

@@ -230,7 +230,7 @@ def test_model_prepare_on_the_real_embedded_model_is_idempotent(embedded_model_d
 
 def test_train_hands_every_option_to_the_recipe_parser(monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """`turnwise train --config FILE --flag value` reaches TrlParser whole, a leading --option included."""
+    """`turnwise train --config FILE --flag value` reaches the option parser whole, a leading --option included."""
     import pipeline.training as training
 
     seen = {}

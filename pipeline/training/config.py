@@ -3,8 +3,7 @@
 TRL's ``GRPOConfig`` holds the optimiser, the loss type, ``num_generations``, ``beta`` and checkpointing;
 this dataclass holds what multi-turn training adds to it: the turn and token budgets of an episode (from
 :class:`pipeline.budgets.EpisodeBudget`, whose defaults every command shares), and the advantage estimator
-with its settings. YAML recipes and flags reach it through TRL's ``TrlParser``
-(:func:`pipeline.config.parse_train_args`).
+with its settings. YAML recipes and flags reach it through :func:`pipeline.config.parse_train_args`.
 """
 
 from __future__ import annotations
