@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,7 +149,11 @@ class AuditReport:
         out_dir = Path(out_dir)
         paths = {"json": out_dir / "audit.json", "markdown": out_dir / "audit.md"}
         atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        atomic_write_text(paths["markdown"], "```\n" + self.to_text() + "\n```\n")
+        text = self.to_text()
+        # One code block whatever the text holds: a fence longer than any run of backticks in it (a logged
+        # file's name or a task id could otherwise close the block and have a viewer render what follows).
+        fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
+        atomic_write_text(paths["markdown"], f"{fence}\n{text}\n{fence}\n")
         return paths
 
 

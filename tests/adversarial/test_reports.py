@@ -190,3 +190,16 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_any_work(tmp_path, ca
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert flag in err and expected in err and "Traceback" not in err
+
+
+def test_an_audit_report_stays_one_code_block_whatever_its_source_holds(tmp_path):
+    """audit.md is a code block; a logged file's name with backticks used to close it and let HTML through."""
+    from rewards.audit import AuditReport, CheckResult
+
+    source = "logs/x.jsonl\n```\n" + SCRIPT + "\n````"
+    report = AuditReport(reward="default", source=source, n_rollouts=1, success_rate=None,
+                         checks=[CheckResult("range", True, "ok")], components=[])
+    text = report.save(tmp_path)["markdown"].read_text().splitlines()
+    fence = text[0]
+    assert set(fence) == {"`"} and len(fence) > 4 and text[-1] == fence
+    assert not any(line.startswith(fence) for line in text[1:-1])  # nothing inside closes the block
