@@ -246,18 +246,19 @@ def read_recipe(path: Path | str, what: str = "recipe") -> dict[str, Any]:
         """A safe loader that refuses a mapping key given twice, with its line."""
 
     def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-        loader.flatten_mapping(node)
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden key by key
+                continue
+            key, line = loader.construct_object(key_node, deep=True), key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:
-                raise ValueError(f"{what} {path}, line {key_node.start_mark.line + 1}: a key must be a name, not "
-                                 f"{key!r}.") from None
-            if first != key_node.start_mark.line + 1:
-                raise ValueError(f"{what} {path}, line {key_node.start_mark.line + 1}: {key!r} is given twice (first "
-                                 f"on line {first}); keep one.")
+                raise ValueError(f"{what} {path}, line {line}: a key must be a name, not {key!r}.") from None
+            if first is not None:
+                raise ValueError(f"{what} {path}, line {line}: {key!r} is given twice (first on line {first}); "
+                                 "keep one.")
+            seen[key] = line
         return loader.construct_mapping(node, deep=deep)
 
     UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)

@@ -126,6 +126,7 @@ def test_compare_refuses_a_bootstrap_count_that_is_not_a_positive_integer(n_boot
     ("- max_turns: 3\n- max_turns: 4\n", "must be a YAML mapping of option: value lines, not a list"),
     ("42\n", "must be a YAML mapping of option: value lines, not a number"),
     ("max_turns: 3\nlearning_rate: 1.0e-5\nmax_turns: 4\n", "line 3: 'max_turns' is given twice (first on line 1)"),
+    ("{max_turns: 3, max_turns: 4}\n", "line 1: 'max_turns' is given twice (first on line 1)"),
     ("max_steps: 100000000000000000000000000000\n", "max_steps is too large"),
     ("learning_rate: .nan\n", "learning_rate must be a finite number, got nan"),
     ("learning_rate: .inf\n", "learning_rate must be a finite number, got inf"),
@@ -140,7 +141,7 @@ def test_compare_refuses_a_bootstrap_count_that_is_not_a_positive_integer(n_boot
     ("max_turns: '1e3'\n", None),  # a number YAML left as text: read as 1000, accepted
     ("learning_rate: 1e-5\n", None),  # YAML 1.1 reads this as text; a float field takes it
     ("a: [unclosed\n", "is not valid YAML"),
-], ids=["list", "number", "key_twice", "huge_int", "nan", "inf", "null_budget", "list_for_int", "bool_for_int",
+], ids=["list", "number", "key_twice", "key_twice_one_line", "huge_int", "nan", "inf", "null_budget", "list_for_int", "bool_for_int",
         "seed_out_of_range", "unquoted_no", "unknown_key", "zero_temperature", "zero_batch", "numeric_text",
         "exponent_text", "bad_yaml"])
 def test_hostile_training_recipes(tmp_path, capsys, no_training, monkeypatch, text, expected):
