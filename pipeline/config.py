@@ -78,9 +78,9 @@ class TaskArguments:
 
     def __post_init__(self) -> None:
         if self.train_limit is not None:
-            check_count(self.train_limit, "train_limit (or null for the whole split)")
+            check_count(self.train_limit, "train_limit", hint="leave it out (or null) to train on the whole split")
         check_count(self.val_limit, "val_limit")
-        check_count(self.val_every, "val_every (0: validate only at the end)", least=0)
+        check_count(self.val_every, "val_every", least=0, hint="0 validates only at the end")
         if self.foothold_tasks < 0:
             raise ValueError(f"foothold_tasks must be 0 (no check) or a task count, got {self.foothold_tasks}.")
         if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
@@ -123,7 +123,7 @@ class EvalArguments(EpisodeBudget):
         super().__post_init__()
         # Named as flags; a recipe's eval: section spells them without the dashes.
         if self.limit is not None:
-            check_count(self.limit, "--limit", hint="the number of tasks to evaluate; leave it out for the whole split")
+            check_count(self.limit, "--limit", hint="leave it out to evaluate the whole split")
         check_count(self.k, "--k")
         if self.n is None:
             self.n = self.k

@@ -113,7 +113,7 @@ def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | No
         grpo_section = {**recipe["grpo"], "model_name_or_path": model, "output_dir": str(out / "grpo"), "seed": seed,
                         "tasks": tasks}
         parse_grpo(grpo_section)  # fail fast on a bad option, before the SFT runs
-    [eval_args] = parse_options((EvalStageArguments,), [], prog="turnwise demo", recipe=recipe.get("eval") or {},
+    [eval_args] = parse_options((EvalStageArguments,), [], prog="turnwise eval", recipe=recipe.get("eval") or {},
                                 where="the recipe's eval: section", recipe_flag=False)
     return Plan(model, out, seed, tasks, sft, grpo_section, eval_args)
 
