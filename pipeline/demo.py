@@ -11,18 +11,19 @@ seed: 0
 tasks: ...                         # a domain spec, directory or .jsonl (default: the default domain)
 sft:  {...}   # `turnwise sft` options (pipeline.sft.SFTArguments, TRL SFTConfig, ModelConfig); omit to skip
 grpo: {...}   # `turnwise train` options; starts from the SFT adapter when SFT ran; omit to skip
-eval: {...}   # EvalArguments: the held-out evaluation of base, SFT-only and SFT+GRPO
+eval: {...}   # EvalStageArguments (`turnwise eval`'s EvalArguments, plus tasks, oracle, base): the held-out
+              # evaluation of base, SFT-only and SFT+GRPO
 ```
 
-Every stage section is parsed by the stage's own typed configs before anything runs, so a typo fails
-in a second, not after the SFT. The evaluation runs every policy on the same tasks and seeds, compares
+Every stage section is parsed by the stage's own typed configs (`pipeline.config.parse_options`, as the
+stage's command parses its flags) before anything runs, so a typo fails in a second, naming the section
+and the key, not after the SFT. The evaluation runs every policy on the same tasks and seeds, compares
 SFT+GRPO against SFT-only (and SFT against the base) with paired-bootstrap 95% intervals, and writes the
 report and ``summary.json`` (the numbers, the SFT val curve, the GRPO health signals, wall time, machine).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,6 +32,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.budgets import check_count
+from pipeline.config import EvalArguments, read_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -41,49 +45,38 @@ STAGES = ("sft", "grpo", "eval")
 
 
 @dataclass
-class EvalArguments:
-    """The held-out evaluation at the end of a pipeline run (``eval:`` section)."""
+class EvalStageArguments(EvalArguments):
+    """The held-out evaluation at the end of a pipeline run (``eval:`` section): `EvalArguments`, and which
+    task set and which policies besides the trained ones."""
 
-    split: str = field(default="test", metadata={"help": "Held-out split every policy is evaluated on."})
     tasks: str | None = field(default=None, metadata={"help": "Task set of the evaluation (default: the recipe's "
                                                               "tasks), e.g. a fresh held-out set from another seed."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N tasks of the split (None: all)."})
-    n: int = field(default=1, metadata={"help": "Episodes per task (environment seeds seed..seed+n-1)."})
-    max_turns: int = field(default=20, metadata={"help": "Assistant-turn budget per episode."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Token budget per model turn."})
-    max_total_tokens: int = field(default=8192, metadata={"help": "Token budget per episode."})
-    batch_size: int = field(default=16, metadata={"help": "Episodes generated together."})
-    bootstrap: int = field(default=10_000, metadata={"help": "Paired-bootstrap resamples for the intervals."})
     oracle: bool = field(default=True, metadata={"help": "Also evaluate the scripted oracle (what solved looks like)."})
     base: bool = field(default=True, metadata={"help": "Also evaluate the starting model without any adapter."})
-    html: bool = field(default=True, metadata={"help": "Write report.html and plots (needs matplotlib)."})
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"eval.limit must be at least 1 (or null for the whole split), got {self.limit}.")
-        if self.n < 1 or self.max_turns < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("eval.n, max_turns, max_new_tokens and batch_size must be at least 1.")
 
 
 def load_recipe(path: Path | str) -> dict[str, Any]:
-    """A pipeline recipe as a mapping; fails on a missing file, a non-mapping or an unknown top-level key."""
-    import yaml
-
+    """A pipeline recipe as a mapping, read strictly (`pipeline.config.read_recipe`: a missing file, a directory,
+    a key given twice, a list); fails on an unknown top-level key or a stage section that is not a mapping."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"Pipeline recipe {path} does not exist. Pass --config with one of configs/demo.yaml, "
                          "configs/cpu_full.yaml, or your own.")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"Pipeline recipe {path} must be a YAML mapping, not {type(recipe).__name__}.")
+    recipe = read_recipe(path, "Pipeline recipe")
     unknown = sorted(set(recipe) - set(SHARED_KEYS) - set(STAGES))
     if unknown:
         raise ValueError(f"Pipeline recipe {path}: unknown top-level key(s) {', '.join(unknown)}. Allowed: "
                          f"{', '.join(SHARED_KEYS)} and the stage sections {', '.join(STAGES)}; put stage options "
                          "inside their section.")
+    for key in ("model_name_or_path", "output_dir", "tasks"):
+        if recipe.get(key) is not None and not isinstance(recipe[key], str):
+            raise ValueError(f"Pipeline recipe {path}: {key} must be text, got {recipe[key]!r}.")
+    if "seed" in recipe:
+        check_count(recipe["seed"], f"Pipeline recipe {path}: seed", least=0, largest=2**32 - 1)
     for stage in STAGES:
         if recipe.get(stage) is not None and not isinstance(recipe[stage], dict):
-            raise ValueError(f"Pipeline recipe {path}: section {stage!r} must be a mapping of options.")
+            raise ValueError(f"Pipeline recipe {path}: section {stage!r} must be a mapping of options, not "
+                             f"{type(recipe[stage]).__name__} {recipe[stage]!r}.")
     return recipe
 
 
@@ -97,12 +90,13 @@ class Plan:
     tasks: str
     sft: tuple | None  # (SFTArguments, SFTConfig, ModelConfig)
     grpo_section: dict | None
-    eval: EvalArguments
+    eval: EvalStageArguments
 
 
 def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | None = None,
          seed: int | None = None) -> Plan:
     """Parse every stage of ``recipe`` (flags ``output_dir``, ``model``, ``seed`` override its shared keys)."""
+    from pipeline.config import parse_options
     from pipeline.models import DEFAULT_MODEL
     from pipeline.sft import parse_sft_args
 
@@ -113,13 +107,14 @@ def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | No
     sft = None
     if recipe.get("sft") is not None:
         sft = parse_sft_args([], config={**recipe["sft"], "model_name_or_path": model, "output_dir": str(out / "sft"),
-                                         "seed": seed, "tasks": tasks})
+                                         "seed": seed, "tasks": tasks}, where="the recipe's sft: section")
     grpo_section = None
     if recipe.get("grpo") is not None:
         grpo_section = {**recipe["grpo"], "model_name_or_path": model, "output_dir": str(out / "grpo"), "seed": seed,
                         "tasks": tasks}
         parse_grpo(grpo_section)  # fail fast on a bad option, before the SFT runs
-    eval_args = EvalArguments(**(recipe.get("eval") or {}))
+    [eval_args] = parse_options((EvalStageArguments,), [], prog="turnwise eval", recipe=recipe.get("eval") or {},
+                                where="the recipe's eval: section", recipe_flag=False)
     return Plan(model, out, seed, tasks, sft, grpo_section, eval_args)
 
 
@@ -127,11 +122,12 @@ def parse_grpo(section: dict[str, Any], adapter: str | None = None):
     """``(TaskArguments, RolloutConfig, GRPOConfig, ModelConfig)`` of a ``grpo:`` section."""
     from trl import GRPOConfig, ModelConfig
 
-    from pipeline.config import TaskArguments, parse_recipe
+    from pipeline.config import TaskArguments, parse_options
     from pipeline.training import RolloutConfig
 
     config = {**section, "adapter": adapter} if adapter else section
-    return parse_recipe((TaskArguments, RolloutConfig, GRPOConfig, ModelConfig), [], config, prog="turnwise train")
+    return parse_options((TaskArguments, RolloutConfig, GRPOConfig, ModelConfig), [], prog="turnwise train",
+                         recipe=config, where="the recipe's grpo: section", recipe_flag=False)
 
 
 def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, model: str | None = None,
@@ -230,7 +226,7 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
 
     e = p.eval
     tasks = load_tasks(e.tasks or p.tasks, e.split)[: e.limit]
-    budgets = dict(k=1, n=e.n, seed=p.seed, max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
+    budgets = dict(k=e.k, n=e.n, seed=p.seed, max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
                    max_total_tokens=e.max_total_tokens, batch_size=e.batch_size)
     policies = [("grpo", grpo_adapter, "SFT+GRPO" if sft_adapter else "GRPO"), ("sft", sft_adapter, "SFT only"),
                 ("base", p.model if e.base else None, f"base ({p.model})")]
@@ -321,7 +317,3 @@ def _log_to(path: Path) -> logging.Handler:
         logging.getLogger(name).addHandler(handler)
     return handler
 
-
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args.config, output_dir=args.output_dir, model=args.model, seed=args.seed,
-               resume=getattr(args, "resume", False))

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pipeline.budgets import MAX_NEW_TOKENS, MAX_TOTAL_TOKENS, MAX_TURNS
 from pipeline.envs import make_env
 from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task, field_correct
 from pipeline.rollout import RolloutEngine, run_policy
@@ -274,9 +275,9 @@ def evaluate(
     seed: int = 0,
     *,
     n: int | None = None,
-    max_turns: int = 20,
-    max_new_tokens: int = 128,
-    max_total_tokens: int = 8192,
+    max_turns: int = MAX_TURNS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_total_tokens: int = MAX_TOTAL_TOKENS,
     batch_size: int = 16,
     progress: bool | None = None,
     label: str | None = None,

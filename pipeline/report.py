@@ -25,9 +25,12 @@ import html
 import io
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.chat import ToolCall, parse_tool_calls, parse_tool_message
 from pipeline.evaluation import Comparison, EvalReport
@@ -142,17 +145,38 @@ def _runs(reports: Sequence[EvalReport]) -> list[tuple[str, list[str]]]:
     ]
 
 
+_MD_SPECIAL = re.compile(r"([\\`\[\]|])")
+
+
+def md_text(text: Any) -> str:
+    r"""``text`` (a label, task id, intent, tool or rule name: anything that came from data) as inert Markdown.
+
+    Markdown passes raw HTML through, so ``<script>`` in a logged task id would run in a viewer that renders
+    the file; ``&``, ``<`` and ``>`` become entities, as ``report.html`` escapes them. Backslashes, backticks,
+    brackets and pipes are escaped (no code spans, links or extra table columns), and line breaks become
+    spaces (a table row is one line).
+
+    >>> md_text("<script>alert(1)</script> | [x](javascript:y)")
+    '&lt;script&gt;alert(1)&lt;/script&gt; \\| \\[x\\](javascript:y)'
+    """
+    text = html.escape(str(text), quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(text.splitlines()))
+
+
 def render_markdown(reports: Sequence[EvalReport], comparison: Comparison | None = None) -> str:
-    """The report as Markdown: the shared tables, plus the side-by-side result when there is one."""
-    labels = [r.label for r in reports]
+    """The report as Markdown: the shared tables, plus the side-by-side result when there is one.
+
+    Every string that came from data goes through :func:`md_text`, so the file carries no live HTML.
+    """
+    labels = [md_text(r.label) for r in reports]
 
     def table(first: str, rows: list[tuple[str, list[str]]]) -> list[str]:
-        out = [f"| {first} | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
-        return out + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+        out = [f"| {md_text(first)} | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+        return out + [f"| {md_text(name)} | " + " | ".join(map(md_text, cells)) + " |" for name, cells in rows]
 
-    lines = [f"# {_heading(reports)}", "", *table("run", _runs(reports)), ""]
+    lines = [f"# {md_text(_heading(reports))}", "", *table("run", _runs(reports)), ""]
     if comparison is not None:
-        lines += ["## Side by side", "", comparison.statement(), "", *_comparison_table_md(comparison), ""]
+        lines += ["## Side by side", "", md_text(comparison.statement()), "", *_comparison_table_md(comparison), ""]
     for title, first, rows in _sections(reports):
         if rows:
             lines += [f"## {title}", "", *table(first, rows), ""]
@@ -160,9 +184,10 @@ def render_markdown(reports: Sequence[EvalReport], comparison: Comparison | None
 
 
 def _comparison_table_md(c: Comparison) -> list[str]:
-    return [f"| | {c.base} passes | {c.base} fails |", "| --- | --- | --- |",
-            f"| {c.candidate} passes | {c.both_pass} | {c.candidate_only} |",
-            f"| {c.candidate} fails | {c.base_only} | {c.both_fail} |"]
+    base, candidate = md_text(c.base), md_text(c.candidate)
+    return [f"| | {base} passes | {base} fails |", "| --- | --- | --- |",
+            f"| {candidate} passes | {c.both_pass} | {c.candidate_only} |",
+            f"| {candidate} fails | {c.base_only} | {c.both_fail} |"]
 
 
 def render_text(reports: Sequence[EvalReport], comparison: Comparison | None = None) -> str:
@@ -206,6 +231,12 @@ def _color(i: int) -> str:
     return f"C{i % 10}"
 
 
+def _plain(text: Any) -> str:
+    """``text`` for a plot label: matplotlib reads ``$...$`` as mathtext, and an intent or policy name holding
+    ``$`` would be typeset as maths, or fail to parse and take the whole page down with it."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_success_by_intent(reports: Sequence[EvalReport]) -> bytes:
     """Grouped bars: success rate per intent, one bar per report (base against tuned, and references)."""
     intents = sorted({name for r in reports for name in r.metrics["by_intent"]})
@@ -215,9 +246,9 @@ def plot_success_by_intent(reports: Sequence[EvalReport]) -> bytes:
     for i, r in enumerate(reports):
         xs = [x + (i - (len(reports) - 1) / 2) * width for x in range(len(intents))]
         ys = [r.metrics["by_intent"].get(name, {}).get("success") or 0.0 for name in intents]
-        ax.bar(xs, ys, width, label=f"{r.label} ({r.metrics['success']:.2f} overall)", color=_color(i))
+        ax.bar(xs, ys, width, label=_plain(f"{r.label} ({r.metrics['success']:.2f} overall)"), color=_color(i))
     counts = {name: max(r.metrics["by_intent"].get(name, {}).get("n", 0) for r in reports) for name in intents}
-    ax.set_xticks(range(len(intents)), [f"{name}\n(n={counts[name]})" for name in intents], rotation=30, ha="right",
+    ax.set_xticks(range(len(intents)), [_plain(f"{name}\n(n={counts[name]})") for name in intents], rotation=30, ha="right",
                   fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate")
@@ -239,8 +270,8 @@ def plot_turns_histogram(reports: Sequence[EvalReport]) -> bytes:
         xs = [t + (i - (len(reports) - 1) / 2) * width for t in turns]
         wins = [sum(e["turns"] == t and e["success"] for e in r.episodes) for t in turns]
         losses = [sum(e["turns"] == t and not e["success"] for e in r.episodes) for t in turns]
-        ax.bar(xs, wins, width, color=_color(i), label=f"{r.label}: success")
-        ax.bar(xs, losses, width, bottom=wins, color=_color(i), alpha=0.35, hatch="//", label=f"{r.label}: failure")
+        ax.bar(xs, wins, width, color=_color(i), label=_plain(f"{r.label}: success"))
+        ax.bar(xs, losses, width, bottom=wins, color=_color(i), alpha=0.35, hatch="//", label=_plain(f"{r.label}: failure"))
     ax.set_xlabel("assistant turns in the episode")
     ax.set_ylabel("episodes")
     ax.set_title("Turns per episode")
@@ -276,7 +307,8 @@ def plot_reward_vs_success(reports: Sequence[EvalReport], rewards: Rewards) -> b
         ok = np.array([p[1] for p in points], dtype=bool)
         y = ok.astype(float) + (i - (len(reports) - 1) / 2) * 0.08 + jitter.uniform(-0.03, 0.03, len(points))
         means = " / ".join(f"{x[mask].mean():.2f}" if mask.any() else "n/a" for mask in (ok, ~ok))
-        ax.scatter(x, y, s=14, alpha=0.6, color=_color(i), label=f"{r.label} (mean reward success / failure: {means})")
+        ax.scatter(x, y, s=14, alpha=0.6, color=_color(i),
+                   label=_plain(f"{r.label} (mean reward success / failure: {means})"))
     ax.set_yticks([0, 1], ["failure", "success"])
     ax.set_ylim(-0.5, 1.5)
     ax.set_xlabel("reward total")
@@ -488,53 +520,102 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "policy"
 
 
+REPORT_ENTRIES = ("report.json", "report.md", "report.html", "plots", "trajectories", "trajectories.jsonl")
+"""What a report is made of, in its directory: replaced together, so that no part of an older report stays."""
+
+
 def save_report(report: EvalReport, out_dir: Path | str) -> dict[str, Path]:
-    """Write one policy's report into ``out_dir``, each file atomically, and return the paths by name.
+    """Write one policy's report into ``out_dir`` as a unit (see :func:`write_report`); return the paths by name.
 
     ``report.json`` is :meth:`EvalReport.to_dict`; ``report.md`` is :func:`render_markdown` of the report
     alone; ``trajectories.jsonl`` holds its episodes. :func:`write_report` lays out several policies side
     by side instead.
     """
-    out = Path(out_dir)
-    paths = {"json": out / "report.json", "markdown": out / "report.md", "trajectories": out / "trajectories.jsonl"}
-    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2) + "\n")
-    atomic_write_text(paths["markdown"], render_markdown([report]))
-    save_jsonl(report.trajectories, paths["trajectories"])
-    return paths
+
+    def write(out: Path) -> dict[str, Path]:
+        paths = {"json": out / "report.json", "markdown": out / "report.md", "trajectories": out / "trajectories.jsonl"}
+        atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write_text(paths["markdown"], render_markdown([report]))
+        save_jsonl(report.trajectories, paths["trajectories"])
+        return paths
+
+    return _write_as_unit(Path(out_dir), write)
 
 
 def write_report(out_dir: Path | str, reports: Sequence[EvalReport], comparison: Comparison | None = None,
                  rewards: Rewards | None = None, *, html_page: bool = True) -> dict[str, Path]:
-    """Write the report for one or more policies into ``out_dir``.
+    """Write the report for one or more policies into ``out_dir``, as a unit.
 
     ``report.json`` is ``{"policies": [<EvalReport.to_dict()>...], "comparison": {...} or null}``;
     ``report.md`` is :func:`render_markdown`; ``trajectories/<label>.jsonl`` holds each policy's
     episodes. With ``html_page``, ``report.html`` and ``plots/<name>.png`` (the same plots, as files)
     are written too; that needs matplotlib. Returns the paths by name.
+
+    Every file is written into a staging directory first, and only a complete report replaces the one
+    ``out_dir`` held (by renames, which need no space), so a full disk or a failed plot leaves the previous
+    report whole, never a ``report.json`` from one run beside trajectories from another.
     """
     labels = [r.label for r in reports]
     if len({_slug(label) for label in labels}) != len(labels):
         raise ValueError(f"report labels must be distinct (they name files and columns), got {labels}.")
-    out = Path(out_dir)
-    paths: dict[str, Path] = {"json": out / "report.json", "markdown": out / "report.md"}
-    payload = {"policies": [r.to_dict() for r in reports], "comparison": comparison.to_dict() if comparison else None}
-    atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(paths["markdown"], render_markdown(reports, comparison))
-    for r in reports:
-        paths[f"trajectories:{r.label}"] = out / "trajectories" / f"{_slug(r.label)}.jsonl"
-        save_jsonl(r.trajectories, paths[f"trajectories:{r.label}"])
-    if html_page:
-        plots = make_plots(reports, rewards)
-        for name, png in plots.items():
-            paths[f"plot:{name}"] = out / "plots" / f"{name}.png"
-            paths[f"plot:{name}"].parent.mkdir(parents=True, exist_ok=True)
-            paths[f"plot:{name}"].write_bytes(png)
-        paths["html"] = out / "report.html"
-        atomic_write_text(paths["html"], render_html(reports, comparison, rewards, plots=plots))
-    logger.info("wrote the evaluation report to %s", out)
+
+    def write(out: Path) -> dict[str, Path]:
+        paths: dict[str, Path] = {"json": out / "report.json", "markdown": out / "report.md"}
+        payload = {"policies": [r.to_dict() for r in reports],
+                   "comparison": comparison.to_dict() if comparison else None}
+        atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(paths["markdown"], render_markdown(reports, comparison))
+        for r in reports:
+            paths[f"trajectories:{r.label}"] = out / "trajectories" / f"{_slug(r.label)}.jsonl"
+            save_jsonl(r.trajectories, paths[f"trajectories:{r.label}"])
+        if html_page:
+            plots = make_plots(reports, rewards)
+            for name, png in plots.items():
+                paths[f"plot:{name}"] = out / "plots" / f"{name}.png"
+                paths[f"plot:{name}"].parent.mkdir(parents=True, exist_ok=True)
+                paths[f"plot:{name}"].write_bytes(png)
+            paths["html"] = out / "report.html"
+            atomic_write_text(paths["html"], render_html(reports, comparison, rewards, plots=plots))
+        return paths
+
+    paths = _write_as_unit(Path(out_dir), write)
+    logger.info("wrote the evaluation report to %s", out_dir)
     return paths
+
+
+def _write_as_unit(out: Path, write: Callable[[Path], dict[str, Path]]) -> dict[str, Path]:
+    """Run ``write`` into a staging directory inside ``out``, then swap its files for the report ``out`` held.
+
+    The staging directory sits inside ``out`` so that the swap is renames on one file system. The files
+    of `REPORT_ENTRIES` that the new report does not have (``report.html`` when it has no HTML page) go
+    too, so the directory never mixes two reports. If ``write`` fails, the staging directory is removed
+    and ``out`` is left as it was.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the report directory {out} is a file; give a directory.")
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        staged = write(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    previous = stage / ".previous"
+    try:
+        previous.mkdir()
+        for name in REPORT_ENTRIES:
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, previous / name)
+        for entry in stage.iterdir():
+            if entry != previous:
+                os.replace(entry, out / entry.name)
+    except OSError as exc:  # renames in one directory: this takes a file system gone wrong
+        raise OSError(f"could not move the new report from {stage} into {out} ({exc}); the previous report's files "
+                      f"are in {previous}.") from exc
+    shutil.rmtree(stage, ignore_errors=True)
+    return {name: out / path.relative_to(stage) for name, path in staged.items()}
 
 
 __all__ = ["INSTALL_HINT", "MissingReportDependency", "Rewards", "make_plots", "metric_rows", "plot_reward_vs_success",
            "plot_success_by_intent", "plot_turns_histogram", "render_html", "render_markdown", "render_text",
-           "rewards_from_metadata", "save_report", "transcript_html", "write_report"]
+           "md_text", "rewards_from_metadata", "save_report", "transcript_html", "write_report"]

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
+from pipeline.budgets import MAX_NEW_TOKENS, MAX_TURNS, check_count
 from pipeline.envs import load_tasks, make_env, oracle_policy
 from pipeline.envs.base import Task
 from pipeline.rollout import run_policy
@@ -81,24 +82,22 @@ class SFTArguments:
         "help": "Oracle demonstrations to generate (tasks drawn without replacement from a seeded shuffle of the "
                 "train split; more than the split holds replays tasks with further environment seeds)."})
     demo_seed: int = field(default=0, metadata={"help": "Seed of the task shuffle and first environment seed."})
-    demo_max_turns: int = field(default=20, metadata={"help": "Assistant-turn budget of demonstration episodes."})
+    demo_max_turns: int = field(default=MAX_TURNS, metadata={"help": "Assistant-turn budget of demonstration episodes."})
     val_split: str = field(default="val", metadata={"help": "Held-out split for the per-epoch val success."})
     val_limit: int = field(default=16, metadata={"help": "Val tasks per evaluation (0: no validation, keep the last "
                                                          "epoch's adapter)."})
-    val_max_turns: int = field(default=20, metadata={"help": "Assistant-turn budget of validation episodes."})
-    val_max_new_tokens: int = field(default=128, metadata={"help": "Token budget per validation turn."})
+    val_max_turns: int = field(default=MAX_TURNS, metadata={"help": "Assistant-turn budget of validation episodes."})
+    val_max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "Token budget per validation turn."})
     val_at_start: bool = field(default=True, metadata={
         "help": "Also evaluate before training (epoch 0 of the curve: the starting model)."})
     patience: int = field(default=2, metadata={
         "help": "Stop after this many epochs without a strict improvement in val success (0: never stop early)."})
 
     def __post_init__(self) -> None:
-        if self.num_demos < 1:
-            raise ValueError(f"num_demos must be at least 1, got {self.num_demos}.")
-        if self.val_limit < 0 or self.patience < 0:
-            raise ValueError(f"val_limit and patience must be >= 0, got {self.val_limit} and {self.patience}.")
-        if self.demo_max_turns < 1 or self.val_max_turns < 1 or self.val_max_new_tokens < 1:
-            raise ValueError("demo_max_turns, val_max_turns and val_max_new_tokens must be at least 1.")
+        for name in ("num_demos", "demo_max_turns", "val_max_turns", "val_max_new_tokens"):
+            check_count(getattr(self, name), name)
+        for name in ("val_limit", "patience"):  # 0: no validation; 0: never stop early
+            check_count(getattr(self, name), name, least=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +105,7 @@ class SFTArguments:
 # ---------------------------------------------------------------------------------------------------
 
 
-def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = 20) -> list[Trajectory]:
+def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = MAX_TURNS) -> list[Trajectory]:
     """``n`` oracle episodes played through the environment, on tasks from a seeded shuffle of ``tasks``.
 
     The first pass uses environment seed ``seed`` on every task; a second pass (when ``n`` exceeds the
@@ -306,18 +305,20 @@ def save_adapter(model, tokenizer, adapter_dir: Path | str, base_model_name: str
 # ---------------------------------------------------------------------------------------------------
 
 
-def parse_sft_args(argv: Sequence[str] | None = None, config: dict | None = None):
+def parse_sft_args(argv: Sequence[str] | None = None, config: dict | None = None, extra: Sequence[type] = (),
+                   where: str = "the recipe", **text: str):
     """``(SFTArguments, SFTConfig, ModelConfig)`` from turnwise's defaults, a recipe and flags (flags win).
 
-    ``config`` is a recipe mapping (a pipeline recipe's ``sft:`` section); ``argv`` may also name one with
-    ``--config FILE.yaml``.
+    ``config`` is a recipe mapping (a pipeline recipe's ``sft:`` section, ``where`` in errors); ``argv``
+    may also name one with ``--config FILE.yaml``. ``extra`` dataclasses (the CLI's ``--threads``) are
+    parsed too and follow; ``text`` is the help's ``description``, ``epilog`` and ``usage``.
     """
     from trl import ModelConfig, SFTConfig
 
-    from pipeline.config import parse_recipe
+    from pipeline.config import parse_options
 
-    return parse_recipe((SFTArguments, SFTConfig, ModelConfig), argv, config, defaults=sft_defaults(),
-                        prog="turnwise sft")
+    return parse_options((SFTArguments, SFTConfig, ModelConfig, *extra), [] if argv is None else argv,
+                         prog="turnwise sft", recipe=config, where=where, defaults=sft_defaults(), **text)
 
 
 def sft_defaults() -> dict[str, Any]:

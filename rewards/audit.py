@@ -36,11 +36,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from pipeline.budgets import MAX_NEW_TOKENS, MAX_TOTAL_TOKENS, MAX_TURNS
 from pipeline.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls, ToolCall
 from pipeline.trajectory import atomic_write_text
 from rewards.base import TURN, RewardBreakdown, mean
@@ -147,7 +149,11 @@ class AuditReport:
         out_dir = Path(out_dir)
         paths = {"json": out_dir / "audit.json", "markdown": out_dir / "audit.md"}
         atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        atomic_write_text(paths["markdown"], "```\n" + self.to_text() + "\n```\n")
+        text = self.to_text()
+        # One code block whatever the text holds: a fence longer than any run of backticks in it (a logged
+        # file's name or a task id could otherwise close the block and have a viewer render what follows).
+        fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
+        atomic_write_text(paths["markdown"], f"{fence}\n{text}\n{fence}\n")
         return paths
 
 
@@ -157,7 +163,7 @@ class AuditReport:
 
 
 def scripted_rollouts(policy: str | Callable[["Task", int], Callable[[list[dict]], str]], tasks: Sequence["Task"],
-                      k: int = 1, seed: int = 0, max_turns: int = 20) -> list["Trajectory"]:
+                      k: int = 1, seed: int = 0, max_turns: int = MAX_TURNS) -> list["Trajectory"]:
     """``k`` episodes per task (seeds ``seed .. seed+k-1``) of a scripted policy: a name
     (:func:`rewards.hacks.scripted_policies`) or a factory ``(task, seed) -> policy``."""
     from pipeline.envs import make_env
@@ -177,7 +183,8 @@ def scripted_rollouts(policy: str | Callable[["Task", int], Callable[[list[dict]
 
 
 def model_rollouts(model: str, tasks: Sequence["Task"], k: int = 2, seed: int = 0, temperature: float = 1.0,
-                   max_turns: int = 20, max_new_tokens: int = 128, batch_size: int = 16) -> list["Trajectory"]:
+                   max_turns: int = MAX_TURNS, max_new_tokens: int = MAX_NEW_TOKENS,
+                   max_total_tokens: int = MAX_TOTAL_TOKENS, batch_size: int = 16) -> list["Trajectory"]:
     """``k`` sampled episodes per task from a model (a name, path or hub id), as training would see them."""
     from pipeline.envs import make_env
     from pipeline.models import load_model
@@ -186,7 +193,7 @@ def model_rollouts(model: str, tasks: Sequence["Task"], k: int = 2, seed: int = 
 
     loaded, tokenizer = load_model(model)
     engine = RolloutEngine(HFBackend(loaded, tokenizer, temperature=temperature, seed=seed), tokenizer,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+                           max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch_size=batch_size)
     episodes = [(task, s) for task in tasks for s in range(seed, seed + k)]
     trajectories = engine.run(lambda t: make_env(t, max_turns=max_turns), [t for t, _ in episodes],
                               [s for _, s in episodes])
@@ -238,7 +245,7 @@ class FormatProbe:
 
 
 def leniency_probes(tasks: Sequence["Task"], variants: Sequence[str] = PROBE_VARIANTS,
-                    max_turns: int = 20) -> list["Trajectory"]:
+                    max_turns: int = MAX_TURNS) -> list["Trajectory"]:
     """One probe episode per task and variant; ``metadata["probe"]`` names the variant."""
     from pipeline.envs import make_env
     from pipeline.rollout import run_policy
@@ -382,7 +389,7 @@ def check_leniency(reward: "RewardFunction", trajectories: Sequence["Trajectory"
 
 
 def hacking_table(reward: "RewardFunction", tasks: Sequence["Task"], seed: int = 0,
-                  max_turns: int = 20) -> list[dict[str, Any]]:
+                  max_turns: int = MAX_TURNS) -> list[dict[str, Any]]:
     """Mean total and strict successes of the oracle and every hacking policy over ``tasks``."""
     from rewards.hacks import hacks_for
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline.budgets import MAX_TURNS
 from pipeline.chat import MAX_MESSAGE_CHARS, has_tool_call_markup
 from pipeline.envs.base import Outcome, RecordError, Task, check_type, json_kind
 from pipeline.trajectory import Trajectory, Turn, check_seed, read_json_lines
@@ -73,7 +74,7 @@ def from_chat(messages: Sequence[Mapping[str, Any]], task_id: str = "logged", ou
                       seed=seed, metadata=meta)
 
 
-def replay(task: Task, assistant_texts: Sequence[str], seed: int = 0, max_turns: int = 20) -> Trajectory:
+def replay(task: Task, assistant_texts: Sequence[str], seed: int = 0, max_turns: int = MAX_TURNS) -> Trajectory:
     """Play the logged assistant messages in the task's sandbox and return the resulting trajectory.
 
     The environment answers each message as it would have during the episode, so the trajectory carries

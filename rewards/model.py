@@ -266,6 +266,9 @@ class RMTrainConfig:
                              f"got {self.backbone_layers}.")
         if self.train_layers < -1:
             raise ValueError(f"train_layers is a count of last layers, or -1 for all; got {self.train_layers}.")
+        for name in ("limit", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} is a number of pairs, at least 1 (or unset for all), got {getattr(self, name)}.")
 
 
 def load_pairs(path: Path | str, limit: int | None = None) -> list[dict]:

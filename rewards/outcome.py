@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+from pipeline.budgets import MAX_TURNS
 from pipeline.envs.base import field_correct  # re-exported: the fields convention is the environment's
 from rewards.base import Score
 
@@ -229,7 +230,7 @@ class TurnEfficiency:
 
     name = "turn_efficiency"
 
-    def __init__(self, max_turns: int = 20) -> None:
+    def __init__(self, max_turns: int = MAX_TURNS) -> None:
         if max_turns < 1:
             raise ValueError(f"max_turns must be at least 1 (the episode's turn budget), got {max_turns}.")
         self.max_turns = max_turns

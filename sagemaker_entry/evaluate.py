@@ -1,14 +1,16 @@
 """SageMaker evaluation entry point: ``turnwise eval`` inside a training container.
 
 The toolkit runs ``python sagemaker_entry/evaluate.py --key value ...``; the hyperparameters are the options
-of ``turnwise eval`` (``max_turns`` and ``max-turns`` both name ``--max-turns``). This script only fills in
-the container's locations and calls the same `pipeline.cli.main`:
+of ``turnwise eval``, which reads ``--max_turns 8`` and ``--max-turns 8`` alike, and a switch with its value
+(``--trust_tools true``) as SageMaker passes it. This script only fills in the container's locations and
+calls the same `pipeline.cli.main`:
 
 - ``--model`` defaults to the ``model`` channel: a checkpoint, an adapter, or a training job's unpacked
   ``model.tar.gz`` (its ``adapter/`` is used);
 - ``--env`` defaults to the ``test`` channel, else the ``val`` channel (directories of ``<split>.jsonl``);
 - ``--out`` defaults to ``SM_MODEL_DIR/eval`` (the report travels in ``model.tar.gz``), and a copy of the
-  report goes to ``SM_OUTPUT_DATA_DIR/eval``.
+  report goes to ``SM_OUTPUT_DATA_DIR/eval``;
+- the HTML page is off unless ``--html true``: it needs matplotlib, which the DLC does not promise.
 """
 
 from __future__ import annotations
@@ -34,24 +36,13 @@ def model_in(channel: Path) -> Path:
     return channel
 
 
-FLAGS = ("no-html", "trust-tools")
-"""``turnwise eval`` switches; as hyperparameters they arrive with a value (``--no_html true``)."""
-
-
 def eval_options(argv: list[str], sm: SageMakerEnv) -> list[str]:
-    """``turnwise eval`` options: the hyperparameters (underscores read as dashes) plus the container's locations.
-
-    The HTML page is off unless ``--html true``: it needs matplotlib, which the DLC does not promise.
-    """
-    options = [a.replace("_", "-") if a.startswith("--") else a for a in argv]
-    html = as_bool(pop_option(options, "html", "false"), "html")
-    for flag in FLAGS:
-        if has_option(options, flag):
-            value = pop_option(options, flag)
-            if as_bool(value, flag.replace("-", "_")):
-                options.append(f"--{flag}")
-    if not html and "--no-html" not in options:
-        options.append("--no-html")
+    """``turnwise eval`` options: the hyperparameters plus the container's locations and the HTML default."""
+    options = list(argv)
+    html = as_bool(_pop(options, "html", "false"), "html")
+    if as_bool(_pop(options, "no_html"), "no_html"):  # an earlier spelling of html false
+        html = False
+    options += ["--html", "true"] if html else ["--no-html"]
     who = ("model", "policy", "trajectories")
     if not any(has_option(options, name) for name in who):
         channel = sm.channel("model")
@@ -66,6 +57,12 @@ def eval_options(argv: list[str], sm: SageMakerEnv) -> list[str]:
     if not has_option(options, "out"):
         options += ["--out", str(sm.model_dir / "eval")]
     return options
+
+
+def _pop(options: list[str], name: str, default: str | None = None) -> str | None:
+    """Remove option ``name`` in either spelling (``--no_html``, ``--no-html``) and return its value."""
+    values = [pop_option(options, spelling) for spelling in dict.fromkeys((name, name.replace("_", "-")))]
+    return next((v for v in values if v is not None), default)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ The training toolkit runs ``python sagemaker_entry/train.py --config RECIPE.yaml
 ``--key value`` per hyperparameter. This script only maps the container onto the configs of
 ``turnwise train`` and calls the same `pipeline.training.train`:
 
-- hyperparameters are `turnwise train` options (TRL's ``TrlParser``: ``--config`` YAML, flags override it);
+- hyperparameters are `turnwise train` options (`pipeline.config.parse_train_args`: ``--config`` YAML,
+  flags override it, ``--max_turns`` and ``--max-turns`` alike);
 - ``SM_CHANNEL_MODEL`` (a checkpoint directory) becomes ``model_name_or_path`` unless one is given;
 - ``SM_CHANNEL_TRAIN`` (a directory of ``<split>.jsonl`` task files) becomes ``tasks``; ``SM_CHANNEL_VAL``
   supplies ``val.jsonl``;

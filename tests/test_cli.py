@@ -1,4 +1,4 @@
-"""Tests for pipeline/cli.py: the parser, `turnwise model prepare|path`, the demo hook, and error output."""
+"""Tests for pipeline/cli/: the parser, `turnwise model prepare|path`, the demo hook, and error output."""
 
 from __future__ import annotations
 
@@ -103,13 +103,13 @@ def test_demo_dispatches_to_pipeline_demo_and_prints_where_its_outputs_are(
     }
     demo = ModuleType("pipeline.demo")
     demo.DEMO_RECIPE = Path("configs/demo.yaml")  # type: ignore[attr-defined]
-    demo.main = lambda args: seen.append(args) or summary  # type: ignore[attr-defined]
+    demo.run = lambda recipe, **kwargs: seen.append((recipe, kwargs)) or summary  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pipeline.demo", demo)
     monkeypatch.setattr(pipeline, "demo", demo, raising=False)
 
     assert main(["demo", "--seed", "3"]) == 0
-    [args] = seen
-    assert args.seed == 3 and args.model is None and args.config == Path("configs/demo.yaml")
+    [(recipe, kwargs)] = seen
+    assert kwargs["seed"] == 3 and kwargs["model"] is None and recipe == Path("configs/demo.yaml")
     out = capsys.readouterr().out
     for where in ("report: out/report/report.html", "adapter (SFT+GRPO): out/grpo/adapter",
                   "adapter (SFT only): out/sft/adapter", "logs: out/run.log", "summary: out/summary.json"):
@@ -230,7 +230,7 @@ def test_model_prepare_on_the_real_embedded_model_is_idempotent(embedded_model_d
 
 def test_train_hands_every_option_to_the_recipe_parser(monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """`turnwise train --config FILE --flag value` reaches TrlParser whole, a leading --option included."""
+    """`turnwise train --config FILE --flag value` reaches the option parser whole, a leading --option included."""
     import pipeline.training as training
 
     seen = {}

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from transformers.utils import get_json_schema
 
+from pipeline.budgets import MAX_TURNS
 from pipeline.chat import (
     ToolCall,
     ToolCallError,
@@ -274,7 +275,7 @@ class ToolEnvironment:
     - ``_before_tool(call, turn)``: optional; may refuse a call by raising :class:`ToolError`.
     """
 
-    def __init__(self, max_turns: int = 20) -> None:
+    def __init__(self, max_turns: int = MAX_TURNS) -> None:
         if max_turns < 1:
             raise ValueError(f"max_turns must be at least 1, got {max_turns}.")
         self.max_turns = max_turns

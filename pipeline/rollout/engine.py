@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from pipeline.budgets import MAX_NEW_TOKENS, MAX_TOTAL_TOKENS
 from pipeline.envs.base import Environment, Task
 from pipeline.rollout.backends import Generation, GenerationRequest
 from pipeline.trajectory import TokenData, Trajectory, Turn
@@ -52,7 +53,7 @@ class RolloutEngine:
     reason ``max_tokens``.
     """
 
-    def __init__(self, backend, tokenizer, max_new_tokens: int = 128, max_total_tokens: int = 8192,
+    def __init__(self, backend, tokenizer, max_new_tokens: int = MAX_NEW_TOKENS, max_total_tokens: int = MAX_TOTAL_TOKENS,
                  batch_size: int = 32) -> None:
         self.backend, self.tokenizer = backend, tokenizer
         self.max_new_tokens, self.max_total_tokens = max_new_tokens, max_total_tokens

@@ -1,26 +1,24 @@
 """How episodes are played and credited during training: :class:`RolloutConfig`.
 
 TRL's ``GRPOConfig`` holds the optimiser, the loss type, ``num_generations``, ``beta`` and checkpointing;
-this dataclass holds what multi-turn training adds to it: the turn and token budgets of an episode, and
-the advantage estimator with its settings. YAML recipes and flags reach it through TRL's ``TrlParser``
-(:func:`pipeline.config.parse_train_args`).
+this dataclass holds what multi-turn training adds to it: the turn and token budgets of an episode (from
+:class:`pipeline.budgets.EpisodeBudget`, whose defaults every command shares), and the advantage estimator
+with its settings. YAML recipes and flags reach it through :func:`pipeline.config.parse_train_args`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.budgets import EpisodeBudget
 from pipeline.rollout.backends import backend_names, check_backend_name
 from pipeline.training.advantages import ESTIMATORS, get_estimator
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(EpisodeBudget):
     """How episodes are played and credited during training (TRL's ``GRPOConfig`` holds the rest)."""
 
-    max_turns: int = field(default=12, metadata={"help": "Assistant-turn budget per episode."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Token budget per assistant turn."})
-    max_total_tokens: int = field(default=4096, metadata={"help": "Token budget per episode (prompt included)."})
     advantage: str = field(default="group_based", metadata={
         "help": f"Advantage estimator, a registered name: {', '.join(ESTIMATORS)}."})
     gamma: float = field(default=1.0, metadata={"help": "Discount over turns for turn-level estimators."})
@@ -39,14 +37,12 @@ class RolloutConfig:
                 "with the trainer's weights (a GPU and the vllm package; set use_vllm: true and vllm_mode too)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_backend_name(self.backend, "RolloutConfig.backend")
         try:
             get_estimator(self.advantage)
         except ValueError as exc:
             raise ValueError(f"RolloutConfig.{exc}") from None
-        for name in ("max_turns", "max_new_tokens", "max_total_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RolloutConfig.{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"RolloutConfig.gamma must be in [0, 1], got {self.gamma}.")
         if not 0.0 <= self.lam <= 1.0:

@@ -1,4 +1,4 @@
-"""Hostile reward configs and policy paths (rewards/composite.py, pipeline/plugins.py, pipeline/cli.py).
+"""Hostile reward configs and policy paths (rewards/composite.py, pipeline/plugins.py, pipeline/cli/).
 
 A reward YAML or a ``--policy MODULE:FUNCTION`` flag names Python objects by import path. The promise
 under test: a path runs nothing unless its target is declared (``@rewards.declare_scorer``,

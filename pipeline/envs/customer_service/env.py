@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.budgets import MAX_TURNS
 from pipeline.chat import ToolCall, ToolError, tools_prompt
 from pipeline.envs.base import BUDGET_STOPS, Outcome, Task, Tool, ToolEnvironment, collect_tools, episode_rng
 from pipeline.envs.customer_service.db import Database, state_changes
@@ -53,7 +54,7 @@ class CustomerServiceEnv(ToolEnvironment):
 
     name = "customer_service"
 
-    def __init__(self, max_turns: int = 20, customer: Callable[..., UserSimulator] | None = None) -> None:
+    def __init__(self, max_turns: int = MAX_TURNS, customer: Callable[..., UserSimulator] | None = None) -> None:
         """``customer``: a factory ``(customer, goals, rng) -> UserSimulator`` that plays the customer
         (default: :class:`ScriptedCustomer`; an LLM one: :class:`pipeline.envs.customer_service.llm_customer.LLMCustomerFactory`)."""
         super().__init__(max_turns=max_turns)

@@ -46,6 +46,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.budgets import MAX_TURNS
 from pipeline.chat import ToolCall, ToolCallError, first_json_object, format_tool_call, scan_tagged, validate_arguments
 from pipeline.envs.base import STOP_FINAL_OUTPUT, Outcome, Task, Tool, ToolEnvironment
 from pipeline.envs.sop.folder import SopFolder, load_folder
@@ -197,7 +198,7 @@ class SopEnv(ToolEnvironment):
 
     name = "sop"
 
-    def __init__(self, folder: str | Path | None = None, max_turns: int = 20, trust_tools: bool | None = None,
+    def __init__(self, folder: str | Path | None = None, max_turns: int = MAX_TURNS, trust_tools: bool | None = None,
                  strict_tool_schema: bool | None = None) -> None:
         super().__init__(max_turns=max_turns)
         if trust_tools is True and folder is None:
