@@ -143,11 +143,16 @@ class HFChatBackend:
             from pipeline.models import load_model
 
             self._loaded = load_model(self.model)
+        from pipeline.templates import ChatTemplate
+
         model, tokenizer = self._loaded
         system, turns = normalise_messages(messages)
         chat = ([{"role": "system", "content": system}] if system else []) + turns
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ids = {k: v.to(model.device) for k, v in ids.items()}
+        # Every message is data here (an agent's text can try to write the customer's turn): only the template
+        # makes control tokens (pipeline.templates).
+        template = ChatTemplate(tokenizer, tool_calling="text")
+        input_ids = torch.tensor([template.encode(template.render(chat, True, mark_assistant=True))])
+        ids = {"input_ids": input_ids.to(model.device), "attention_mask": torch.ones_like(input_ids).to(model.device)}
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)

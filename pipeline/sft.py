@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from transformers import TrainerCallback
 
@@ -42,6 +42,9 @@ from pipeline.envs import load_tasks, make_env, oracle_policy
 from pipeline.envs.base import Task
 from pipeline.rollout import run_policy
 from pipeline.trajectory import Trajectory, atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.templates import ChatTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +109,15 @@ class SFTArguments:
 # ---------------------------------------------------------------------------------------------------
 
 
-def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = 20) -> list[Trajectory]:
+def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = 20,
+                          tool_protocol: str = "text") -> list[Trajectory]:
     """``n`` oracle episodes played through the environment, on tasks from a seeded shuffle of ``tasks``.
 
     The first pass uses environment seed ``seed`` on every task; a second pass (when ``n`` exceeds the
     number of tasks) uses ``seed + 1``, and so on, so the customer words things differently. Episodes the
-    oracle fails are dropped with a warning (they would teach a wrong conversation).
+    oracle fails are dropped with a warning (they would teach a wrong conversation). With
+    ``tool_protocol="native"`` the environment leaves its tool list to the chat template, and each
+    demonstration keeps the tool specs in ``metadata["tools"]``.
     """
     tasks = list(tasks)
     if not tasks:
@@ -122,7 +128,12 @@ def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turn
     for i in range(n):
         task = tasks[order[i % len(tasks)]]
         episode_seed = seed + i // len(tasks)
-        trajectory = run_policy(make_env(task, max_turns=max_turns), task, oracle_policy(task), seed=episode_seed)
+        env = make_env(task, max_turns=max_turns)
+        if tool_protocol != "text":
+            env.set_tool_protocol(tool_protocol)
+        trajectory = run_policy(env, task, oracle_policy(task), seed=episode_seed)
+        if tool_protocol != "text":
+            trajectory.metadata["tools"] = list(env.tool_schemas)
         (demos if trajectory.outcome.success else failed).append(trajectory)
     if failed:
         logger.warning("the oracle failed %d of %d demonstration episodes (%s); they were dropped.", len(failed), n,
@@ -132,50 +143,57 @@ def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turn
     return demos
 
 
-def tokenize_demonstration(messages: Sequence[dict], tokenizer) -> dict[str, list[int]]:
+def tokenize_demonstration(messages: Sequence[dict], tokenizer, tools: Sequence[dict] | None = None,
+                           template: "ChatTemplate | None" = None) -> dict[str, list[int]]:
     """Token ids (length T) and assistant mask (T) of a conversation, built as the rollout engine builds them.
 
-    ``messages`` is an episode as the environment produced it: the opening (system prompt and first
-    customer message), then assistant messages each followed by the environment's replies. The mask is
-    1 on each assistant message's tokens plus its end-of-turn token, 0 on everything else. Raises
+    ``messages`` is an episode in turnwise's protocol: the opening (system prompt and first customer
+    message), then assistant messages each followed by the environment's replies. The mask is 1 on each
+    assistant message's tokens plus its end-of-turn token, 0 on everything else.
+
+    ``template`` (a :class:`~pipeline.templates.ChatTemplate`; default: the tokenizer's, ``tool_calling="auto"``)
+    decides the tool protocol. Natively, ``tools`` are the specs the template lists, and an assistant message
+    that calls tools is trained on the template's own spelling of the calls (what the rollout engine keeps
+    as a ``tool_calls`` message when the model samples it). Environment text never becomes a control
+    token, and special tokens written in an assistant text are trained as plain text. Raises
     :class:`~pipeline.rollout.TemplateError` for a template that is not prefix-preserving.
     """
-    from pipeline.rollout import TemplateError
+    from pipeline.templates import ChatTemplate, TemplateError
 
-    def render(msgs: Sequence[dict], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    template = template or ChatTemplate(tokenizer)
+    chat = template.template_messages(messages)
+    first = next((i for i, m in enumerate(chat) if m["role"] == "assistant"), None)
     if first is None:
         raise ValueError("the conversation has no assistant message to learn from.")
-    end_of_turn = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else ""
-    rendered = render(messages[:first], True)
-    ids = encode(rendered)
+    end_of_turn = template.end_of_turn
+    rendered = template.render(chat[:first], True, tools)
+    ids = template.encode(rendered)
     mask = [0] * len(ids)
     i = first
-    while i < len(messages):
-        text = messages[i]["content"]
-        sampled = encode(text) + ([tokenizer.eos_token_id] if end_of_turn else [])
+    while i < len(chat):
+        j = i + 1
+        while j < len(chat) and chat[j]["role"] != "assistant":
+            j += 1
+        native = "tool_calls" in chat[i]
+        if native:  # the template's spelling of the calls: what the model samples before its end-of-turn token
+            written = template.render(chat[: i + 1], False, tools)[len(rendered):]
+            end = written.find(end_of_turn) if end_of_turn else -1
+            text = written[:end] if end >= 0 else written
+        else:
+            text = chat[i]["content"]
+        sampled = template.encode_assistant(text) + ([tokenizer.eos_token_id] if end_of_turn else [])
         ids += sampled
         mask += [1] * len(sampled)
-        j = i + 1
-        while j < len(messages) and messages[j]["role"] != "assistant":
-            j += 1
-        if j == len(messages):  # the episode ended on the environment's last replies: nothing more to predict
+        if j == len(chat):  # the episode ended on the environment's last replies: nothing more to predict
             break
-        with_assistant = render(messages[: i + 1], False)
-        after = render(messages[:j], True)
-        head = rendered + text
-        if not with_assistant.startswith(head) or not after.startswith(with_assistant):
+        with_assistant, tail = template.continuation(chat[:i], chat[i], rendered, text, tools)
+        after = template.render(chat[:j], True, tools)
+        if not after.startswith(with_assistant):
             raise TemplateError("The chat template does not render conversations prefix-preservingly, so SFT "
                                 "sequences cannot match the rollouts'. Use a template without such rewriting.")
-        tail = with_assistant[len(head):]
         if end_of_turn and tail.startswith(end_of_turn):
             tail = tail[len(end_of_turn):]
-        added = encode(tail + after[len(with_assistant):])
+        added = template.encode(tail + after[len(with_assistant):])
         ids += added
         mask += [0] * len(added)
         rendered = after
@@ -183,15 +201,21 @@ def tokenize_demonstration(messages: Sequence[dict], tokenizer) -> dict[str, lis
     return {"input_ids": ids, "assistant_masks": mask}
 
 
-def demonstration_dataset(demos: Sequence[Trajectory], tokenizer, max_length: int | None = None):
+def demonstration_dataset(demos: Sequence[Trajectory], tokenizer, max_length: int | None = None,
+                          template: "ChatTemplate | None" = None):
     """A ``datasets.Dataset`` with ``input_ids`` and ``assistant_masks`` per demonstration (TRL builds labels).
 
+    Each demonstration is tokenised by :func:`tokenize_demonstration` with ``template`` (default: the
+    tokenizer's, ``tool_calling="auto"``) and, natively, the tool specs in its ``metadata["tools"]``.
     A demonstration longer than ``max_length`` would be cut by TRL, losing its last assistant turns
     (usually the ending); those are dropped with a warning instead.
     """
     from datasets import Dataset
 
-    rows = [tokenize_demonstration(t.messages, tokenizer) for t in demos]
+    from pipeline.templates import ChatTemplate
+
+    template = template or ChatTemplate(tokenizer)
+    rows = [tokenize_demonstration(t.messages, tokenizer, t.metadata.get("tools"), template) for t in demos]
     if max_length is not None:
         long = [len(r["input_ids"]) for r in rows if len(r["input_ids"]) > max_length]
         if long:
