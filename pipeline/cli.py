@@ -433,7 +433,10 @@ def add_audit_parser(subparsers: Subparsers) -> None:
     who.add_argument("--policy", default=None, help="scripted policy: oracle, noisy_oracle or a hack name "
                      "(default: noisy_oracle)")
     who.add_argument("--model", default=None, help="model alias, local directory or hub id (sampled rollouts)")
-    who.add_argument("--logged", type=Path, default=None, help="JSONL of trajectories or chat conversations")
+    who.add_argument("--logged", type=Path, default=None, help="JSONL of trajectories or chat conversations (turnwise's "
+                     "format, OpenAI chat or Bedrock Converse)")
+    parser.add_argument("--format", choices=("auto", "turnwise", "openai", "bedrock"), default="auto",
+                        help="with --logged: the file's conversation format (default: detected)")
     parser.add_argument("--env", default=None, help="task set: a domain (NAME, NAME/VARIANT, NAME:ARGUMENT such as "
                         "sop:PATH for an SOP task folder), a directory or a .jsonl (default: the default domain)")
     parser.add_argument("--trust-tools", action="store_true", help="run the tools.py (Python code) of the SOP folder "
@@ -463,7 +466,7 @@ def run_audit(args: argparse.Namespace) -> int:
     reward, by_id = _reward_and_tasks(args.reward, args.env)
     split = load_tasks(args.env, args.tasks)
     if args.logged is not None:
-        trajectories = [c.trajectory for c in load_conversations(args.logged, by_id)]
+        trajectories = [c.trajectory for c in load_conversations(args.logged, by_id, format=args.format)]
         source = str(args.logged)
     elif args.model is not None:
         trajectories = model_rollouts(args.model, split[: args.limit], k=args.k, seed=args.seed,
@@ -490,10 +493,13 @@ def add_score_parser(subparsers: Subparsers) -> None:
         "score",
         help="score logged conversations offline with a reward",
         description="Score chat-format conversations (one JSON object per line: messages, optional task_id, "
-        "seed, outcome) with a reward config. With a known task id the strict outcome comes from replaying the "
+        "seed, outcome; in turnwise's format, OpenAI chat or Bedrock Converse) with a reward config. With a known task id the strict outcome comes from replaying the "
         "assistant messages in the task's sandbox. A rule-only reward needs no model.",
     )
-    parser.add_argument("file", type=Path, help="JSONL of conversations (or of trajectory records)")
+    parser.add_argument("file", type=Path, help="JSONL of conversations (or of trajectory records): turnwise's format, "
+                        "OpenAI chat or Bedrock Converse")
+    parser.add_argument("--format", choices=("auto", "turnwise", "openai", "bedrock"), default="auto",
+                        help="the file's conversation format (default: detected from the file)")
     parser.add_argument("--reward", default=None, help="reward config: YAML path or shipped name (default: default; "
                         "sop for an SOP folder)")
     parser.add_argument("--env", default=None, help="task set the task ids refer to (default: the default domain; sop:PATH for an "
@@ -513,10 +519,11 @@ def run_score(args: argparse.Namespace) -> int:
     from rewards.logged import load_conversations, score_conversations
 
     reward, by_id = _reward_and_tasks(args.reward, args.env)
-    conversations = load_conversations(args.file, by_id)
+    conversations = load_conversations(args.file, by_id, format=args.format)
     if not conversations:
         raise ValueError(f"{args.file} holds no conversations.")
-    report = score_conversations(reward, conversations, source=str(args.file))
+    fmt = conversations[0].trajectory.metadata.get("format", "turnwise")
+    report = score_conversations(reward, conversations, source=f"{args.file} (format {fmt})")
     print(report.to_text(per_turn=args.per_turn))
     for row in report.rows:
         for warning in row["warnings"]:
