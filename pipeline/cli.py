@@ -122,6 +122,8 @@ def add_demo_parser(subparsers: Subparsers) -> None:
     parser.add_argument("--model", default=None, help="override the recipe's model: alias, local directory or hub id")
     parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed (tasks, sampling, training)")
     parser.add_argument("--output-dir", type=Path, default=None, help="override the recipe's output_dir")
+    parser.add_argument("--customer", default=None, metavar="SPEC", help="override the recipe's customer: scripted or "
+                        "llm:BACKEND (llm:hf:MODEL, llm:bedrock:MODEL_ID, llm:openai:MODEL@URL) for every stage")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the stages a killed run finished (sft/sft_result.json, grpo/grpo_result.json) and "
                              "continue GRPO from its last checkpoint; the evaluation always runs again")
@@ -199,6 +201,7 @@ def add_eval_parser(subparsers: Subparsers) -> None:
                         "sop:PATH for an SOP task folder), a directory or a .jsonl (default: the default domain)")
     parser.add_argument("--trust-tools", action="store_true", help="run the tools.py (Python code) of the SOP folder "
                         "--env names, as it is now, for this command only")
+    add_episode_flags(parser)
     parser.add_argument("--tasks", default="test", help="split: train, val or test (logged runs: tasks are matched "
                         "by id across all splits)")
     parser.add_argument("--k", type=int, default=1, help="headline pass@k and pass^k (default 1)")
@@ -219,6 +222,16 @@ def add_eval_parser(subparsers: Subparsers) -> None:
 
 
 @trust_tools_flag
+def add_episode_flags(parser: argparse.ArgumentParser) -> None:
+    """``--customer`` and ``--tool-calling``: how live episodes are played (eval, audit)."""
+    parser.add_argument("--customer", default=None, metavar="SPEC",
+                        help="the simulated customer: scripted (the domain's default) or llm:BACKEND, the domain's LLM "
+                        "customer on a chat backend (llm:hf:MODEL, llm:bedrock:MODEL_ID, llm:openai:MODEL@URL)")
+    parser.add_argument("--tool-calling", choices=("auto", "native", "text"), default="auto",
+                        help="how a model calls tools: in its chat template's own format when the template supports "
+                        "tools (auto, the default; native fails without), or turnwise's <tool_call> text")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluation import compare
     from pipeline.report import MissingReportDependency, render_text, rewards_from_metadata, write_report
@@ -233,6 +246,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.bootstrap < 1:
         raise ValueError(f"--bootstrap must be at least 1 (resamples of the paired difference), got {args.bootstrap}; "
                          "the default is 10000.")
+    from pipeline.envs import check_customer_spec
+
+    check_customer_spec(args.customer)  # checked before any task loads or any policy runs
     for spec in (args.policy, args.base, *args.reference):  # checked before any task loads or any policy runs
         if spec and ":" in spec and not (spec.endswith(".jsonl") or Path(spec).is_file()):
             _scripted_policy(spec)
@@ -303,7 +319,7 @@ def _evaluate_spec(spec: str, tasks: list, ids: list[str], n: int, args: argpars
     policy = _scripted_policy(spec) if spec in SCRIPTED_POLICIES or ":" in spec else spec
     return evaluate(policy, tasks, k=args.k, seed=args.seed, n=n, max_turns=args.max_turns,
                     max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
-                    batch_size=args.batch_size, label=spec)
+                    batch_size=args.batch_size, label=spec, customer=args.customer, tool_calling=args.tool_calling)
 
 
 def _scripted_policy(spec: str) -> Callable:
@@ -368,14 +384,16 @@ def add_sft_parser(subparsers: Subparsers) -> None:
     """``turnwise sft [--config FILE.yaml] [--option value ...]``: the SFT warm start (pipeline.sft)."""
     parser = subparsers.add_parser(
         "sft",
-        help="warm-start a LoRA adapter by SFT on oracle demonstrations",
-        description="Generate oracle demonstrations from the train split, fine-tune a LoRA adapter on their "
-        "assistant tokens with TRL's SFTTrainer, evaluate val success after every epoch and stop when it stops "
+        help="warm-start a LoRA adapter by SFT on oracle demonstrations or your own transcripts",
+        description="Generate oracle demonstrations from the train split (or read your own transcripts with "
+        "--demos FILE, in turnwise's format, OpenAI chat or Bedrock Converse; --drop-violations leaves out those "
+        "that break the SOP), fine-tune a LoRA adapter on their assistant tokens with TRL's SFTTrainer, evaluate val success after every epoch and stop when it stops "
         "improving. Writes OUTPUT_DIR/adapter (start `turnwise train --adapter` from it), val_curve.json, "
         "log_history.json and demonstrations.jsonl. Options are those of pipeline.sft.SFTArguments, TRL's "
         "SFTConfig and ModelConfig; run `turnwise sft --help-all` to list them.",
         usage="turnwise sft [--config FILE.yaml] [--option value ...]",
-        epilog="example:\n  turnwise sft --num_demos 64 --num_train_epochs 4 --output_dir outputs/sft",
+        epilog="examples:\n  turnwise sft --num_demos 64 --num_train_epochs 4 --output_dir outputs/sft\n"
+        "  turnwise sft --demos logs/agents.jsonl --drop-violations --output_dir outputs/sft",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(func=run_sft, options=[], pass_through=True)
@@ -387,8 +405,21 @@ def run_sft(args: argparse.Namespace) -> int:
     options = ["--help" if o == "--help-all" else o for o in args.options]
     result = sft(*parse_sft_args(options))
     best = result["best_val_success"]
-    print(f"SFT on {result['demos']} oracle demonstrations ({result['assistant_tokens']} assistant tokens trained of "
-          f"{result['tokens']}), epochs evaluated {result['epochs']}, {result['wall_time_s']:.0f} s")
+    source = result.get("demos_source", "oracle")
+    what = "oracle demonstrations" if source == "oracle" else f"transcripts from {source}"
+    print(f"SFT on {result['demos']} {what} ({result['assistant_tokens']} assistant tokens trained of "
+          f"{result['tokens']}; {result.get('tool_calling', 'text')} tool calling), epochs evaluated {result['epochs']}, "
+          f"{result['wall_time_s']:.0f} s")
+    screening = result.get("screening")
+    if screening is not None:
+        print(f"  read {screening['transcripts']} transcripts ({screening['format']} format): {screening['kept']} kept, "
+              f"{screening['unchecked']} not checked (task unknown)")
+        violating = screening["violating"]
+        dropped = violating and not violating[0]["kept"]
+        if violating:
+            print(f"  {len(violating)} broke the SOP ({'left out' if dropped else 'kept; --drop-violations leaves them out'}):")
+        for row in violating:
+            print(f"    line {row['line']:>3}  {row['task_id'] or '-':<12} {', '.join(row['violations'])}")
     if best is not None:
         print(f"  best val success {best:.3f} at epoch {result['best_epoch']}"
               f"{' (stopped early)' if result['stopped_early'] else ''}")
@@ -441,6 +472,7 @@ def add_audit_parser(subparsers: Subparsers) -> None:
                         "sop:PATH for an SOP task folder), a directory or a .jsonl (default: the default domain)")
     parser.add_argument("--trust-tools", action="store_true", help="run the tools.py (Python code) of the SOP folder "
                         "--env names, as it is now, for this command only")
+    add_episode_flags(parser)
     parser.add_argument("--tasks", default="test", help="split to roll out on: train, val or test")
     parser.add_argument("--limit", type=int, default=30, help="roll out on the first N tasks")
     parser.add_argument("--k", type=int, default=4, help="rollouts per task (seeds seed..seed+k-1)")
@@ -463,6 +495,9 @@ def run_audit(args: argparse.Namespace) -> int:
     from rewards.audit import AuditConfig, audit, model_rollouts, scripted_rollouts
     from rewards.logged import load_conversations
 
+    from pipeline.envs import check_customer_spec
+
+    check_customer_spec(args.customer)
     reward, by_id = _reward_and_tasks(args.reward, args.env)
     split = load_tasks(args.env, args.tasks)
     if args.logged is not None:
@@ -471,12 +506,13 @@ def run_audit(args: argparse.Namespace) -> int:
     elif args.model is not None:
         trajectories = model_rollouts(args.model, split[: args.limit], k=args.k, seed=args.seed,
                                       temperature=args.temperature, max_turns=args.max_turns,
-                                      max_new_tokens=args.max_new_tokens)
+                                      max_new_tokens=args.max_new_tokens, customer=args.customer,
+                                      tool_calling=args.tool_calling)
         source = f"{args.model} (T={args.temperature}), {args.limit} {args.tasks} tasks x {args.k}"
     else:
         policy = args.policy or "noisy_oracle"
         trajectories = scripted_rollouts(policy, split[: args.limit], k=args.k, seed=args.seed,
-                                         max_turns=args.max_turns)
+                                         max_turns=args.max_turns, customer=args.customer)
         source = f"{policy}, {min(args.limit, len(split))} {args.tasks} tasks x {args.k} seeds"
     config = AuditConfig(high_reward=args.high_reward, max_zero_variance_frac=args.max_zero_variance,
                          leniency_tasks=args.probe_tasks, hacks=args.hacks, hack_tasks=args.hack_tasks)

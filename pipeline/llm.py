@@ -272,6 +272,26 @@ class OpenAIBackend:
         return text.strip()
 
 
+def check_backend_spec(spec: str) -> str:
+    """``spec`` if it is a backend spec :func:`make_backend` accepts, checked without building anything.
+
+    >>> check_backend_spec("openai:qwen@ftp://host")
+    Traceback (most recent call last):
+    ...
+    ValueError: openai:MODEL@BASE_URL needs an http:// or https:// URL, got 'ftp://host'.
+    """
+    kind, _, rest = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind not in ("hf", "bedrock", "openai") or not rest:
+        raise ValueError(f"unknown LLM backend spec {spec!r}; use hf:MODEL, bedrock:MODEL_ID or openai:MODEL@BASE_URL.")
+    if kind == "openai":
+        model, sep, url = rest.partition("@")
+        if not model:
+            raise ValueError(f"openai:MODEL@BASE_URL needs the model name the server serves, got {spec!r}.")
+        if sep and not url.startswith(("http://", "https://")):
+            raise ValueError(f"openai:MODEL@BASE_URL needs an http:// or https:// URL, got {url!r}.")
+    return spec
+
+
 def make_backend(spec: "str | LLMBackend") -> LLMBackend:
     """A backend from a spec: ``hf:MODEL``, ``bedrock:MODEL_ID``, ``openai:MODEL@BASE_URL`` (or a backend).
 
@@ -290,6 +310,7 @@ def make_backend(spec: "str | LLMBackend") -> LLMBackend:
             raise TypeError(f"an LLM backend needs a chat(messages, max_tokens, temperature) method; got "
                             f"{type(spec).__name__}.")
         return spec
+    check_backend_spec(spec)
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
         return HFChatBackend(rest)

@@ -69,11 +69,13 @@ class EpisodeRollout:
         backend = build_backend(self.config.backend, model, tokenizer, temperature=trainer.args.temperature,
                                 top_p=trainer.args.top_p, seed=seeds[0] if seeds else 0)
         engine = RolloutEngine(backend, tokenizer, max_new_tokens=self.config.max_new_tokens,
-                               max_total_tokens=self.config.max_total_tokens, batch_size=max(1, len(tasks)))
+                               max_total_tokens=self.config.max_total_tokens, batch_size=max(1, len(tasks)),
+                               tool_calling=self.config.tool_calling)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            trajectories = engine.run(lambda t: make_env(t, max_turns=self.config.max_turns), tasks, seeds)
+            trajectories = engine.run(lambda t: make_env(t, max_turns=self.config.max_turns,
+                                                         customer=self.config.customer), tasks, seeds)
         model.train(was_training)
         self.last = trajectories
         out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": [],
