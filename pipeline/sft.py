@@ -1,4 +1,4 @@
-"""SFT warm start: oracle demonstrations, and TRL's ``SFTTrainer`` on a LoRA adapter.
+"""SFT warm start: oracle demonstrations (or your own transcripts), and TRL's ``SFTTrainer`` on a LoRA adapter.
 
 Why a warm start: RL only amplifies what the policy already does some of the time. The untrained
 embedded model never calls a tool, so every rollout of a task fails the same way, every group has
@@ -9,6 +9,10 @@ Demonstrations come from the scripted oracle (:func:`pipeline.envs.oracle_policy
 environment* (:func:`pipeline.rollout.run_policy`), so each demonstration is exactly the messages the
 environment produces: the same system prompt, tool results and customer replies the policy will see
 in training and evaluation. Only demonstrations the oracle solved are kept.
+
+A team's own transcripts (``--demos``, any format ``turnwise score`` reads) can take the oracle's place
+(:func:`logged_demonstrations`): each is replayed in its task's sandbox, and one that breaks the SOP, as
+the evaluation judges it, is listed, and left out with ``--drop_violations``.
 
 Tokenisation mirrors the rollout engine (:class:`pipeline.rollout.RolloutEngine`) token for token: the
 opening is rendered with the generation prompt, each assistant message is its text's tokens followed
@@ -94,10 +98,37 @@ class SFTArguments:
         "help": "Also evaluate before training (epoch 0 of the curve: the starting model)."})
     patience: int = field(default=2, metadata={
         "help": "Stop after this many epochs without a strict improvement in val success (0: never stop early)."})
+    demos: str | None = field(default=None, metadata={
+        "help": "Train on your own transcripts instead of oracle demonstrations: a JSONL file of conversations in "
+                "turnwise's format, OpenAI chat or Bedrock Converse. Each is checked against the domain's SOP by "
+                "replaying its assistant messages in its task's sandbox (when its task id is in --tasks)."})
+    demos_format: str = field(default="auto", metadata={
+        "help": "The --demos file's format: auto (detected), turnwise, openai or bedrock."})
+    drop_violations: bool = field(default=False, metadata={
+        "help": "Leave out the --demos transcripts that break the SOP (they are always listed)."})
+    tool_calling: str = field(default="auto", metadata={
+        "help": "How the model calls tools: auto (its chat template's own format when the template supports tools, "
+                "else turnwise's <tool_call> text), native or text. Validation plays the same way."})
+    customer: str | None = field(default=None, metadata={
+        "help": "The simulated customer of oracle demonstrations and validation: scripted (the default) or "
+                "llm:BACKEND (hf:MODEL, bedrock:MODEL_ID, openai:MODEL@URL)."})
 
     def __post_init__(self) -> None:
+        from pipeline.envs.registry import check_customer_spec
+        from pipeline.native_tools import TOOL_CALLING
+
         if self.num_demos < 1:
             raise ValueError(f"num_demos must be at least 1, got {self.num_demos}.")
+        if self.demos_format not in ("auto", "turnwise", "openai", "bedrock"):
+            raise ValueError(f"demos_format must be auto, turnwise, openai or bedrock, got {self.demos_format!r}.")
+        if self.demos is not None and not Path(self.demos).is_file():
+            raise ValueError(f"demos={self.demos!r} is not a file: pass a JSONL file of conversations.")
+        if self.drop_violations and self.demos is None:
+            raise ValueError("drop_violations screens --demos transcripts; oracle demonstrations break no rule. Pass "
+                             "--demos FILE too, or leave --drop_violations out.")
+        if self.tool_calling not in TOOL_CALLING:
+            raise ValueError(f"tool_calling must be one of {', '.join(TOOL_CALLING)}, got {self.tool_calling!r}.")
+        check_customer_spec(self.customer)
         if self.val_limit < 0 or self.patience < 0:
             raise ValueError(f"val_limit and patience must be >= 0, got {self.val_limit} and {self.patience}.")
         if self.demo_max_turns < 1 or self.val_max_turns < 1 or self.val_max_new_tokens < 1:
@@ -110,7 +141,7 @@ class SFTArguments:
 
 
 def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = 20,
-                          tool_protocol: str = "text") -> list[Trajectory]:
+                          tool_protocol: str = "text", customer: str | None = None) -> list[Trajectory]:
     """``n`` oracle episodes played through the environment, on tasks from a seeded shuffle of ``tasks``.
 
     The first pass uses environment seed ``seed`` on every task; a second pass (when ``n`` exceeds the
@@ -128,7 +159,7 @@ def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turn
     for i in range(n):
         task = tasks[order[i % len(tasks)]]
         episode_seed = seed + i // len(tasks)
-        env = make_env(task, max_turns=max_turns)
+        env = make_env(task, max_turns=max_turns, customer=customer)
         if tool_protocol != "text":
             env.set_tool_protocol(tool_protocol)
         trajectory = run_policy(env, task, oracle_policy(task), seed=episode_seed)
@@ -141,6 +172,82 @@ def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turn
     if not demos:
         raise ValueError("the oracle solved none of the demonstration episodes; check the task set and its oracle.")
     return demos
+
+
+@dataclass
+class Screening:
+    """What ``--demos`` read: each transcript's verdict under the domain's checks, and what was kept.
+
+    ``rows`` has one record per transcript: its ``line``, ``task_id``, ``checked`` (its task was known, so its
+    assistant messages were replayed in the task's sandbox, as evaluation plays them), ``violations`` (SOP rule
+    ``@`` turn), ``success`` and whether it was ``kept``.
+    """
+
+    source: str
+    format: str
+    rows: list[dict[str, Any]]
+
+    @property
+    def violating(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["violations"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "format": self.format, "transcripts": len(self.rows),
+                "kept": sum(r["kept"] for r in self.rows), "unchecked": sum(not r["checked"] for r in self.rows),
+                "violating": self.violating}
+
+
+def logged_demonstrations(path: str | Path, tasks: Sequence[Task], format: str | None = None,
+                          drop_violations: bool = False, tool_protocol: str = "text",
+                          max_turns: int = 20) -> tuple[list[Trajectory], Screening]:
+    """Your own transcripts as demonstrations, screened against the domain's SOP.
+
+    ``path`` is read like ``turnwise score`` reads a log (:func:`rewards.logged.load_conversations`: any
+    format, the same checks). A transcript whose task id is in ``tasks`` is replayed in the task's sandbox,
+    so its SOP violations are the ones evaluation would record; one with an unknown task is kept unchecked
+    (with its logged outcome's violations, if it has one). Violating transcripts are listed, with a warning,
+    and left out when ``drop_violations``. The demonstration is the conversation as logged; natively
+    (``tool_protocol="native"``) its tool specs are its task environment's.
+    """
+    from rewards.logged import load_conversations
+
+    by_id = {t.id: t for t in tasks}
+    conversations = load_conversations(path, by_id, format=format)
+    if not conversations:
+        raise ValueError(f"{path} holds no transcripts.")
+    demos, rows = [], []
+    for conversation in conversations:
+        t = conversation.trajectory
+        checked = conversation.outcome_source == "replayed"
+        known = checked or conversation.outcome_source == "logged"
+        violations = list(t.outcome.violations) if known else []
+        kept = not (drop_violations and violations)
+        rows.append({"line": conversation.line, "task_id": t.task_id if t.task_id != "logged" else None,
+                     "checked": checked, "violations": violations, "success": t.outcome.success if known else None,
+                     "kept": kept})
+        if not kept:
+            continue
+        demo = Trajectory(task_id=t.task_id, messages=[dict(m) for m in t.messages], turns=t.turns, outcome=t.outcome,
+                          seed=t.seed, metadata={"source": str(path), "line": conversation.line})
+        task = by_id.get(t.task_id)
+        if tool_protocol != "text" and task is not None:
+            env = make_env(task, max_turns=max_turns)
+            env.set_tool_protocol(tool_protocol)
+            env.reset(task, seed=t.seed)
+            demo.metadata["tools"] = list(env.tool_schemas)
+        demos.append(demo)
+    screening = Screening(str(path), conversations[0].trajectory.metadata.get("format", "turnwise"), rows)
+    if screening.violating:
+        listed = "; ".join(f"line {r['line']} ({r['task_id']}): {', '.join(r['violations'])}" for r in screening.violating)
+        logger.warning("%d of %d transcripts in %s break the SOP%s: %s", len(screening.violating), len(rows), path,
+                       " and were left out" if drop_violations else " (kept; --drop_violations leaves them out)", listed)
+    unchecked = sum(not r["checked"] for r in rows)
+    if unchecked:
+        logger.warning("%d of %d transcripts in %s name no task of the task set, so they were not replayed against "
+                       "the SOP; give each line the task_id of its task to check it.", unchecked, len(rows), path)
+    if not demos:
+        raise ValueError(f"every transcript in {path} breaks the SOP, so none is left to train on.")
+    return demos, screening
 
 
 def tokenize_demonstration(messages: Sequence[dict], tokenizer, tools: Sequence[dict] | None = None,
@@ -262,7 +369,8 @@ class ValSuccessCallback(TrainerCallback):
         start = time.time()
         with torch.no_grad():
             report = evaluate((model, self.tokenizer), self.tasks, max_turns=self.args.val_max_turns,
-                              max_new_tokens=self.args.val_max_new_tokens, label="sft")
+                              max_new_tokens=self.args.val_max_new_tokens, label="sft", customer=self.args.customer,
+                              tool_calling=self.args.tool_calling)
         model.train(was_training)
         losses = [h["loss"] for h in self.trainer.state.log_history if "loss" in h]
         m = report.metrics
@@ -372,20 +480,35 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     if sft_config.assistant_only_loss:
         raise ValueError("assistant_only_loss must stay false: turnwise sft masks non-assistant tokens itself "
                          "(the template has no generation markers).")
+    from pipeline.templates import ChatTemplate
+
     start = time.time()
     model_name = model_args.model_name_or_path or DEFAULT_MODEL
     model, tokenizer = load_model(model_name)
-    train_tasks = load_tasks(sft_args.tasks, sft_args.train_split)
-    demos = oracle_demonstrations(train_tasks, sft_args.num_demos, seed=sft_args.demo_seed,
-                                  max_turns=sft_args.demo_max_turns)
-    dataset = demonstration_dataset(demos, tokenizer, max_length=sft_config.max_length)
+    template = ChatTemplate(tokenizer, sft_args.tool_calling)
+    protocol = "native" if template.native else "text"
+    val_tasks = load_tasks(sft_args.tasks, sft_args.val_split)[: sft_args.val_limit] if sft_args.val_limit else []
+    screening = None
+    if sft_args.demos is not None:
+        fmt = None if sft_args.demos_format == "auto" else sft_args.demos_format
+        demos, screening = logged_demonstrations(sft_args.demos, load_tasks(sft_args.tasks), fmt,
+                                                 sft_args.drop_violations, protocol, sft_args.demo_max_turns)
+        on_val = sorted({d.task_id for d in demos} & {t.id for t in val_tasks})
+        if on_val:
+            logger.warning("%d --demos transcripts are of val tasks (%s): the val success of this run measures them "
+                           "too.", len(on_val), ", ".join(on_val[:5]))
+    else:
+        train_tasks = load_tasks(sft_args.tasks, sft_args.train_split)
+        demos = oracle_demonstrations(train_tasks, sft_args.num_demos, seed=sft_args.demo_seed,
+                                      max_turns=sft_args.demo_max_turns, tool_protocol=protocol,
+                                      customer=sft_args.customer)
+    dataset = demonstration_dataset(demos, tokenizer, max_length=sft_config.max_length, template=template)
     n_tokens = sum(len(r) for r in dataset["input_ids"])
     n_trained = sum(sum(m) for m in dataset["assistant_masks"])
-    logger.info("%d oracle demonstrations: %d tokens, %d of them assistant tokens (trained on)", len(dataset),
-                n_tokens, n_trained)
+    logger.info("%d demonstrations (%s, %s tool calling): %d tokens, %d of them assistant tokens (trained on)",
+                len(dataset), sft_args.demos or "oracle", template.tool_format.name, n_tokens, n_trained)
     out = Path(sft_config.output_dir)
     atomic_write_text(out / "demonstrations.jsonl", "".join(json.dumps(t.to_dict()) + "\n" for t in demos))
-    val_tasks = load_tasks(sft_args.tasks, sft_args.val_split)[: sft_args.val_limit] if sft_args.val_limit else []
     sft_config.dataset_text_field = "input_ids"  # unused: the data is already tokenised
     trainer = SFTTrainer(model=model, args=sft_config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args))
@@ -402,6 +525,9 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
               "log_history": str(out / "log_history.json"), "demos": len(dataset), "tokens": n_tokens,
               "assistant_tokens": n_trained, "best_val_success": summary["best_val_success"],
               "best_epoch": summary["best_epoch"], "epochs": [r["epoch"] for r in summary["curve"]],
-              "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1)}
+              "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1),
+              "demos_source": sft_args.demos or "oracle", "tool_calling": template.tool_format.name}
+    if screening is not None:
+        result["screening"] = screening.to_dict()
     atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")  # written last: the stage finished
     return result
