@@ -32,7 +32,7 @@ REPO_ROOT = Path(pipeline.__file__).resolve().parents[1]
 SOP = "1. Call get_order with the order id.\n2. decision is approve when the status is damaged, else deny.\n"
 ROWS = "order_id,decision\nO1,approve\nO2,deny\n"
 ORDERS = "order_id,status\nO1,damaged\nO2,late\n"
-SECRET = "SECRET-TOKEN-4242"
+OUTSIDE_MARKER = "OUTSIDE_MARKER-TOKEN-4242"
 
 
 def lookup_spec(name: str = "get_order", file: str | None = "orders.csv", returns: list[str] | None = None) -> dict:
@@ -103,12 +103,12 @@ def refused(folder: Path, calls: list[tuple[str, dict]] = ()) -> str:
 def test_finding1_a_lookup_csv_linked_to_a_file_outside_the_folder_is_refused(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    (outside / "secret.csv").write_text(f"order_id,status\nO1,{SECRET}\nO2,{SECRET}\n")
+    (outside / "secret.csv").write_text(f"order_id,status\nO1,{OUTSIDE_MARKER}\nO2,{OUTSIDE_MARKER}\n")
     folder = make_folder(tmp_path, specs=[lookup_spec(file="evil.csv")])
     (folder / "evil.csv").symlink_to(outside / "secret.csv")
     message = refused(folder, [("get_order", {"order_id": "O1"})])
     assert "evil.csv" in message and "outside the folder" in message and "copy the file into the folder" in message
-    assert SECRET not in message
+    assert OUTSIDE_MARKER not in message
 
 
 @pytest.mark.parametrize("name", ["sop.txt", "toolspecs.json", "test_set_with_outputs.csv", "metadata.json"])
@@ -117,7 +117,7 @@ def test_finding1_a_folder_file_linked_to_a_file_outside_the_folder_is_refused(t
     outside = tmp_path / "outside"
     outside.mkdir()
     real = outside / name
-    real.write_text((folder / name).read_text() + (f"\n{SECRET}\n" if name == "sop.txt" else ""))
+    real.write_text((folder / name).read_text() + (f"\n{OUTSIDE_MARKER}\n" if name == "sop.txt" else ""))
     (folder / name).unlink()
     (folder / name).symlink_to(real)
     message = refused(folder)
