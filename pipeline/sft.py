@@ -14,10 +14,12 @@ A team's own transcripts (``--demos``, any format ``turnwise score`` reads) can 
 (:func:`logged_demonstrations`): each is replayed in its task's sandbox, and one that breaks the SOP, as
 the evaluation judges it, is listed, and left out with ``--drop_violations``.
 
-Tokenisation mirrors the rollout engine (:class:`pipeline.rollout.RolloutEngine`) token for token: the
-opening is rendered with the generation prompt, each assistant message is its text's tokens followed
-by the end-of-turn token (what the model must learn to sample to stop), and what the template puts
-between assistant messages is tokenised as one piece. So SFT trains on the very sequences a rollout
+Tokenisation mirrors the rollout engine (:class:`pipeline.rollout.RolloutEngine`) token for token, through
+the same :class:`~pipeline.templates.ChatTemplate`: the opening is rendered with the generation prompt,
+each assistant message is its text's tokens followed by the end-of-turn token (what the model must learn
+to sample to stop), and what the template puts between assistant messages is tokenised as one piece, with
+any control token in environment text encoded as text. With a template that supports tools, the tool specs
+go to the template and a call is trained in the template's own spelling (:mod:`pipeline.native_tools`). So SFT trains on the very sequences a rollout
 of the oracle's texts would hold, and its assistant mask is the rollout's ``assistant_mask``.
 
 The loss is on assistant tokens only. TRL's ``assistant_only_loss`` needs a chat template with

@@ -251,3 +251,17 @@ def test_turnwise_eval_takes_the_llm_customer(tasks, fake_backends, tmp_path, ca
     assert policy["config"]["customer"] == "llm:hf:fake" and policy["metrics"]["n_episodes"] == 2
     assert main(["eval", "--customer", "llm:gpt", "--policy", "oracle", "--limit", "1"]) == 1
     assert "customer 'llm:gpt': unknown LLM backend spec 'gpt'" in capsys.readouterr().err
+
+
+def test_the_embedded_model_plays_the_customer_end_to_end(embedded_model_dir, tasks):
+    """Once for real: the local HF backend on the embedded SmolLM2-135M plays the customer for the oracle
+    (greedy, short replies, a 3-turn budget: the wiring, not the quality). Its words reach the agent without end
+    markers, and the episode ends by one of the rules."""
+    task = task_with(tasks, "order_status")
+    factory = LLMCustomerFactory("hf:smollm2-135m", max_tokens=24, temperature=0.0)
+    trajectory = run_policy(make_env(task, max_turns=3, customer=factory), task, oracle_policy(task))
+    users = [m["content"] for m in trajectory.messages if m["role"] == "user"]
+    assert len(users) == 1 + sum(t.info["kind"] == "message" for t in trajectory.turns)
+    assert all(u.strip() and DONE not in u and LEAVE not in u for u in users)
+    assert trajectory.outcome.stop_reason in ("resolved", "user_left", "max_turns")
+    assert trajectory.outcome.details["goals"] == 1
