@@ -223,3 +223,25 @@ def test_native_rollout_with_a_sampling_model_keeps_the_sampled_ids(tmp_path, ta
         assert data.input_ids[start:end] == turn.completion_ids
         on.update(range(start, end))
     assert [i for i, m in enumerate(data.assistant_mask) if m] == sorted(on)
+
+
+def test_a_template_that_trims_the_assistants_text_keeps_the_sampled_ids(task):
+    """Llama 3.1's template strips whitespace around a message. A sampled reply that ends in a space still keeps
+    its sampled ids (the engine no longer refuses the template), and SFT of the same conversation builds the
+    same sequence."""
+    tokenizer = build_tokenizer("llama3.1")
+    eos = tokenizer.eos_token_id
+    texts = ["  Could you share your email and zip code? ", "Thank you, goodbye. "]
+    samples = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    engine = RolloutEngine(IdsBackend(samples), tokenizer, max_new_tokens=10_000, max_total_tokens=100_000)
+    (rollout,) = engine.run(lambda t: make_env(t, max_turns=2), [task], [0])
+    data = rollout.tokens
+    assert [data.input_ids[s:e] for s, e in data.turn_spans] == samples
+    (s0, e0), (s1, _) = data.turn_spans
+    assert tokenizer.decode(data.input_ids[e0:s1]).startswith("<|start_header_id|>user<|end_header_id|>\n\n")
+    env = make_env(task)
+    env.set_tool_protocol("native")
+    env.reset(task)
+    sft = tokenize_demonstration(rollout.messages, tokenizer, env.tool_schemas, ChatTemplate(tokenizer))
+    assert sft["input_ids"] == data.input_ids[: len(sft["input_ids"])]
+    assert assistant_runs(sft["input_ids"], sft["assistant_masks"]) == samples
