@@ -245,3 +245,18 @@ def test_a_template_that_trims_the_assistants_text_keeps_the_sampled_ids(task):
     sft = tokenize_demonstration(rollout.messages, tokenizer, env.tool_schemas, ChatTemplate(tokenizer))
     assert sft["input_ids"] == data.input_ids[: len(sft["input_ids"])]
     assert assistant_runs(sft["input_ids"], sft["assistant_masks"]) == samples
+
+
+def test_an_environment_that_speaks_only_the_text_protocol(tmp_path):
+    """With tool_calling='auto', an environment without set_tool_protocol (any Environment-protocol object) plays
+    in the text protocol, even on a template with tool support; 'native' says why it cannot."""
+    from tests.rollout.envs_for_tests import EchoEnv, tasks
+
+    tokenizer = build_tokenizer("qwen2.5")
+    hello = tokenizer("hi", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    engine = RolloutEngine(IdsBackend([hello, hello]), tokenizer, max_new_tokens=100)
+    (rollout,) = engine.run(lambda t: EchoEnv(2), tasks(1))
+    assert rollout.turns[1].assistant == "hi" and "# Tools" not in tokenizer.decode(rollout.tokens.input_ids)
+    strict = RolloutEngine(IdsBackend([hello]), tokenizer, max_new_tokens=100, tool_calling="native")
+    with pytest.raises(TypeError, match="EchoEnv cannot leave its tool instructions to the chat template"):
+        strict.run(lambda t: EchoEnv(1), tasks(1))

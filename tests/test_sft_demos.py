@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-from trl import ModelConfig, SFTConfig
 
 from pipeline.cli import main
 from pipeline.conversations import write_conversations

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pipeline.envs.base import Environment, Task
-from pipeline.native_tools import NativeReply, tool_call_entries
+from pipeline.native_tools import TEXT, NativeReply, ToolFormat, tool_call_entries
 from pipeline.rollout.backends import Generation, GenerationRequest
 from pipeline.templates import ChatTemplate, TemplateError
 from pipeline.trajectory import TokenData, Trajectory, Turn
@@ -49,6 +49,7 @@ class _Episode:
     done: bool = False
     chat: list[dict] = field(default_factory=list)  # the conversation as the template renders it (native tool_calls)
     tools: list[dict] | None = None  # the tool specs the template is given (native tool calling)
+    fmt: ToolFormat = TEXT  # the episode's tool protocol: the template's native format, or turnwise's text
 
 
 class RolloutEngine:
@@ -71,6 +72,7 @@ class RolloutEngine:
         self.max_new_tokens, self.max_total_tokens = max_new_tokens, max_total_tokens
         self.batch_size = batch_size
         self.template = ChatTemplate(tokenizer, tool_calling)
+        self.tool_calling = tool_calling
         self.end_of_turn = self.template.end_of_turn
 
     def _render(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
@@ -82,19 +84,20 @@ class RolloutEngine:
     def _open(self, env_factory: Callable[[Task], Environment], task: Task, seed: int) -> _Episode:
         """A new episode: its environment reset in the engine's tool protocol, its opening rendered and encoded."""
         env = env_factory(task)
-        tools = None
-        if self.template.native:
-            if not callable(getattr(env, "set_tool_protocol", None)):
+        fmt = self.template.tool_format
+        if fmt.native and not callable(getattr(env, "set_tool_protocol", None)):
+            if self.tool_calling == "native":
                 raise TypeError(f"{type(env).__name__} cannot leave its tool instructions to the chat template (it has "
-                                "no set_tool_protocol); run this model with tool_calling='text'.")
+                                "no set_tool_protocol); run this model with tool_calling='text' or 'auto'.")
+            fmt = TEXT  # an environment that speaks only the text protocol (auto: the template's tools stay unused)
+        if fmt.native:
             env.set_tool_protocol("native")
         messages = env.reset(task, seed=seed)
-        if self.template.native:
-            tools = list(env.tool_schemas)
+        tools = list(env.tool_schemas) if fmt.native else None
         rendered = self._render(messages, True, tools)
         ids = self._encode(rendered)
         return _Episode(task, seed, env, messages, rendered, ids, [0] * len(ids), [0.0] * len(ids),
-                        chat=[dict(m) for m in messages], tools=tools)
+                        chat=[dict(m) for m in messages], tools=tools, fmt=fmt)
 
     def run(self, env_factory: Callable[[Task], Environment], tasks: Sequence[Task], seeds: Sequence[int] | int = 0,
             on_turn: Callable[[int, int], None] | None = None) -> list[Trajectory]:
@@ -142,7 +145,7 @@ class RolloutEngine:
         episode.mask = episode.mask + [1] * len(sampled)
         episode.logprobs = episode.logprobs + list(gen.logprobs)
         episode.spans.append((start, len(episode.ids)))
-        fmt = self.template.tool_format
+        fmt = episode.fmt
         reply = fmt.parse(text)
         said = fmt.environment_text(text, reply)  # the protocol text the environment reads
         step = episode.env.step(said)
@@ -186,7 +189,7 @@ class RolloutEngine:
         the message is the sampled text itself (see :meth:`ChatTemplate.continuation`).
         """
         template = self.template
-        if reply.calls is not None and template.native and template.tool_format.can_render(
+        if reply.calls is not None and episode.fmt.native and episode.fmt.can_render(
                 reply.content, reply.calls) and n_replies == len(reply.calls):
             native = {"role": "assistant", "content": reply.content,
                       "tool_calls": tool_call_entries(reply.calls, len(episode.turns) - 1)}
