@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -265,3 +266,27 @@ def test_the_embedded_model_plays_the_customer_end_to_end(embedded_model_dir, ta
     assert all(u.strip() and DONE not in u and LEAVE not in u for u in users)
     assert trajectory.outcome.stop_reason in ("resolved", "user_left", "max_turns")
     assert trajectory.outcome.details["goals"] == 1
+
+
+def test_recipes_and_training_flags_name_the_customer(tmp_path):
+    """A pipeline recipe's customer: key reaches every stage; `turnwise train --customer` is RolloutConfig's."""
+    from pipeline.config import parse_train_args
+    from pipeline.demo import plan
+    from pipeline.training import RolloutConfig
+
+    recipe = {"customer": "llm:openai:qwen@http://localhost:8000/v1", "sft": {"num_demos": 1},
+              "grpo": {"max_steps": 1, "use_cpu": True, "bf16": False}, "eval": {"limit": 1}}
+    p = plan(recipe, output_dir=tmp_path)
+    assert p.customer == recipe["customer"] and p.sft[0].customer == recipe["customer"]
+    assert p.grpo_section["customer"] == recipe["customer"]
+    assert plan(recipe, output_dir=tmp_path, customer="scripted").customer == "scripted"  # --customer overrides
+    with pytest.raises(ValueError, match="unknown customer 'claude'"):
+        plan({**recipe, "customer": "claude"}, output_dir=tmp_path)
+    quick = Path(__file__).resolve().parents[3] / "configs" / "grpo_cpu_quick.yaml"
+    _, rollout_config, _, _ = parse_train_args(["--config", str(quick), "--tool_calling", "text",
+                                                "--customer", "llm:bedrock:anthropic.claude-3-haiku-20240307-v1:0"])
+    assert rollout_config.customer.startswith("llm:bedrock:") and rollout_config.tool_calling == "text"
+    with pytest.raises(ValueError, match="RolloutConfig.customer: customer 'llm:openai:m@ftp://x'"):
+        RolloutConfig(customer="llm:openai:m@ftp://x")
+    with pytest.raises(ValueError, match="RolloutConfig.tool_calling must be one of auto, native, text"):
+        RolloutConfig(tool_calling="json")
