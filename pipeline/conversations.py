@@ -136,10 +136,12 @@ def read_rows(path: Path | str, format: str | None = None) -> Iterator[tuple[int
         fmt = chosen or "turnwise"
         try:
             detected = detect_format(row)
-            if detected is not None and detected != fmt and format is None:
+            if detected is not None and detected != fmt:
                 raise ConversationFormatError(
-                    f"this line is in the {NAMES[detected]} format, but line {decided_at} set the file's format to "
-                    f"{NAMES[fmt]}; a file holds one format (convert the line, or split the file).")
+                    f"this line is in the {NAMES[detected]} format, but " + (
+                        f"--format says {fmt}; leave --format out to read the file as it is" if format else
+                        f"line {decided_at} set the file's format to {NAMES[fmt]}; a file holds one format (convert "
+                        "the line, or split the file)") + ".")
             yield lineno, to_turnwise_row(row, fmt), fmt
         except (KeyError, TypeError, ValueError) as exc:  # RecordError is a ValueError
             how = (f"read as {NAMES[fmt]}, as --format says" if format else

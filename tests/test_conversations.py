@@ -197,8 +197,12 @@ def test_a_file_holds_one_format_and_format_forces_one(tmp_path):
                                          "file's format to OpenAI chat"):
         list(read_rows(mixed))
     bedrock = LOGGED / "formats" / "bedrock.jsonl"
-    with pytest.raises(ValueError, match=r"line 1: .*\(read as OpenAI chat, as --format says\)"):
+    with pytest.raises(ValueError, match=r"line 1: this line is in the Bedrock Converse format, but --format says "
+                                         r"openai; .* \(read as OpenAI chat, as --format says\)"):
         load_conversations(bedrock, format="openai")
+    # forcing turnwise's format on an OpenAI log would drop its calls: refused, not mis-scored
+    with pytest.raises(ValueError, match="line 1: this line is in the OpenAI chat format, but --format says turnwise"):
+        load_conversations(LOGGED / "formats" / "openai.jsonl", format="turnwise")
     assert len(load_conversations(bedrock, format="bedrock")) == 3
     # plain chat (string contents only) fits every format
     plain = tmp_path / "plain.jsonl"
@@ -212,7 +216,7 @@ def test_score_takes_a_format_flag(tmp_path, capsys):
     assert main(["score", str(path), "--format", "openai"]) == 0
     assert "Scored 3 conversations" in capsys.readouterr().out
     assert main(["score", str(path), "--format", "bedrock"]) == 1
-    assert "line 1: messages[0].role: expected user or assistant" in capsys.readouterr().err
+    assert "line 1: this line is in the OpenAI chat format, but --format says bedrock" in capsys.readouterr().err
 
 
 def test_write_conversations_refuses_what_a_format_cannot_hold(tmp_path):
