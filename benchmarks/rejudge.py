@@ -2,7 +2,8 @@
 
     python benchmarks/rejudge.py                         # outputs/cpu_full -> benchmarks/results/learning_rejudged.json
 
-Every logged episode (``<run>/report/trajectories/*.jsonl``) is replayed: its assistant messages go, in
+Every logged episode (``<run>/report/trajectories/*.jsonl``: trajectory records, or conversations in any
+format ``turnwise score`` reads) is replayed: its assistant messages go, in
 order, to a fresh environment on the same task and seed (:func:`rewards.logged.replay`). The simulated
 customer and the tools answer as they did, which is checked (a replayed transcript that differs from
 the logged one is an error), so only the verdict can change: use it after the success check changes,
@@ -21,13 +22,18 @@ from common import ROOT, write_result
 POLICIES = {"grpo": "SFT_GRPO", "sft": "SFT_only", "base": None, "oracle": "oracle"}
 
 
-def rejudge(path: Path, tasks: dict, max_turns: int) -> tuple[list, int]:
-    """The episodes of ``path`` replayed under the current environment, and how many changed verdict."""
-    from pipeline.trajectory import load_jsonl
-    from rewards.logged import replay
+def rejudge(path: Path, tasks: dict, max_turns: int, format: str | None = None) -> tuple[list, int]:
+    """The episodes of ``path`` replayed under the current environment, and how many changed verdict.
+
+    ``path`` holds trajectory records or logged conversations in any format turnwise reads
+    (:mod:`pipeline.conversations`; ``format`` forces one); a conversation logged without an outcome counts
+    as changed when the replay succeeds.
+    """
+    from rewards.logged import load_conversations, replay
 
     out, changed = [], 0
-    for logged in load_jsonl(path):
+    for conversation in load_conversations(path, format=format):
+        logged = conversation.trajectory
         texts = [m["content"] for m in logged.messages if m["role"] == "assistant"]
         again = replay(tasks[logged.task_id], texts, seed=logged.seed, max_turns=max_turns)
         if again.messages != logged.messages:
@@ -42,6 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / "outputs" / "cpu_full", help="the pipeline run's output_dir")
     parser.add_argument("--name", default="learning_rejudged", help="result name under benchmarks/results/")
+    parser.add_argument("--format", choices=("auto", "turnwise", "openai", "bedrock"), default="auto",
+                        help="the trajectory files' conversation format (default: detected per file)")
     args = parser.parse_args()
 
     from pipeline.envs import load_tasks
@@ -57,7 +65,7 @@ def main() -> None:
         stem = stem or next((s for s in files if s.startswith("base")), None)
         if stem not in files:
             continue
-        episodes, changed[key] = rejudge(files[stem], tasks, e["max_turns"])
+        episodes, changed[key] = rejudge(files[stem], tasks, e["max_turns"], args.format)
         reports[key] = evaluate_trajectories(episodes, list(tasks.values()), label=summary[key]["label"])
     result = {key: {"success": r.metrics["success"], "success_as_logged": summary[key]["success"],
                     "episodes_changed": changed[key], "label": r.label} for key, r in reports.items()}

@@ -449,9 +449,58 @@ def parse_tool_message(message: dict) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
-def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
-    """Render a call the way the protocol expects a model to write it."""
+def format_tool_call(name: str, arguments: dict[str, Any] | str) -> str:
+    """Render a call the way the protocol expects a model to write it.
+
+    ``arguments`` is normally an object; a string is kept as written (a native call whose arguments were
+    not valid JSON), which the parser answers with an ``invalid_call`` tool error.
+    """
     return TOOL_CALL_OPEN + json.dumps({"name": name, "arguments": arguments}) + TOOL_CALL_CLOSE
+
+
+def join_tool_calls(content: str, calls: list[ToolCall]) -> str:
+    """The protocol text of a message that says ``content`` and makes ``calls``: the canonical spelling.
+
+    Structured messages (an OpenAI ``tool_calls`` list, Bedrock ``toolUse`` blocks, a chat template's native
+    calls) all become this text, so environments and rewards read one protocol. :func:`split_tool_calls`
+    inverts it.
+
+    >>> join_tool_calls("Let me check.", [ToolCall("get_order", {"order_id": "W1"})])
+    'Let me check.\\n<tool_call>{"name": "get_order", "arguments": {"order_id": "W1"}}</tool_call>'
+    """
+    calls_text = "".join(format_tool_call(c.name, c.arguments) for c in calls)
+    return content + ("\n" if content and calls else "") + calls_text
+
+
+def split_tool_calls(text: str) -> tuple[str, list[ToolCall]] | None:
+    """``(content, calls)`` when ``text`` is exactly :func:`join_tool_calls` of them, else ``None``.
+
+    ``None`` also for a message without calls, and for one whose calls are malformed or spelt another way
+    (other spacing, text after a call): such a message is kept as text, as a tool-call parser of an
+    OpenAI-compatible server keeps it, and answered with what the environment answered.
+
+    >>> split_tool_calls('Sure.\\n<tool_call>{"name": "get_order", "arguments": {}}</tool_call>')
+    ('Sure.', [ToolCall(name='get_order', arguments={})])
+    >>> split_tool_calls('<tool_call>{"name":"get_order","arguments":{}}</tool_call>') is None
+    True
+    """
+    start = text.find(TOOL_CALL_OPEN)
+    if start < 0 or len(text) > MAX_MESSAGE_CHARS:
+        return None
+    calls = parse_tool_calls(text)
+    if not calls or not all(isinstance(c, ToolCall) for c in calls):
+        return None
+    head = text[:start]
+    content = head[:-1] if head.endswith("\n") else head
+    return (content, calls) if join_tool_calls(content, calls) == text else None  # type: ignore[arg-type]
+
+
+def decode_json_prefix(text: str, start: int = 0) -> tuple[Any, int]:
+    """One strict JSON value at ``text[start:]`` and where it ends (trailing text allowed).
+
+    The decoding of :func:`loads_untrusted`; raises ``ValueError`` saying what is wrong.
+    """
+    return _decode(text, start, MAX_JSON_DEPTH)
 
 
 def tools_prompt(schemas: list[dict]) -> str:

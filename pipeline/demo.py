@@ -9,6 +9,7 @@ model_name_or_path: smollm2-135m   # shared by every stage
 output_dir: outputs/demo           # stages write to <output_dir>/sft, /grpo, /report
 seed: 0
 tasks: ...                         # a domain spec, directory or .jsonl (default: the default domain)
+customer: llm:hf:smollm2-135m      # optional: the simulated customer of every stage (default: scripted)
 sft:  {...}   # `turnwise sft` options (pipeline.sft.SFTArguments, TRL SFTConfig, ModelConfig); omit to skip
 grpo: {...}   # `turnwise train` options; starts from the SFT adapter when SFT ran; omit to skip
 eval: {...}   # EvalStageArguments (`turnwise eval`'s EvalArguments, plus tasks, oracle, base): the held-out
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
-SHARED_KEYS = ("model_name_or_path", "output_dir", "seed", "tasks")
+SHARED_KEYS = ("model_name_or_path", "output_dir", "seed", "tasks", "customer")
 STAGES = ("sft", "grpo", "eval")
 
 
@@ -91,11 +92,13 @@ class Plan:
     sft: tuple | None  # (SFTArguments, SFTConfig, ModelConfig)
     grpo_section: dict | None
     eval: EvalStageArguments
+    customer: str | None = None  # every stage's simulated customer (None: the domain's scripted one)
 
 
 def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | None = None,
-         seed: int | None = None) -> Plan:
-    """Parse every stage of ``recipe`` (flags ``output_dir``, ``model``, ``seed`` override its shared keys)."""
+         seed: int | None = None, customer: str | None = None) -> Plan:
+    """Parse every stage of ``recipe`` (flags ``output_dir``, ``model``, ``seed``, ``customer`` override its shared
+    keys)."""
     from pipeline.config import parse_options
     from pipeline.models import DEFAULT_MODEL
     from pipeline.sft import parse_sft_args
@@ -104,18 +107,22 @@ def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | No
     model = model or recipe.get("model_name_or_path") or DEFAULT_MODEL
     seed = recipe.get("seed", 0) if seed is None else seed
     tasks = recipe.get("tasks")  # None: the default domain's shipped tasks
+    from pipeline.envs import check_customer_spec
+
+    customer = check_customer_spec(customer or recipe.get("customer"))
+    shared = {"customer": customer} if customer is not None else {}
     sft = None
     if recipe.get("sft") is not None:
         sft = parse_sft_args([], config={**recipe["sft"], "model_name_or_path": model, "output_dir": str(out / "sft"),
-                                         "seed": seed, "tasks": tasks}, where="the recipe's sft: section")
+                                         "seed": seed, "tasks": tasks, **shared}, where="the recipe's sft: section")
     grpo_section = None
     if recipe.get("grpo") is not None:
         grpo_section = {**recipe["grpo"], "model_name_or_path": model, "output_dir": str(out / "grpo"), "seed": seed,
-                        "tasks": tasks}
+                        "tasks": tasks, **shared}
         parse_grpo(grpo_section)  # fail fast on a bad option, before the SFT runs
     [eval_args] = parse_options((EvalStageArguments,), [], prog="turnwise eval", recipe=recipe.get("eval") or {},
                                 where="the recipe's eval: section", recipe_flag=False)
-    return Plan(model, out, seed, tasks, sft, grpo_section, eval_args)
+    return Plan(model, out, seed, tasks, sft, grpo_section, eval_args, customer)
 
 
 def parse_grpo(section: dict[str, Any], adapter: str | None = None):
@@ -131,7 +138,7 @@ def parse_grpo(section: dict[str, Any], adapter: str | None = None):
 
 
 def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, model: str | None = None,
-        seed: int | None = None, resume: bool = False) -> dict[str, Any]:
+        seed: int | None = None, resume: bool = False, customer: str | None = None) -> dict[str, Any]:
     """Run a pipeline recipe: prepare, SFT, GRPO, evaluate. Returns the summary (also ``summary.json``).
 
     With ``resume``, a stage whose result file a previous run wrote (``sft/sft_result.json``,
@@ -145,14 +152,15 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
 
     start = time.time()
     load_at_start = _load()
-    p = plan(load_recipe(recipe_path), output_dir, model, seed)
+    p = plan(load_recipe(recipe_path), output_dir, model, seed, customer)
     p.output_dir.mkdir(parents=True, exist_ok=True)
     log_path = p.output_dir / "run.log"
     handler = _log_to(log_path)
     times: dict[str, float] = {}
     reused: dict[str, float | None] = {}  # stage -> wall time of the earlier run that finished it (--resume)
     summary: dict[str, Any] = {"recipe": str(recipe_path), "model": p.model, "output_dir": str(p.output_dir),
-                               "seed": p.seed, "tasks": p.tasks, "paths": {"log": str(log_path)}}
+                               "seed": p.seed, "tasks": p.tasks, "customer": p.customer or "scripted",
+                               "paths": {"log": str(log_path)}}
     try:
         t = time.time()
         if p.model in ALIASES:
@@ -227,7 +235,7 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
     e = p.eval
     tasks = load_tasks(e.tasks or p.tasks, e.split)[: e.limit]
     budgets = dict(k=e.k, n=e.n, seed=p.seed, max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
-                   max_total_tokens=e.max_total_tokens, batch_size=e.batch_size)
+                   max_total_tokens=e.max_total_tokens, batch_size=e.batch_size, customer=p.customer)
     policies = [("grpo", grpo_adapter, "SFT+GRPO" if sft_adapter else "GRPO"), ("sft", sft_adapter, "SFT only"),
                 ("base", p.model if e.base else None, f"base ({p.model})")]
     reports = {}

@@ -281,6 +281,8 @@ def evaluate(
     batch_size: int = 16,
     progress: bool | None = None,
     label: str | None = None,
+    customer: str | None = None,
+    tool_calling: str = "auto",
 ) -> EvalReport:
     """Play ``n`` episodes per task (default ``n = k``; seeds ``seed .. seed+n-1``) and report strict success.
 
@@ -289,7 +291,10 @@ def evaluate(
     such as ``oracle_policy``. Models are decoded greedily, batched across ``batch_size`` live episodes,
     with per-episode KV caches reused across turns. ``k`` is the headline pass@k / pass^k; every
     ``j`` in :func:`k_values` is reported too. ``progress`` shows a progress bar (``None``: on runs of
-    at least ``PROGRESS_MIN_EPISODES`` episodes, when stderr is a terminal).
+    at least ``PROGRESS_MIN_EPISODES`` episodes, when stderr is a terminal). ``customer`` names the simulated
+    customer (``scripted``, or ``llm:BACKEND`` for the domain's LLM customer; default: the domain's). A model
+    calls tools in its chat template's own format when the template has one (``tool_calling="auto"``; or
+    ``"native"``, ``"text"``).
     """
     n = k if n is None else n
     k_values(n, k)  # fail fast on a bad k/n
@@ -297,9 +302,9 @@ def evaluate(
     if not tasks:
         raise ValueError("no tasks to evaluate.")
     label = label or _label(policy)
-    engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size)
+    engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size, tool_calling)
     episodes = [(task, seed + i) for task in tasks for i in range(n)]
-    env_factory = lambda task: make_env(task, max_turns=max_turns)  # noqa: E731
+    env_factory = lambda task: make_env(task, max_turns=max_turns, customer=customer)  # noqa: E731
     start = time.time()
     with _progress(len(episodes), progress) as advance:
         if engine is not None:
@@ -323,6 +328,10 @@ def evaluate(
     report.config = {"policy": label, "source": "model" if engine is not None else "scripted", "k": k, "n": n,
                      "seed": seed, "max_turns": max_turns, "max_new_tokens": max_new_tokens,
                      "max_total_tokens": max_total_tokens}
+    if customer is not None:
+        report.config["customer"] = customer
+    if engine is not None:
+        report.config["tool_calling"] = engine.template.tool_format.name
     logger.info("evaluated %s on %d tasks x %d: success %.3f", label, len(tasks), n, report.metrics["success"])
     return report
 
@@ -367,7 +376,8 @@ def _label(policy: Any) -> str:
     return getattr(policy, "__name__", type(policy).__name__)
 
 
-def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_size: int) -> RolloutEngine | None:
+def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_size: int,
+               tool_calling: str = "auto") -> RolloutEngine | None:
     """A greedy rollout engine for a model policy; ``None`` for a factory of scripted policies."""
     if isinstance(policy, RolloutEngine):
         return policy
@@ -380,7 +390,8 @@ def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_si
 
         model, tokenizer = policy
         return RolloutEngine(build_backend("hf", model, tokenizer, temperature=0.0), tokenizer,
-                             max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch_size=batch_size)
+                             max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch_size=batch_size,
+                             tool_calling=tool_calling)
     if callable(policy):
         return None
     raise TypeError(f"Cannot evaluate {policy!r}: pass a model name or path, a (model, tokenizer) pair, a "

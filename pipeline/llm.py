@@ -143,11 +143,16 @@ class HFChatBackend:
             from pipeline.models import load_model
 
             self._loaded = load_model(self.model)
+        from pipeline.templates import ChatTemplate
+
         model, tokenizer = self._loaded
         system, turns = normalise_messages(messages)
         chat = ([{"role": "system", "content": system}] if system else []) + turns
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ids = {k: v.to(model.device) for k, v in ids.items()}
+        # Every message is data here (an agent's text can try to write the customer's turn): only the template
+        # makes control tokens (pipeline.templates).
+        template = ChatTemplate(tokenizer, tool_calling="text")
+        input_ids = torch.tensor([template.encode(template.render(chat, True, mark_assistant=True))])
+        ids = {"input_ids": input_ids.to(model.device), "attention_mask": torch.ones_like(input_ids).to(model.device)}
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
@@ -267,6 +272,26 @@ class OpenAIBackend:
         return text.strip()
 
 
+def check_backend_spec(spec: str) -> str:
+    """``spec`` if it is a backend spec :func:`make_backend` accepts, checked without building anything.
+
+    >>> check_backend_spec("openai:qwen@ftp://host")
+    Traceback (most recent call last):
+    ...
+    ValueError: openai:MODEL@BASE_URL needs an http:// or https:// URL, got 'ftp://host'.
+    """
+    kind, _, rest = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind not in ("hf", "bedrock", "openai") or not rest:
+        raise ValueError(f"unknown LLM backend spec {spec!r}; use hf:MODEL, bedrock:MODEL_ID or openai:MODEL@BASE_URL.")
+    if kind == "openai":
+        model, sep, url = rest.partition("@")
+        if not model:
+            raise ValueError(f"openai:MODEL@BASE_URL needs the model name the server serves, got {spec!r}.")
+        if sep and not url.startswith(("http://", "https://")):
+            raise ValueError(f"openai:MODEL@BASE_URL needs an http:// or https:// URL, got {url!r}.")
+    return spec
+
+
 def make_backend(spec: "str | LLMBackend") -> LLMBackend:
     """A backend from a spec: ``hf:MODEL``, ``bedrock:MODEL_ID``, ``openai:MODEL@BASE_URL`` (or a backend).
 
@@ -285,6 +310,7 @@ def make_backend(spec: "str | LLMBackend") -> LLMBackend:
             raise TypeError(f"an LLM backend needs a chat(messages, max_tokens, temperature) method; got "
                             f"{type(spec).__name__}.")
         return spec
+    check_backend_spec(spec)
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
         return HFChatBackend(rest)

@@ -1,4 +1,4 @@
-"""SFT warm start: oracle demonstrations, and TRL's ``SFTTrainer`` on a LoRA adapter.
+"""SFT warm start: oracle demonstrations (or your own transcripts), and TRL's ``SFTTrainer`` on a LoRA adapter.
 
 Why a warm start: RL only amplifies what the policy already does some of the time. The untrained
 embedded model never calls a tool, so every rollout of a task fails the same way, every group has
@@ -10,10 +10,16 @@ environment* (:func:`pipeline.rollout.run_policy`), so each demonstration is exa
 environment produces: the same system prompt, tool results and customer replies the policy will see
 in training and evaluation. Only demonstrations the oracle solved are kept.
 
-Tokenisation mirrors the rollout engine (:class:`pipeline.rollout.RolloutEngine`) token for token: the
-opening is rendered with the generation prompt, each assistant message is its text's tokens followed
-by the end-of-turn token (what the model must learn to sample to stop), and what the template puts
-between assistant messages is tokenised as one piece. So SFT trains on the very sequences a rollout
+A team's own transcripts (``--demos``, any format ``turnwise score`` reads) can take the oracle's place
+(:func:`logged_demonstrations`): each is replayed in its task's sandbox, and one that breaks the SOP, as
+the evaluation judges it, is listed, and left out with ``--drop_violations``.
+
+Tokenisation mirrors the rollout engine (:class:`pipeline.rollout.RolloutEngine`) token for token, through
+the same :class:`~pipeline.templates.ChatTemplate`: the opening is rendered with the generation prompt,
+each assistant message is its text's tokens followed by the end-of-turn token (what the model must learn
+to sample to stop), and what the template puts between assistant messages is tokenised as one piece, with
+any control token in environment text encoded as text. With a template that supports tools, the tool specs
+go to the template and a call is trained in the template's own spelling (:mod:`pipeline.native_tools`). So SFT trains on the very sequences a rollout
 of the oracle's texts would hold, and its assistant mask is the rollout's ``assistant_mask``.
 
 The loss is on assistant tokens only. TRL's ``assistant_only_loss`` needs a chat template with
@@ -34,7 +40,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from transformers import TrainerCallback
 
@@ -43,6 +49,9 @@ from pipeline.envs import load_tasks, make_env, oracle_policy
 from pipeline.envs.base import Task
 from pipeline.rollout import run_policy
 from pipeline.trajectory import Trajectory, atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.templates import ChatTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +101,39 @@ class SFTArguments:
         "help": "Also evaluate before training (epoch 0 of the curve: the starting model)."})
     patience: int = field(default=2, metadata={
         "help": "Stop after this many epochs without a strict improvement in val success (0: never stop early)."})
+    demos: str | None = field(default=None, metadata={
+        "help": "Train on your own transcripts instead of oracle demonstrations: a JSONL file of conversations in "
+                "turnwise's format, OpenAI chat or Bedrock Converse. Each is checked against the domain's SOP by "
+                "replaying its assistant messages in its task's sandbox (when its task id is in --tasks)."})
+    demos_format: str = field(default="auto", metadata={
+        "help": "The --demos file's format: auto (detected), turnwise, openai or bedrock."})
+    drop_violations: bool = field(default=False, metadata={
+        "help": "Leave out the --demos transcripts that break the SOP (they are always listed)."})
+    tool_calling: str = field(default="auto", metadata={
+        "help": "How the model calls tools: auto (its chat template's own format when the template supports tools, "
+                "else turnwise's <tool_call> text), native or text. Validation plays the same way."})
+    customer: str | None = field(default=None, metadata={
+        "help": "The simulated customer of oracle demonstrations and validation: scripted (the default) or "
+                "llm:BACKEND (hf:MODEL, bedrock:MODEL_ID, openai:MODEL@URL)."})
 
     def __post_init__(self) -> None:
+        from pipeline.conversations import check_format
+        from pipeline.envs.registry import check_customer_spec
+        from pipeline.native_tools import TOOL_CALLING
+
         for name in ("num_demos", "demo_max_turns", "val_max_turns", "val_max_new_tokens"):
             check_count(getattr(self, name), name)
         for name in ("val_limit", "patience"):  # 0: no validation; 0: never stop early
             check_count(getattr(self, name), name, least=0)
+        check_format(self.demos_format, "demos_format")
+        if self.demos is not None and not Path(self.demos).is_file():
+            raise ValueError(f"demos={self.demos!r} is not a file: pass a JSONL file of conversations.")
+        if self.drop_violations and self.demos is None:
+            raise ValueError("drop_violations screens --demos transcripts; oracle demonstrations break no rule. Pass "
+                             "--demos FILE too, or leave --drop_violations out.")
+        if self.tool_calling not in TOOL_CALLING:
+            raise ValueError(f"tool_calling must be one of {', '.join(TOOL_CALLING)}, got {self.tool_calling!r}.")
+        check_customer_spec(self.customer)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,12 +141,15 @@ class SFTArguments:
 # ---------------------------------------------------------------------------------------------------
 
 
-def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = MAX_TURNS) -> list[Trajectory]:
+def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = MAX_TURNS,
+                          tool_protocol: str = "text", customer: str | None = None) -> list[Trajectory]:
     """``n`` oracle episodes played through the environment, on tasks from a seeded shuffle of ``tasks``.
 
     The first pass uses environment seed ``seed`` on every task; a second pass (when ``n`` exceeds the
     number of tasks) uses ``seed + 1``, and so on, so the customer words things differently. Episodes the
-    oracle fails are dropped with a warning (they would teach a wrong conversation).
+    oracle fails are dropped with a warning (they would teach a wrong conversation). With
+    ``tool_protocol="native"`` the environment leaves its tool list to the chat template, and each
+    demonstration keeps the tool specs in ``metadata["tools"]``.
     """
     tasks = list(tasks)
     if not tasks:
@@ -121,7 +160,12 @@ def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turn
     for i in range(n):
         task = tasks[order[i % len(tasks)]]
         episode_seed = seed + i // len(tasks)
-        trajectory = run_policy(make_env(task, max_turns=max_turns), task, oracle_policy(task), seed=episode_seed)
+        env = make_env(task, max_turns=max_turns, customer=customer)
+        if tool_protocol != "text":
+            env.set_tool_protocol(tool_protocol)
+        trajectory = run_policy(env, task, oracle_policy(task), seed=episode_seed)
+        if tool_protocol != "text":
+            trajectory.metadata["tools"] = list(env.tool_schemas)
         (demos if trajectory.outcome.success else failed).append(trajectory)
     if failed:
         logger.warning("the oracle failed %d of %d demonstration episodes (%s); they were dropped.", len(failed), n,
@@ -131,50 +175,133 @@ def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turn
     return demos
 
 
-def tokenize_demonstration(messages: Sequence[dict], tokenizer) -> dict[str, list[int]]:
+@dataclass
+class Screening:
+    """What ``--demos`` read: each transcript's verdict under the domain's checks, and what was kept.
+
+    ``rows`` has one record per transcript: its ``line``, ``task_id``, ``checked`` (its task was known, so its
+    assistant messages were replayed in the task's sandbox, as evaluation plays them), ``violations`` (SOP rule
+    ``@`` turn), ``success`` and whether it was ``kept``.
+    """
+
+    source: str
+    format: str
+    rows: list[dict[str, Any]]
+
+    @property
+    def violating(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["violations"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "format": self.format, "transcripts": len(self.rows),
+                "kept": sum(r["kept"] for r in self.rows), "unchecked": sum(not r["checked"] for r in self.rows),
+                "violating": self.violating}
+
+
+def logged_demonstrations(path: str | Path, tasks: Sequence[Task], format: str | None = None,
+                          drop_violations: bool = False, tool_protocol: str = "text",
+                          max_turns: int = MAX_TURNS) -> tuple[list[Trajectory], Screening]:
+    """Your own transcripts as demonstrations, screened against the domain's SOP.
+
+    ``path`` is read like ``turnwise score`` reads a log (:func:`rewards.logged.load_conversations`: any
+    format, the same checks). A transcript whose task id is in ``tasks`` is replayed in the task's sandbox,
+    so its SOP violations are the ones evaluation would record; one with an unknown task is kept unchecked
+    (with its logged outcome's violations, if it has one). Violating transcripts are listed, with a warning,
+    and left out when ``drop_violations``. The demonstration is the conversation as logged; natively
+    (``tool_protocol="native"``) its tool specs are its task environment's.
+    """
+    from rewards.logged import load_conversations
+
+    by_id = {t.id: t for t in tasks}
+    conversations = load_conversations(path, by_id, format=format)
+    if not conversations:
+        raise ValueError(f"{path} holds no transcripts.")
+    demos, rows = [], []
+    for conversation in conversations:
+        t = conversation.trajectory
+        checked = conversation.outcome_source == "replayed"
+        known = checked or conversation.outcome_source == "logged"
+        violations = list(t.outcome.violations) if known else []
+        kept = not (drop_violations and violations)
+        rows.append({"line": conversation.line, "task_id": t.task_id if t.task_id != "logged" else None,
+                     "checked": checked, "violations": violations, "success": t.outcome.success if known else None,
+                     "kept": kept})
+        if not kept:
+            continue
+        demo = Trajectory(task_id=t.task_id, messages=[dict(m) for m in t.messages], turns=t.turns, outcome=t.outcome,
+                          seed=t.seed, metadata={"source": str(path), "line": conversation.line})
+        task = by_id.get(t.task_id)
+        if tool_protocol != "text" and task is not None:
+            env = make_env(task, max_turns=max_turns)
+            env.set_tool_protocol(tool_protocol)
+            env.reset(task, seed=t.seed)
+            demo.metadata["tools"] = list(env.tool_schemas)
+        demos.append(demo)
+    screening = Screening(str(path), conversations[0].trajectory.metadata.get("format", "turnwise"), rows)
+    if screening.violating:
+        listed = "; ".join(f"line {r['line']} ({r['task_id']}): {', '.join(r['violations'])}" for r in screening.violating)
+        logger.warning("%d of %d transcripts in %s break the SOP%s: %s", len(screening.violating), len(rows), path,
+                       " and were left out" if drop_violations else " (kept; --drop_violations leaves them out)", listed)
+    unchecked = sum(not r["checked"] for r in rows)
+    if unchecked:
+        logger.warning("%d of %d transcripts in %s name no task of the task set, so they were not replayed against "
+                       "the SOP; give each line the task_id of its task to check it.", unchecked, len(rows), path)
+    if not demos:
+        raise ValueError(f"every transcript in {path} breaks the SOP, so none is left to train on.")
+    return demos, screening
+
+
+def tokenize_demonstration(messages: Sequence[dict], tokenizer, tools: Sequence[dict] | None = None,
+                           template: "ChatTemplate | None" = None) -> dict[str, list[int]]:
     """Token ids (length T) and assistant mask (T) of a conversation, built as the rollout engine builds them.
 
-    ``messages`` is an episode as the environment produced it: the opening (system prompt and first
-    customer message), then assistant messages each followed by the environment's replies. The mask is
-    1 on each assistant message's tokens plus its end-of-turn token, 0 on everything else. Raises
+    ``messages`` is an episode in turnwise's protocol: the opening (system prompt and first customer
+    message), then assistant messages each followed by the environment's replies. The mask is 1 on each
+    assistant message's tokens plus its end-of-turn token, 0 on everything else.
+
+    ``template`` (a :class:`~pipeline.templates.ChatTemplate`; default: the tokenizer's, ``tool_calling="auto"``)
+    decides the tool protocol. Natively, ``tools`` are the specs the template lists, and an assistant message
+    that calls tools is trained on the template's own spelling of the calls (what the rollout engine keeps
+    as a ``tool_calls`` message when the model samples it). Environment text never becomes a control
+    token, and special tokens written in an assistant text are trained as plain text. Raises
     :class:`~pipeline.rollout.TemplateError` for a template that is not prefix-preserving.
     """
-    from pipeline.rollout import TemplateError
+    from pipeline.templates import ChatTemplate, TemplateError
 
-    def render(msgs: Sequence[dict], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    template = template or ChatTemplate(tokenizer)
+    chat = template.template_messages(messages)
+    first = next((i for i, m in enumerate(chat) if m["role"] == "assistant"), None)
     if first is None:
         raise ValueError("the conversation has no assistant message to learn from.")
-    end_of_turn = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else ""
-    rendered = render(messages[:first], True)
-    ids = encode(rendered)
+    end_of_turn = template.end_of_turn
+    rendered = template.render(chat[:first], True, tools)
+    ids = template.encode(rendered)
     mask = [0] * len(ids)
     i = first
-    while i < len(messages):
-        text = messages[i]["content"]
-        sampled = encode(text) + ([tokenizer.eos_token_id] if end_of_turn else [])
+    while i < len(chat):
+        j = i + 1
+        while j < len(chat) and chat[j]["role"] != "assistant":
+            j += 1
+        native = "tool_calls" in chat[i]
+        if native:  # the template's spelling of the calls: what the model samples before its end-of-turn token
+            written = template.render(chat[: i + 1], False, tools)[len(rendered):]
+            end = written.find(end_of_turn) if end_of_turn else -1
+            text = written[:end] if end >= 0 else written
+        else:
+            text = chat[i]["content"]
+        sampled = template.encode_assistant(text) + ([tokenizer.eos_token_id] if end_of_turn else [])
         ids += sampled
         mask += [1] * len(sampled)
-        j = i + 1
-        while j < len(messages) and messages[j]["role"] != "assistant":
-            j += 1
-        if j == len(messages):  # the episode ended on the environment's last replies: nothing more to predict
+        if j == len(chat):  # the episode ended on the environment's last replies: nothing more to predict
             break
-        with_assistant = render(messages[: i + 1], False)
-        after = render(messages[:j], True)
-        head = rendered + text
-        if not with_assistant.startswith(head) or not after.startswith(with_assistant):
+        with_assistant, tail = template.continuation(chat[:i], chat[i], rendered, text, tools)
+        after = template.render(chat[:j], True, tools)
+        if not after.startswith(with_assistant):
             raise TemplateError("The chat template does not render conversations prefix-preservingly, so SFT "
                                 "sequences cannot match the rollouts'. Use a template without such rewriting.")
-        tail = with_assistant[len(head):]
         if end_of_turn and tail.startswith(end_of_turn):
             tail = tail[len(end_of_turn):]
-        added = encode(tail + after[len(with_assistant):])
+        added = template.encode(tail + after[len(with_assistant):])
         ids += added
         mask += [0] * len(added)
         rendered = after
@@ -182,15 +309,21 @@ def tokenize_demonstration(messages: Sequence[dict], tokenizer) -> dict[str, lis
     return {"input_ids": ids, "assistant_masks": mask}
 
 
-def demonstration_dataset(demos: Sequence[Trajectory], tokenizer, max_length: int | None = None):
+def demonstration_dataset(demos: Sequence[Trajectory], tokenizer, max_length: int | None = None,
+                          template: "ChatTemplate | None" = None):
     """A ``datasets.Dataset`` with ``input_ids`` and ``assistant_masks`` per demonstration (TRL builds labels).
 
+    Each demonstration is tokenised by :func:`tokenize_demonstration` with ``template`` (default: the
+    tokenizer's, ``tool_calling="auto"``) and, natively, the tool specs in its ``metadata["tools"]``.
     A demonstration longer than ``max_length`` would be cut by TRL, losing its last assistant turns
     (usually the ending); those are dropped with a warning instead.
     """
     from datasets import Dataset
 
-    rows = [tokenize_demonstration(t.messages, tokenizer) for t in demos]
+    from pipeline.templates import ChatTemplate
+
+    template = template or ChatTemplate(tokenizer)
+    rows = [tokenize_demonstration(t.messages, tokenizer, t.metadata.get("tools"), template) for t in demos]
     if max_length is not None:
         long = [len(r["input_ids"]) for r in rows if len(r["input_ids"]) > max_length]
         if long:
@@ -237,7 +370,8 @@ class ValSuccessCallback(TrainerCallback):
         start = time.time()
         with torch.no_grad():
             report = evaluate((model, self.tokenizer), self.tasks, max_turns=self.args.val_max_turns,
-                              max_new_tokens=self.args.val_max_new_tokens, label="sft")
+                              max_new_tokens=self.args.val_max_new_tokens, label="sft", customer=self.args.customer,
+                              tool_calling=self.args.tool_calling)
         model.train(was_training)
         losses = [h["loss"] for h in self.trainer.state.log_history if "loss" in h]
         m = report.metrics
@@ -349,20 +483,35 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     if sft_config.assistant_only_loss:
         raise ValueError("assistant_only_loss must stay false: turnwise sft masks non-assistant tokens itself "
                          "(the template has no generation markers).")
+    from pipeline.templates import ChatTemplate
+
     start = time.time()
     model_name = model_args.model_name_or_path or DEFAULT_MODEL
     model, tokenizer = load_model(model_name)
-    train_tasks = load_tasks(sft_args.tasks, sft_args.train_split)
-    demos = oracle_demonstrations(train_tasks, sft_args.num_demos, seed=sft_args.demo_seed,
-                                  max_turns=sft_args.demo_max_turns)
-    dataset = demonstration_dataset(demos, tokenizer, max_length=sft_config.max_length)
+    template = ChatTemplate(tokenizer, sft_args.tool_calling)
+    protocol = "native" if template.native else "text"
+    val_tasks = load_tasks(sft_args.tasks, sft_args.val_split)[: sft_args.val_limit] if sft_args.val_limit else []
+    screening = None
+    if sft_args.demos is not None:
+        fmt = None if sft_args.demos_format == "auto" else sft_args.demos_format
+        demos, screening = logged_demonstrations(sft_args.demos, load_tasks(sft_args.tasks), fmt,
+                                                 sft_args.drop_violations, protocol, sft_args.demo_max_turns)
+        on_val = sorted({d.task_id for d in demos} & {t.id for t in val_tasks})
+        if on_val:
+            logger.warning("%d --demos transcripts are of val tasks (%s): the val success of this run measures them "
+                           "too.", len(on_val), ", ".join(on_val[:5]))
+    else:
+        train_tasks = load_tasks(sft_args.tasks, sft_args.train_split)
+        demos = oracle_demonstrations(train_tasks, sft_args.num_demos, seed=sft_args.demo_seed,
+                                      max_turns=sft_args.demo_max_turns, tool_protocol=protocol,
+                                      customer=sft_args.customer)
+    dataset = demonstration_dataset(demos, tokenizer, max_length=sft_config.max_length, template=template)
     n_tokens = sum(len(r) for r in dataset["input_ids"])
     n_trained = sum(sum(m) for m in dataset["assistant_masks"])
-    logger.info("%d oracle demonstrations: %d tokens, %d of them assistant tokens (trained on)", len(dataset),
-                n_tokens, n_trained)
+    logger.info("%d demonstrations (%s, %s tool calling): %d tokens, %d of them assistant tokens (trained on)",
+                len(dataset), sft_args.demos or "oracle", template.tool_format.name, n_tokens, n_trained)
     out = Path(sft_config.output_dir)
     atomic_write_text(out / "demonstrations.jsonl", "".join(json.dumps(t.to_dict()) + "\n" for t in demos))
-    val_tasks = load_tasks(sft_args.tasks, sft_args.val_split)[: sft_args.val_limit] if sft_args.val_limit else []
     sft_config.dataset_text_field = "input_ids"  # unused: the data is already tokenised
     trainer = SFTTrainer(model=model, args=sft_config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args))
@@ -379,6 +528,9 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
               "log_history": str(out / "log_history.json"), "demos": len(dataset), "tokens": n_tokens,
               "assistant_tokens": n_trained, "best_val_success": summary["best_val_success"],
               "best_epoch": summary["best_epoch"], "epochs": [r["epoch"] for r in summary["curve"]],
-              "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1)}
+              "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1),
+              "demos_source": sft_args.demos or "oracle", "tool_calling": template.tool_format.name}
+    if screening is not None:
+        result["screening"] = screening.to_dict()
     atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")  # written last: the stage finished
     return result

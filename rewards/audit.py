@@ -163,9 +163,11 @@ class AuditReport:
 
 
 def scripted_rollouts(policy: str | Callable[["Task", int], Callable[[list[dict]], str]], tasks: Sequence["Task"],
-                      k: int = 1, seed: int = 0, max_turns: int = MAX_TURNS) -> list["Trajectory"]:
+                      k: int = 1, seed: int = 0, max_turns: int = MAX_TURNS,
+                      customer: str | None = None) -> list["Trajectory"]:
     """``k`` episodes per task (seeds ``seed .. seed+k-1``) of a scripted policy: a name
-    (:func:`rewards.hacks.scripted_policies`) or a factory ``(task, seed) -> policy``."""
+    (:func:`rewards.hacks.scripted_policies`) or a factory ``(task, seed) -> policy``. ``customer`` names the
+    simulated customer (``llm:BACKEND``; default: the domain's scripted one)."""
     from pipeline.envs import make_env
     from pipeline.rollout import run_policy
     from rewards.hacks import policy_factory
@@ -176,7 +178,8 @@ def scripted_rollouts(policy: str | Callable[["Task", int], Callable[[list[dict]
     out = []
     for task in tasks:
         for s in range(seed, seed + k):
-            trajectory = run_policy(make_env(task, max_turns=max_turns), task, factory(task, s), seed=s)
+            env = make_env(task, max_turns=max_turns, customer=customer)
+            trajectory = run_policy(env, task, factory(task, s), seed=s)
             trajectory.metadata["policy"] = label
             out.append(trajectory)
     return out
@@ -184,8 +187,10 @@ def scripted_rollouts(policy: str | Callable[["Task", int], Callable[[list[dict]
 
 def model_rollouts(model: str, tasks: Sequence["Task"], k: int = 2, seed: int = 0, temperature: float = 1.0,
                    max_turns: int = MAX_TURNS, max_new_tokens: int = MAX_NEW_TOKENS,
-                   max_total_tokens: int = MAX_TOTAL_TOKENS, batch_size: int = 16) -> list["Trajectory"]:
-    """``k`` sampled episodes per task from a model (a name, path or hub id), as training would see them."""
+                   max_total_tokens: int = MAX_TOTAL_TOKENS, batch_size: int = 16, customer: str | None = None,
+                   tool_calling: str = "auto") -> list["Trajectory"]:
+    """``k`` sampled episodes per task from a model (a name, path or hub id), as training would see them
+    (``customer`` and ``tool_calling`` as in :func:`pipeline.evaluation.evaluate`)."""
     from pipeline.envs import make_env
     from pipeline.models import load_model
     from pipeline.rollout import RolloutEngine
@@ -193,9 +198,10 @@ def model_rollouts(model: str, tasks: Sequence["Task"], k: int = 2, seed: int = 
 
     loaded, tokenizer = load_model(model)
     engine = RolloutEngine(HFBackend(loaded, tokenizer, temperature=temperature, seed=seed), tokenizer,
-                           max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch_size=batch_size)
+                           max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch_size=batch_size,
+                           tool_calling=tool_calling)
     episodes = [(task, s) for task in tasks for s in range(seed, seed + k)]
-    trajectories = engine.run(lambda t: make_env(t, max_turns=max_turns), [t for t, _ in episodes],
+    trajectories = engine.run(lambda t: make_env(t, max_turns=max_turns, customer=customer), [t for t, _ in episodes],
                               [s for _, s in episodes])
     for trajectory in trajectories:
         trajectory.metadata.update(policy=model, temperature=temperature)

@@ -15,6 +15,10 @@ environment is deterministic, so this is the verdict the episode gets), or it st
 ``metadata["outcome_known"]`` is ``False`` and outcome scorers report "not applicable" rather than
 guessing. Rule scorers need nothing but the messages, so a rule-only reward config needs no model.
 
+Logs in OpenAI chat or Bedrock Converse format are read too: :mod:`pipeline.conversations` turns each line
+into the shape above first (tool calls into the protocol's text, results into the environment's envelope),
+so every check below applies to every format.
+
 A logged file is untrusted input. :func:`load_conversations` checks each line before anything uses it
 and raises ``ValueError`` naming the file, the line and the field: not UTF-8, not JSON, a field of the
 wrong type (``"success": "false"`` is not a success; ``"seed": Infinity`` is not a seed), a message that
@@ -33,7 +37,7 @@ from typing import Any, Mapping, Sequence
 from pipeline.budgets import MAX_TURNS
 from pipeline.chat import MAX_MESSAGE_CHARS, has_tool_call_markup
 from pipeline.envs.base import Outcome, RecordError, Task, check_type, json_kind
-from pipeline.trajectory import Trajectory, Turn, check_seed, read_json_lines
+from pipeline.trajectory import Trajectory, Turn, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -110,20 +114,24 @@ class LoggedConversation:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_conversations(path: Path | str, tasks: Mapping[str, Task] | None = None) -> list[LoggedConversation]:
+def load_conversations(path: Path | str, tasks: Mapping[str, Task] | None = None,
+                       format: str | None = None) -> list[LoggedConversation]:
     """Read a JSONL file of logged conversations (or of full trajectory records) into trajectories.
 
-    Raises ``ValueError`` naming the file and line for a line that is not a conversation.
+    The file may be in turnwise's format, OpenAI chat or Bedrock Converse (:mod:`pipeline.conversations`),
+    detected per file unless ``format`` names one. Every format gets the same checks. Raises ``ValueError``
+    naming the file and line for a line that is not a conversation.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file. Pass a JSONL file with one conversation per line.")
+    from pipeline.conversations import read_rows
+
     out: list[LoggedConversation] = []
-    for lineno, row in read_json_lines(path):
+    for lineno, row, fmt in read_rows(path, format):
         try:
-            out.append(_conversation(row, lineno, tasks or {}))
+            conversation = _conversation(row, lineno, tasks or {})
         except (KeyError, TypeError, ValueError) as exc:  # RecordError is a ValueError
             raise ValueError(f"{path}, line {lineno}: {exc}") from None
+        conversation.trajectory.metadata.setdefault("format", fmt)
+        out.append(conversation)
     return out
 
 

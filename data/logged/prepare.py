@@ -13,6 +13,11 @@ only the rule scorers apply. Everything is deterministic: the same code gives th
 (``turnwise score data/logged/sop_warranty_claims.jsonl --env sop:data/sop/warranty_claims``): the
 oracle, and agents that answer one field wrong, wrap the JSON in prose, break it, never answer, or
 call a tool with a wrong argument.
+
+``formats/`` holds the same three customer-service conversations in each format turnwise reads
+(``turnwise.jsonl``, ``openai.jsonl``, ``bedrock.jsonl``; :mod:`pipeline.conversations`): the oracle, an
+agent that skips identity verification, and one whose tool calls use single quotes (malformed: each comes
+back as a tool error). ``turnwise score`` gives each file the same breakdowns.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from rewards.hacks import policy_factory  # noqa: E402
 OUT = Path(__file__).resolve().parent / "sample_conversations.jsonl"
 SOP_ENV = "sop:data/sop/warranty_claims"
 SOP_OUT = Path(__file__).resolve().parent / "sop_warranty_claims.jsonl"
+FORMATS_DIR = Path(__file__).resolve().parent / "formats"
 #: The hacking policies whose conversations the sample log holds, two each, in this order.
 HACK_ORDER = ("tool_spam", "resolve_no_action", "claim_no_tool", "politeness_spam", "ask_everything",
               "skip_verification", "empty_reply", "echo_customer")
@@ -96,6 +102,19 @@ def build_sop(seed: int = 0) -> list[dict]:
     return rows
 
 
+def build_formats(seed: int = 0) -> list[dict]:
+    """Three conversations for the format files: an oracle, a skipped verification, malformed calls."""
+    from rewards.audit import FormatProbe
+
+    tasks = load_tasks("customer_service", "test")
+    rows = []
+    for policy, task in (("oracle", tasks[0]), ("skip_verification", tasks[1]), ("single_quotes", tasks[2])):
+        agent = FormatProbe(task, policy) if policy == "single_quotes" else policy_factory(policy)(task, seed)
+        trajectory = run_policy(make_env(task), task, agent, seed=seed)
+        rows.append({"task_id": task.id, "seed": seed, "policy": policy, "messages": trajectory.messages})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -104,6 +123,13 @@ def main() -> None:
     for rows, out in ((build(args.seed), args.out), (build_sop(args.seed), SOP_OUT)):
         out.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
         print(f"wrote {len(rows)} conversations to {out}")
+    from pipeline.conversations import FORMATS, write_conversations
+
+    rows = build_formats(args.seed)
+    FORMATS_DIR.mkdir(exist_ok=True)
+    for fmt in FORMATS:
+        path = write_conversations(rows, FORMATS_DIR / f"{fmt}.jsonl", fmt)
+        print(f"wrote {len(rows)} conversations to {path} ({fmt} format)")
 
 
 if __name__ == "__main__":

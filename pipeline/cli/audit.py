@@ -1,7 +1,7 @@
 """``turnwise audit``: the reward's pre-training checklist on baseline rollouts (`rewards.audit`).
 
 Options: :class:`AuditArguments` (rollouts, with the shared episode budgets), `rewards.audit.AuditConfig`
-(the checks' thresholds) and `pipeline.cli.options.TaskSetArguments`.
+(the checks' thresholds), `pipeline.cli.options.TaskSetArguments` and `pipeline.cli.options.EpisodeArguments`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pipeline.budgets import EpisodeBudget, check_count
-from pipeline.cli.options import TaskSetArguments
+from pipeline.cli.options import EpisodeArguments, TaskSetArguments
 
 HELP = "check a reward on baseline rollouts before training on it"
 DESCRIPTION = ("Run the reward audit: range, scorer errors, per-task variance, high-reward strict failures, format "
@@ -36,7 +36,10 @@ class AuditArguments(EpisodeBudget):
         "help": "Scripted policy: oracle, noisy_oracle or a hack name (default: noisy_oracle)."})
     model: str | None = field(default=None, metadata={
         "help": "Model alias, local directory or hub id (sampled rollouts)."})
-    logged: Path | None = field(default=None, metadata={"help": "JSONL of trajectories or chat conversations."})
+    logged: Path | None = field(default=None, metadata={
+        "help": "JSONL of trajectories or chat conversations (turnwise's format, OpenAI chat or Bedrock Converse)."})
+    format: str = field(default="auto", metadata={
+        "help": "With --logged: the file's conversation format: auto (detected), turnwise, openai or bedrock."})
     split: str = field(default="test", metadata={"help": "Split to roll out on: train, val or test."})
     limit: int = field(default=30, metadata={"help": "Roll out on the first N tasks."})
     k: int = field(default=4, metadata={"help": "Rollouts per task (seeds seed..seed+k-1)."})
@@ -45,9 +48,12 @@ class AuditArguments(EpisodeBudget):
     out: Path = field(default=Path("runs/audit"), metadata={"help": "Directory for audit.md and audit.json."})
 
     def __post_init__(self) -> None:
+        from pipeline.conversations import check_format
+
         super().__post_init__()
         check_count(self.limit, "--limit")
         check_count(self.k, "--k")
+        check_format(self.format)
         if self.temperature < 0:
             raise ValueError(f"--temperature must be at least 0 (0 samples greedily), got {self.temperature}.")
 
@@ -62,17 +68,17 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.config import parse_options
     from rewards.audit import AuditConfig
 
-    options, config, task_set = parse_options(
-        (AuditArguments, AuditConfig, TaskSetArguments), args.options, prog="turnwise audit", description=DESCRIPTION,
+    options, config, task_set, episodes = parse_options(
+        (AuditArguments, AuditConfig, TaskSetArguments, EpisodeArguments), args.options, prog="turnwise audit", description=DESCRIPTION,
         epilog=EPILOG, aliases={"--tasks": "split", "--max-zero-variance": "max_zero_variance_frac",
                                 "--max_zero_variance": "max_zero_variance_frac", "--probe-tasks": "leniency_tasks",
                                 "--probe_tasks": "leniency_tasks"})
     writable_dir(options.out, "--out")
     with trusted(task_set):
-        return run_audit(options, config, task_set)
+        return run_audit(options, config, task_set, episodes)
 
 
-def run_audit(options: AuditArguments, config, task_set: TaskSetArguments) -> int:
+def run_audit(options: AuditArguments, config, task_set: TaskSetArguments, episodes: EpisodeArguments) -> int:
     from pipeline.cli.score import reward_and_tasks
     from pipeline.envs import load_tasks
     from rewards.audit import audit, model_rollouts, scripted_rollouts
@@ -81,18 +87,19 @@ def run_audit(options: AuditArguments, config, task_set: TaskSetArguments) -> in
     reward, by_id = reward_and_tasks(options.reward, task_set.env)
     split = load_tasks(task_set.env, options.split)
     if options.logged is not None:
-        trajectories = [c.trajectory for c in load_conversations(options.logged, by_id)]
+        trajectories = [c.trajectory for c in load_conversations(options.logged, by_id, format=options.format)]
         source = str(options.logged)
     elif options.model is not None:
         trajectories = model_rollouts(options.model, split[: options.limit], k=options.k, seed=options.seed,
                                       temperature=options.temperature, max_turns=options.max_turns,
-                                      max_new_tokens=options.max_new_tokens, max_total_tokens=options.max_total_tokens)
+                                      max_new_tokens=options.max_new_tokens, max_total_tokens=options.max_total_tokens,
+                                      customer=episodes.customer, tool_calling=episodes.tool_calling)
         source = (f"{options.model} (T={options.temperature}), {min(options.limit, len(split))} {options.split} tasks "
                   f"x {options.k}")
     else:
         policy = options.policy or "noisy_oracle"
         trajectories = scripted_rollouts(policy, split[: options.limit], k=options.k, seed=options.seed,
-                                         max_turns=options.max_turns)
+                                         max_turns=options.max_turns, customer=episodes.customer)
         source = f"{policy}, {min(options.limit, len(split))} {options.split} tasks x {options.k} seeds"
     report = audit(reward, trajectories, split, config, source=source)
     paths = report.save(options.out)

@@ -29,6 +29,9 @@ class DemoArguments:
     seed: int | None = field(default=None, metadata={
         "help": "Override the recipe's seed (tasks, sampling, training)."})
     output_dir: Path | None = field(default=None, metadata={"help": "Override the recipe's output_dir."})
+    customer: str | None = field(default=None, metadata={
+        "help": "Override the recipe's customer: scripted or llm:BACKEND (llm:hf:MODEL, llm:bedrock:MODEL_ID, "
+                "llm:openai:MODEL@URL), for every stage."})
     resume: bool = field(default=False, metadata={
         "help": "Reuse the stages a killed run finished (sft/sft_result.json, grpo/grpo_result.json) and continue GRPO "
                 "from its last checkpoint; the evaluation always runs again."})
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if options.output_dir is not None:
         writable_dir(options.output_dir, "--output-dir")
     summary = demo.run(recipe, output_dir=options.output_dir, model=options.model, seed=options.seed,
-                       resume=options.resume)
+                       resume=options.resume, customer=options.customer)
     print()
     print(f"turnwise demo finished in {summary['wall_time_s']:.0f} s ({recipe}; stages "
           + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_times_s"].items()) + ")")

@@ -2,7 +2,8 @@
 
 Options: :class:`PolicyArguments` (what is evaluated, against what), `pipeline.config.EvalArguments` (the
 split, episodes and budgets; a pipeline recipe's ``eval:`` section reads the same dataclass),
-`pipeline.cli.options.TaskSetArguments` and `pipeline.cli.options.ThreadArguments`.
+`pipeline.cli.options.TaskSetArguments`, `pipeline.cli.options.EpisodeArguments` and
+`pipeline.cli.options.ThreadArguments`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from pipeline.cli.options import TaskSetArguments, ThreadArguments
+from pipeline.cli.options import EpisodeArguments, TaskSetArguments, ThreadArguments
 
 HELP = "evaluate a model, a scripted policy or logged trajectories on a task split"
 DESCRIPTION = (
@@ -64,10 +65,11 @@ def register(subparsers) -> None:
     subparsers.add_parser("eval", add_help=False, help=HELP).set_defaults(run=run)
 
 
-def parse(options: list[str]) -> tuple[PolicyArguments, "EvalArguments", TaskSetArguments, ThreadArguments]:
+def parse(options: list[str]) -> tuple[PolicyArguments, "EvalArguments", TaskSetArguments, EpisodeArguments,
+                                       ThreadArguments]:
     from pipeline.config import EvalArguments, parse_options
 
-    return parse_options((PolicyArguments, EvalArguments, TaskSetArguments, ThreadArguments), options,
+    return parse_options((PolicyArguments, EvalArguments, TaskSetArguments, EpisodeArguments, ThreadArguments), options,
                          prog="turnwise eval", description=DESCRIPTION, epilog=EPILOG, aliases={"--tasks": "split"})
 
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.cli.options import writable_dir
     from pipeline.cli.options import trusted
 
-    who, how, task_set, threads = parse(args.options)
+    who, how, task_set, episodes, threads = parse(args.options)
     threads.apply()
     for spec in (who.policy, who.base, *who.reference):  # checked before any task loads or any policy runs
         if spec and ":" in spec and not (spec.endswith(".jsonl") or Path(spec).is_file()):
@@ -83,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
     if who.out is not None:  # a full disk or a read-only path fails now, not after the evaluation
         writable_dir(who.out, "--out")
     with trusted(task_set):
-        return evaluate(who, how, task_set)
+        return evaluate(who, how, task_set, episodes)
 
 
-def evaluate(who: PolicyArguments, how, task_set: TaskSetArguments) -> int:
+def evaluate(who: PolicyArguments, how, task_set: TaskSetArguments, episodes: EpisodeArguments) -> int:
     from pipeline.evaluation import compare
     from pipeline.report import MissingReportDependency, render_text, rewards_from_metadata, write_report
     from pipeline.trajectory import load_jsonl
@@ -98,7 +100,7 @@ def evaluate(who: PolicyArguments, how, task_set: TaskSetArguments) -> int:
     specs += [("reference", spec) for spec in who.reference]
     reports, labels = [], set()
     for role, spec in specs:
-        report = _evaluate_spec(spec, tasks, ids, who, how, task_set)
+        report = _evaluate_spec(spec, tasks, ids, who, how, task_set, episodes)
         # The same spec twice (say, as base and as reference) still needs its own column and files.
         label = spec if spec not in labels else f"{spec} ({role} {len(reports) + 1})"
         labels.add(label)
@@ -142,7 +144,8 @@ def _eval_tasks(how, task_set: TaskSetArguments, source: str | None, logged: lis
     return [by_id[i] for i in ids if i in by_id], ids
 
 
-def _evaluate_spec(spec: str, tasks: list, ids: list[str], who: PolicyArguments, how, task_set: TaskSetArguments):
+def _evaluate_spec(spec: str, tasks: list, ids: list[str], who: PolicyArguments, how, task_set: TaskSetArguments,
+                   episodes: EpisodeArguments):
     """Evaluate one policy spec: a logged FILE.jsonl, a scripted policy, or a model."""
     from pipeline.evaluation import evaluate, evaluate_trajectories
     from pipeline.trajectory import load_jsonl
@@ -158,7 +161,8 @@ def _evaluate_spec(spec: str, tasks: list, ids: list[str], who: PolicyArguments,
     policy = scripted_policy(spec) if spec in SCRIPTED_POLICIES or ":" in spec else spec
     return evaluate(policy, tasks, k=how.k, seed=who.seed, n=how.n, max_turns=how.max_turns,
                     max_new_tokens=how.max_new_tokens, max_total_tokens=how.max_total_tokens,
-                    batch_size=how.batch_size, label=spec)
+                    batch_size=how.batch_size, label=spec, customer=episodes.customer,
+                    tool_calling=episodes.tool_calling)
 
 
 def scripted_policy(spec: str) -> Callable:

@@ -6,7 +6,10 @@ way), so a shared flag reads the same everywhere:
 - :class:`TaskSetArguments`: ``--env`` (the task set) and ``--trust-tools`` (``eval``, ``audit``, ``score``;
   ``train`` has both in its ``TaskArguments``);
 - :class:`ThreadArguments`: ``--threads`` (``train``, ``sft``, ``eval``, ``demo``), torch's CPU threads,
-  set before any work.
+  set before any work;
+- :class:`EpisodeArguments`: ``--customer`` and ``--tool-calling``, how live episodes are played (``eval``,
+  ``audit``; ``train`` and ``sft`` read the same two options from their own dataclasses, ``demo`` takes
+  ``--customer`` for every stage).
 
 :func:`trusted` turns ``--trust-tools`` into the grant the task set's domain gives, for one command.
 
@@ -96,6 +99,26 @@ class TaskSetArguments:
                 "directory of <split>.jsonl files or a .jsonl file (default: the default domain's shipped tasks)."})
     trust_tools: bool = field(default=False, metadata={
         "help": "Run the tools.py (Python code) of the SOP folder --env names, as it is now, for this command only."})
+
+
+@dataclass
+class EpisodeArguments:
+    """Who plays the customer in live episodes, and how the model calls tools."""
+
+    customer: str | None = field(default=None, metadata={
+        "help": "The simulated customer: scripted (the domain's default) or llm:BACKEND, the domain's LLM customer on "
+                "a chat backend (llm:hf:MODEL, llm:bedrock:MODEL_ID, llm:openai:MODEL@URL)."})
+    tool_calling: str = field(default="auto", metadata={
+        "help": "How a model calls tools: auto (in its chat template's own format when the template supports tools, "
+                "else turnwise's <tool_call> text), native (fails without template support) or text."})
+
+    def __post_init__(self) -> None:
+        from pipeline.envs.registry import check_customer_spec
+        from pipeline.native_tools import TOOL_CALLING
+
+        if self.tool_calling not in TOOL_CALLING:
+            raise ValueError(f"--tool-calling must be one of {', '.join(TOOL_CALLING)}, got {self.tool_calling!r}.")
+        check_customer_spec(self.customer)  # checked before any task loads or any policy runs
 
 
 @contextlib.contextmanager

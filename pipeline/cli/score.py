@@ -13,8 +13,8 @@ from pathlib import Path
 from pipeline.cli.options import TaskSetArguments
 
 HELP = "score logged conversations offline with a reward"
-DESCRIPTION = ("Score chat-format conversations (one JSON object per line: messages, optional task_id, seed, outcome) "
-               "with a reward config. With a known task id the strict outcome comes from replaying the assistant "
+DESCRIPTION = ("Score chat-format conversations (one JSON object per line: messages, optional task_id, seed, outcome; "
+               "in turnwise's format, OpenAI chat or Bedrock Converse) with a reward config. With a known task id the strict outcome comes from replaying the assistant "
                "messages in the task's sandbox. A rule-only reward needs no model.")
 EPILOG = """example:
   turnwise score data/logged/sop_warranty_claims.jsonl --env sop:data/sop/warranty_claims --per-turn"""
@@ -29,6 +29,13 @@ class ScoreArguments:
                 "folder, else default)."})
     per_turn: bool = field(default=False, metadata={"help": "Also print per-turn rewards and reasons."})
     out: Path | None = field(default=None, metadata={"help": "Write the breakdowns and summary as JSON to this file."})
+    format: str = field(default="auto", metadata={
+        "help": "The file's conversation format: auto (detected from the file), turnwise, openai or bedrock."})
+
+    def __post_init__(self) -> None:
+        from pipeline.conversations import check_format
+
+        check_format(self.format)
 
 
 def register(subparsers) -> None:
@@ -47,15 +54,17 @@ def run(args: argparse.Namespace) -> int:
     options, task_set, where = parse_options(
         (ScoreArguments, TaskSetArguments), args.options, prog="turnwise score", description=DESCRIPTION, epilog=EPILOG,
         positionals=[("file", {"type": Path, "metavar": "FILE.jsonl",
-                               "help": "JSONL of conversations (or of trajectory records)"})])
+                               "help": "JSONL of conversations (or of trajectory records): turnwise's format, "
+                                       "OpenAI chat or Bedrock Converse"})])
     if options.out is not None:
         writable_file(options.out, "--out")
     with trusted(task_set):
         reward, by_id = reward_and_tasks(options.reward, task_set.env)
-        conversations = load_conversations(where.file, by_id)
+        conversations = load_conversations(where.file, by_id, format=options.format)
         if not conversations:
             raise ValueError(f"{where.file} holds no conversations.")
-        report = score_conversations(reward, conversations, source=str(where.file))
+        fmt = conversations[0].trajectory.metadata.get("format", "turnwise")
+        report = score_conversations(reward, conversations, source=f"{where.file} (format {fmt})")
     print(report.to_text(per_turn=options.per_turn))
     for row in report.rows:
         for warning in row["warnings"]:

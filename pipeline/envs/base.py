@@ -29,6 +29,7 @@ from pipeline.chat import (
     parse_tool_calls,
     tool_error_message,
     tool_result_message,
+    tools_prompt,
     validate_arguments,
 )
 
@@ -273,6 +274,11 @@ class ToolEnvironment:
     - ``_on_message(text)``: answer a non-tool assistant message; return ``(messages, stop_reason)``.
     - ``_judge(stop_reason)``: the strict :class:`Outcome`.
     - ``_before_tool(call, turn)``: optional; may refuse a call by raising :class:`ToolError`.
+
+    ``tool_protocol`` says who tells the agent about the tools: ``"text"`` (the default) lists them in the
+    system prompt with turnwise's ``<tool_call>`` protocol (:meth:`tools_section`); ``"native"`` leaves them
+    out, because the model's chat template renders the specs (``tool_schemas``) itself. Either way
+    ``step`` reads the protocol's text: the rollout engine parses a model's native calls into it.
     """
 
     def __init__(self, max_turns: int = MAX_TURNS) -> None:
@@ -282,7 +288,20 @@ class ToolEnvironment:
         self.task: Task | None = None
         self.turn = 0
         self.stop_reason: str | None = None
+        self.tool_protocol = "text"
         self._tool_table: dict[str, Tool] = {}
+
+    def set_tool_protocol(self, protocol: str) -> None:
+        """``"text"`` or ``"native"`` (see the class docstring); takes effect at the next :meth:`reset`."""
+        if protocol not in ("text", "native"):
+            raise ValueError(f"tool protocol must be 'text' or 'native', got {protocol!r}.")
+        self.tool_protocol = protocol
+
+    def tools_section(self, schemas: list[dict] | None = None) -> str:
+        """The system prompt's tool section: turnwise's protocol and the tool list, or ``""`` in native mode."""
+        if self.tool_protocol == "native":
+            return ""
+        return tools_prompt(self.tool_schemas if schemas is None else schemas)
 
     # -- the loop -------------------------------------------------------------------------------
     def reset(self, task: Task, seed: int = 0) -> list[dict]:

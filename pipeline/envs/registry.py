@@ -84,6 +84,10 @@ class Domain:
     - ``default_reward``: the reward config (a shipped name or a path) used when none is named.
     - ``evidence``: what the reward's rule scorers need (:class:`EvidenceRules`).
     - ``default_customer``: the user-simulator factory the environment uses unless given another.
+    - ``llm_customer(backend)``: the domain's LLM customer on a chat backend (a :func:`pipeline.llm.make_backend`
+      spec: ``hf:MODEL``, ``bedrock:MODEL_ID``, ``openai:MODEL@URL``): a user-simulator factory, what the
+      environment's ``customer=`` takes. ``--customer llm:BACKEND`` and a recipe's ``customer:`` key reach it
+      through :func:`customer_factory`; ``None`` when the domain has no LLM customer.
     - ``hacks``: scripted reward-hacking policies ``name -> (task -> policy)`` for the reward audit.
     - ``trust_environment(spec)``: the environment variables that grant trust to code a task spec brings
       (an SOP folder's tools.py) for ``--trust-tools``; ``{}`` when the spec brings none. ``None`` for a
@@ -99,6 +103,7 @@ class Domain:
     default_reward: str = "default"
     evidence: EvidenceRules = field(default_factory=EvidenceRules)
     default_customer: Callable[..., Any] | None = None
+    llm_customer: Callable[[str], Callable[..., Any]] | None = None
     hacks: Mapping[str, Callable[["Task"], Policy]] = field(default_factory=dict)
     trust_environment: Callable[[str | None], Mapping[str, str]] | None = None
     default: bool = False
@@ -258,3 +263,46 @@ def domain_of(spec: str | None) -> Domain | None:
     """The domain a task spec or ``--env`` value belongs to, when it names one (else ``None``: a file path)."""
     resolved = resolve(spec)
     return resolved[0] if resolved is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Customers by spec
+# ---------------------------------------------------------------------------------------------------
+
+#: How a command names the simulated customer: the domain's scripted one, or its LLM one on a chat backend.
+CUSTOMER_SPECS = "scripted or llm:BACKEND (BACKEND: hf:MODEL, bedrock:MODEL_ID or openai:MODEL@URL)"
+_LLM_CUSTOMERS: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
+def check_customer_spec(spec: str | None) -> str | None:
+    """``spec`` if it names a customer (see :data:`CUSTOMER_SPECS`), checked without loading or calling anything."""
+    if spec is None or spec == "scripted":
+        return spec
+    if not isinstance(spec, str) or not spec.startswith("llm:"):
+        raise ValueError(f"unknown customer {spec!r}: use {CUSTOMER_SPECS}.")
+    from pipeline.llm import check_backend_spec
+
+    try:
+        check_backend_spec(spec[len("llm:"):])
+    except ValueError as exc:
+        raise ValueError(f"customer {spec!r}: {exc}") from None
+    return spec
+
+
+def customer_factory(domain: Domain, spec: str | None) -> Callable[..., Any] | None:
+    """The user-simulator factory a customer spec names in ``domain`` (``None``: the domain's default).
+
+    ``llm:BACKEND`` asks the domain for its LLM customer (:attr:`Domain.llm_customer`); the factory is built
+    once per domain and backend in a process, so a local model loads once, not once per episode.
+    """
+    check_customer_spec(spec)
+    if spec is None or spec == "scripted":
+        return None
+    backend = spec[len("llm:"):]
+    if domain.llm_customer is None:
+        raise ValueError(f"customer {spec!r}: the {domain.name!r} domain has no LLM customer (its Domain record sets "
+                         "no llm_customer); leave --customer out for this domain.")
+    key = (domain.name, backend)
+    if key not in _LLM_CUSTOMERS:
+        _LLM_CUSTOMERS[key] = domain.llm_customer(backend)
+    return _LLM_CUSTOMERS[key]

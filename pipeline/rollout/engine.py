@@ -7,6 +7,19 @@ re-tokenised: the sampled ids are appended as sampled, and the environment's rep
 chat template renders it, by tokenising only the text the template adds after the assistant message.
 The engine records what training needs: the sampled ids, their sampling-time logprobs, the assistant
 mask and each turn's token span (a :class:`~pipeline.trajectory.TokenData`).
+
+Rendering and encoding go through :class:`~pipeline.templates.ChatTemplate`, in either tool protocol:
+
+- **text** (turnwise's ``<tool_call>`` protocol, for templates without tool support such as the embedded
+  SmolLM2's): the environment's system prompt lists the tools, and the messages are rendered as they are;
+- **native** (``tool_calling="auto"`` on a template with tool support, or ``"native"``): the environment
+  leaves the tools out of its prompt, the template gets them as ``tools=``, the sampled text is parsed in the
+  template's format (:mod:`pipeline.native_tools`), and the conversation the template renders holds the
+  calls as ``tool_calls`` and the results as ``tool`` messages answering them by id. The trajectory's
+  ``messages`` stay in the protocol's canonical text, which rewards and evaluation read.
+
+In both, environment text can never become a control token (a forged ``<|im_end|>`` is encoded as its
+characters), and the trained ids are the sampled ids.
 """
 
 from __future__ import annotations
@@ -16,12 +29,10 @@ from typing import Callable, Sequence
 
 from pipeline.budgets import MAX_NEW_TOKENS, MAX_TOTAL_TOKENS
 from pipeline.envs.base import Environment, Task
+from pipeline.native_tools import TEXT, NativeReply, ToolFormat, tool_call_entries
 from pipeline.rollout.backends import Generation, GenerationRequest
+from pipeline.templates import ChatTemplate, TemplateError
 from pipeline.trajectory import TokenData, Trajectory, Turn
-
-
-class TemplateError(ValueError):
-    """The chat template is not prefix-preserving, so incremental tokenisation cannot be exact."""
 
 
 @dataclass
@@ -37,6 +48,9 @@ class _Episode:
     spans: list[tuple[int, int]] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     done: bool = False
+    chat: list[dict] = field(default_factory=list)  # the conversation as the template renders it (native tool_calls)
+    tools: list[dict] | None = None  # the tool specs the template is given (native tool calling)
+    fmt: ToolFormat = TEXT  # the episode's tool protocol: the template's native format, or turnwise's text
 
 
 class RolloutEngine:
@@ -54,18 +68,37 @@ class RolloutEngine:
     """
 
     def __init__(self, backend, tokenizer, max_new_tokens: int = MAX_NEW_TOKENS, max_total_tokens: int = MAX_TOTAL_TOKENS,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, tool_calling: str = "auto") -> None:
         self.backend, self.tokenizer = backend, tokenizer
         self.max_new_tokens, self.max_total_tokens = max_new_tokens, max_total_tokens
         self.batch_size = batch_size
-        eos = tokenizer.eos_token
-        self.end_of_turn = eos if isinstance(eos, str) else ""
+        self.template = ChatTemplate(tokenizer, tool_calling)
+        self.tool_calling = tool_calling
+        self.end_of_turn = self.template.end_of_turn
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def _render(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        return self.template.render(messages, generation_prompt, tools)
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.template.encode(text)
+
+    def _open(self, env_factory: Callable[[Task], Environment], task: Task, seed: int) -> _Episode:
+        """A new episode: its environment reset in the engine's tool protocol, its opening rendered and encoded."""
+        env = env_factory(task)
+        fmt = self.template.tool_format
+        if fmt.native and not callable(getattr(env, "set_tool_protocol", None)):
+            if self.tool_calling == "native":
+                raise TypeError(f"{type(env).__name__} cannot leave its tool instructions to the chat template (it has "
+                                "no set_tool_protocol); run this model with tool_calling='text' or 'auto'.")
+            fmt = TEXT  # an environment that speaks only the text protocol (auto: the template's tools stay unused)
+        if fmt.native:
+            env.set_tool_protocol("native")
+        messages = env.reset(task, seed=seed)
+        tools = list(env.tool_schemas) if fmt.native else None
+        rendered = self._render(messages, True, tools)
+        ids = self._encode(rendered)
+        return _Episode(task, seed, env, messages, rendered, ids, [0] * len(ids), [0.0] * len(ids),
+                        chat=[dict(m) for m in messages], tools=tools, fmt=fmt)
 
     def run(self, env_factory: Callable[[Task], Environment], tasks: Sequence[Task], seeds: Sequence[int] | int = 0,
             on_turn: Callable[[int, int], None] | None = None) -> list[Trajectory]:
@@ -77,13 +110,7 @@ class RolloutEngine:
         return trajectories
 
     def _run_batch(self, env_factory, tasks, seeds, on_turn) -> list[Trajectory]:
-        episodes = []
-        for task, seed in zip(tasks, seeds):
-            env = env_factory(task)
-            messages = env.reset(task, seed=seed)
-            rendered = self._render(messages, True)
-            ids = self._encode(rendered)
-            episodes.append(_Episode(task, seed, env, messages, rendered, ids, [0] * len(ids), [0.0] * len(ids)))
+        episodes = [self._open(env_factory, task, seed) for task, seed in zip(tasks, seeds)]
         keys = [object() for _ in episodes]
         while True:
             live = [i for i, e in enumerate(episodes) if not e.done]
@@ -119,27 +146,33 @@ class RolloutEngine:
         episode.mask = episode.mask + [1] * len(sampled)
         episode.logprobs = episode.logprobs + list(gen.logprobs)
         episode.spans.append((start, len(episode.ids)))
-        step = episode.env.step(text)
-        episode.turns.append(Turn(index=len(episode.turns), assistant=text, env_messages=step.messages,
+        fmt = episode.fmt
+        reply = fmt.parse(text)
+        said = fmt.environment_text(text, reply)  # the protocol text the environment reads
+        step = episode.env.step(said)
+        episode.turns.append(Turn(index=len(episode.turns), assistant=said, env_messages=step.messages,
                                   info=step.info, completion_ids=list(sampled), logprobs=list(gen.logprobs),
                                   truncated=gen.truncated))
-        episode.messages = [*episode.messages, {"role": "assistant", "content": text}, *step.messages]
+        episode.messages = [*episode.messages, {"role": "assistant", "content": said}, *step.messages]
         if step.done:
             self._finish(episode, key)
             return
         # Text the template puts after the sampled tokens: the end of the assistant message (minus the
         # end-of-turn token when the model sampled it), the environment's messages and the next
         # generation prompt. Only this text is tokenised.
-        with_assistant = self._render(episode.messages[: len(episode.messages) - len(step.messages)], False)
-        after = self._render(episode.messages, True)
-        head = episode.rendered + text
-        if not with_assistant.startswith(head) or not after.startswith(with_assistant):
+        assistant, with_assistant, tail = self._assistant_message(episode, text, reply, len(step.messages))
+        replies = [dict(m) for m in step.messages]
+        if "tool_calls" in assistant:  # each result answers its call by id
+            for message, entry in zip(replies, assistant["tool_calls"]):
+                message["tool_call_id"] = entry["id"]
+        episode.chat = [*episode.chat, assistant, *replies]
+        after = self._render(episode.chat, True, episode.tools)
+        if not after.startswith(with_assistant):
             raise TemplateError(
                 "The chat template does not render conversations prefix-preservingly (a later message changes "
                 "how earlier ones are rendered), so sampled tokens cannot be kept exactly. Use a template "
                 "without such rewriting (for example, one that does not strip or rewrite past assistant turns)."
             )
-        tail = with_assistant[len(head) :]
         if stopped and self.end_of_turn and tail.startswith(self.end_of_turn):
             tail = tail[len(self.end_of_turn) :]
         added = self._encode(tail + after[len(with_assistant) :])
@@ -147,6 +180,25 @@ class RolloutEngine:
         episode.mask = episode.mask + [0] * len(added)
         episode.logprobs = episode.logprobs + [0.0] * len(added)
         episode.rendered = after
+
+    def _assistant_message(self, episode: _Episode, text: str, reply: NativeReply,
+                           n_replies: int) -> tuple[dict, str, str]:
+        """The sampled message as the template renders it, the conversation rendered up to it, and the tail.
+
+        Natively, well-formed calls become a ``tool_calls`` message when the template writes them back exactly
+        as sampled (and the environment answered each call with one message); otherwise, and in text mode,
+        the message is the sampled text itself (see :meth:`ChatTemplate.continuation`).
+        """
+        template = self.template
+        if reply.calls is not None and episode.fmt.native and episode.fmt.can_render(
+                reply.content, reply.calls) and n_replies == len(reply.calls):
+            native = {"role": "assistant", "content": reply.content,
+                      "tool_calls": tool_call_entries(reply.calls, len(episode.turns) - 1)}
+            rendered = self._render([*episode.chat, native], False, episode.tools)
+            if rendered.startswith(episode.rendered + text):
+                return native, rendered, rendered[len(episode.rendered + text):]
+        plain = {"role": "assistant", "content": text}
+        return (plain, *template.continuation(episode.chat, plain, episode.rendered, text, episode.tools))
 
     def _finish(self, episode: _Episode, key, truncated: bool = False) -> None:
         if truncated and hasattr(episode.env, "mark_truncated"):

@@ -106,8 +106,10 @@ class EpisodeRollout:
     def play(self, backend, trainer, tasks: Sequence[Task], seeds: Sequence[int]) -> list[Trajectory]:
         """Play one episode per task on ``backend``, every live episode's turn in one backend call."""
         engine = RolloutEngine(backend, trainer.processing_class, max_new_tokens=self.config.max_new_tokens,
-                               max_total_tokens=self.config.max_total_tokens, batch_size=max(1, len(tasks)))
-        return engine.run(lambda t: make_env(t, max_turns=self.config.max_turns), tasks, seeds)
+                               max_total_tokens=self.config.max_total_tokens, batch_size=max(1, len(tasks)),
+                               tool_calling=self.config.tool_calling)
+        return engine.run(lambda t: make_env(t, max_turns=self.config.max_turns, customer=self.config.customer),
+                          tasks, seeds)
 
 
 def episode_total(breakdown: Any) -> float:

@@ -46,8 +46,10 @@ class ValidationCallback(TrainerCallback):
 
     def __init__(self, trainer: "GRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
                  max_new_tokens: int, patience: int = 3, best_dir: Path | None = None,
-                 best: dict[str, Any] | None = None, reward_fn: Callable[[Trajectory], Any] | None = None) -> None:
+                 best: dict[str, Any] | None = None, reward_fn: Callable[[Trajectory], Any] | None = None,
+                 episodes: dict[str, Any] | None = None) -> None:
         self.trainer, self.tasks, self.every = trainer, list(tasks), every
+        self.episodes = episodes or {}  # how episodes are played (customer, tool_calling), as in training
         self.max_turns, self.max_new_tokens, self.patience = max_turns, max_new_tokens, patience
         self.reward_fn = reward_fn
         self.history: list[tuple[float, float]] = []  # (train reward mean since last validation, val success)
@@ -64,7 +66,7 @@ class ValidationCallback(TrainerCallback):
         with generation_model(self.trainer) as model:  # parameters gathered under ZeRO-3 / FSDP2
             was_training = model.training
             report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
-                              max_new_tokens=self.max_new_tokens)
+                              max_new_tokens=self.max_new_tokens, **self.episodes)
             model.train(was_training)
         reward_fn = self.reward_fn or self.trainer.reward.reward_fn
         totals = [episode_total(reward_fn(t)) for t in report.trajectories]

@@ -31,6 +31,12 @@ class RolloutConfig(EpisodeBudget):
         "help": "In the loss, run the prefix every episode of a batch shares (the system prompt) once instead of "
                 "once per episode; same log-probs and gradients. Off with gradient checkpointing or several "
                 "processes, where the plain forward runs."})
+    tool_calling: str = field(default="auto", metadata={
+        "help": "How the model calls tools: auto (in its chat template's own format when the template supports tools, "
+                "else turnwise's <tool_call> text), native (fail without template support) or text."})
+    customer: str | None = field(default=None, metadata={
+        "help": "The simulated customer of training and validation episodes: scripted (the domain's default) or "
+                "llm:BACKEND, the domain's LLM customer on hf:MODEL, bedrock:MODEL_ID or openai:MODEL@URL."})
     backend: str = field(default="hf", metadata={
         "help": f"Generation backend for rollouts, by name: {', '.join(backend_names())} (pipeline.rollout.backends). "
                 "hf generates with the model being trained (CPU or GPU); vllm with TRL's vLLM engine, kept in step "
@@ -38,7 +44,17 @@ class RolloutConfig(EpisodeBudget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from pipeline.envs.registry import check_customer_spec
+        from pipeline.native_tools import TOOL_CALLING
+
         check_backend_name(self.backend, "RolloutConfig.backend")
+        if self.tool_calling not in TOOL_CALLING:
+            raise ValueError(f"RolloutConfig.tool_calling must be one of {', '.join(TOOL_CALLING)}, got "
+                             f"{self.tool_calling!r}.")
+        try:
+            check_customer_spec(self.customer)
+        except ValueError as exc:
+            raise ValueError(f"RolloutConfig.customer: {exc}") from None
         try:
             get_estimator(self.advantage)
         except ValueError as exc:

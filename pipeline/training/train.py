@@ -83,7 +83,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     foothold = None
     if task_args.foothold_tasks and checkpoint is None:
         foothold = check_foothold(model, tokenizer, all_val[: task_args.foothold_tasks], rollout_config.max_turns,
-                                  rollout_config.max_new_tokens)
+                                  rollout_config.max_new_tokens, episodes=episode_options(rollout_config))
     trainer = TurnwiseGRPOTrainer(model=model, processing_class=tokenizer, args=grpo_args,
                                   train_dataset=task_dataset(train_tasks), peft_config=peft_config, rollout=rollout,
                                   reward=reward, rollout_config=rollout_config)
@@ -92,7 +92,8 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     if best_dir is not None and checkpoint is not None and (best_dir / BEST_FILE).is_file():
         best = json.loads((best_dir / BEST_FILE).read_text())
     validation = ValidationCallback(trainer, val_tasks, task_args.val_every, rollout_config.max_turns,
-                                    rollout_config.max_new_tokens, best_dir=best_dir, best=best)
+                                    rollout_config.max_new_tokens, best_dir=best_dir, best=best,
+                                    episodes=episode_options(rollout_config))
     trainer.add_callback(validation)
     trainer.add_callback(SampleWriter(trainer))
     if task_args.resume and checkpoint is None:
@@ -136,16 +137,23 @@ FOOTHOLD_GUIDANCE = (
     "max_new_tokens, num_generations, temperature) so that some rollouts can succeed.")
 
 
-def check_foothold(model, tokenizer, tasks: Sequence[Task], max_turns: int, max_new_tokens: int) -> dict[str, Any]:
+def episode_options(config: RolloutConfig) -> dict[str, Any]:
+    """How training plays episodes, as :func:`pipeline.evaluation.evaluate` takes it: validation plays them alike."""
+    return {"customer": config.customer, "tool_calling": config.tool_calling}
+
+
+def check_foothold(model, tokenizer, tasks: Sequence[Task], max_turns: int, max_new_tokens: int,
+                   episodes: dict[str, Any] | None = None) -> dict[str, Any]:
     """The foothold check: the starting policy's greedy success on ``tasks`` (a val sample), with the training
-    budgets. Warns, with guidance (:data:`FOOTHOLD_GUIDANCE`), when it is 0. Returns the numbers."""
+    budgets (and ``episodes``: :func:`episode_options`). Warns, with guidance (:data:`FOOTHOLD_GUIDANCE`), when it
+    is 0. Returns the numbers."""
     from pipeline.evaluation import evaluate
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
         report = evaluate((model, tokenizer), tasks, max_turns=max_turns, max_new_tokens=max_new_tokens,
-                          label="starting policy")
+                          label="starting policy", **(episodes or {}))
     model.train(was_training)
     m = report.metrics
     result = {"success": m["success"], "n_tasks": m["n_tasks"], "completion": m["completion"],

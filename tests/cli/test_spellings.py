@@ -46,7 +46,8 @@ def keep_torch_threads():
 
 EVAL = ["eval", "--policy", "oracle", "--tasks", "val", "--limit", "2", "--k", "1", "--n", "2", "--seed", "3",
         "--max-turns", "5", "--max-new-tokens", "7", "--max-total-tokens", "900", "--batch-size", "4", "--bootstrap",
-        "10", "--base", "oracle", "--reference", "oracle", "--env", "customer_service", "--no-html", "--threads", "1"]
+        "10", "--base", "oracle", "--reference", "oracle", "--env", "customer_service", "--no-html", "--threads", "1",
+        "--customer", "scripted", "--tool-calling", "text"]
 
 
 @pytest.mark.parametrize("spell", [lambda a: a, dashes_to_underscores], ids=["dashes", "underscores"])
@@ -55,7 +56,8 @@ def test_eval(spell, record, tmp_path):
 
     calls = record(command, "evaluate")
     assert main(spell([*EVAL, "--out", str(tmp_path / "report")])) == 0
-    [((who, how, task_set), _)] = calls
+    [((who, how, task_set, episodes), _)] = calls
+    assert (episodes.customer, episodes.tool_calling) == ("scripted", "text")
     assert (who.policy, who.base, who.reference, who.seed, who.out) == ("oracle", "oracle", ["oracle"], 3,
                                                                        tmp_path / "report")
     assert (how.split, how.limit, how.k, how.n, how.batch_size, how.bootstrap, how.html) == ("val", 2, 1, 2, 4, 10, False)
@@ -73,13 +75,14 @@ def test_eval_new_spellings_and_a_recipe(record, tmp_path):
     recipe = tmp_path / "eval.yaml"
     recipe.write_text("split: val\nlimit: 3\nmax_turns: 6\nreference: [oracle]\n")
     assert main(["eval", "--config", str(recipe), "--policy", "oracle", "--split", "test", "--html", "false"]) == 0
-    [((who, how, _), _)] = calls
+    [((who, how, _, _), _)] = calls
     assert (how.split, how.limit, how.max_turns, how.html, who.reference) == ("test", 3, 6, False, ["oracle"])
 
 
 AUDIT = ["audit", "--policy", "oracle", "--env", "customer_service", "--tasks", "val", "--limit", "3", "--k", "2",
          "--seed", "1", "--max-turns", "9", "--max-new-tokens", "11", "--hacks", "--hack-tasks", "5", "--probe-tasks",
-         "2", "--high-reward", "0.7", "--max-zero-variance", "0.25", "--reward", "default"]
+         "2", "--high-reward", "0.7", "--max-zero-variance", "0.25", "--reward", "default", "--customer", "scripted",
+         "--tool-calling", "native"]
 
 
 @pytest.mark.parametrize("spell", [lambda a: a, dashes_to_underscores], ids=["dashes", "underscores"])
@@ -88,7 +91,8 @@ def test_audit(spell, record, tmp_path):
 
     calls = record(command, "run_audit")
     assert main(spell([*AUDIT, "--out", str(tmp_path / "audit")])) == 0
-    [((options, config, task_set), _)] = calls
+    [((options, config, task_set, episodes), _)] = calls
+    assert (episodes.customer, episodes.tool_calling) == ("scripted", "native")
     assert (options.policy, options.split, options.limit, options.k, options.seed, options.reward) == (
         "oracle", "val", 3, 2, 1, "default")
     assert (options.max_turns, options.max_new_tokens, options.out) == (9, 11, tmp_path / "audit")
@@ -170,11 +174,12 @@ def test_demo(spell, record, tmp_path, monkeypatch):
                "report": {"html": "r.html", "markdown": "r.md"}, "paths": {"log": "l", "summary": "s"}}
     calls = record(demo, "run", summary)
     argv = ["demo", "--config", "configs/cpu_full.yaml", "--seed", "3", "--model", "smollm2-135m", "--output-dir",
-            str(tmp_path / "demo"), "--resume", "--threads", "1"]
+            str(tmp_path / "demo"), "--resume", "--threads", "1", "--customer", "llm:hf:smollm2-135m"]
     assert main(spell(argv)) == 0
     [((recipe,), kwargs)] = calls
     assert recipe == Path("configs/cpu_full.yaml")
-    assert kwargs == {"output_dir": tmp_path / "demo", "model": "smollm2-135m", "seed": 3, "resume": True}
+    assert kwargs == {"output_dir": tmp_path / "demo", "model": "smollm2-135m", "seed": 3, "resume": True,
+                      "customer": "llm:hf:smollm2-135m"}
 
 
 @pytest.mark.parametrize("spell", [lambda a: a, dashes_to_underscores], ids=["dashes", "underscores"])

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.budgets import MAX_TURNS
-from pipeline.chat import ToolCall, ToolError, tools_prompt
+from pipeline.chat import ToolCall, ToolError
 from pipeline.envs.base import BUDGET_STOPS, Outcome, Task, Tool, ToolEnvironment, collect_tools, episode_rng
 from pipeline.envs.customer_service.db import Database, state_changes
 from pipeline.envs.customer_service.policy import CONFIRMABLE_ACTIONS, Session
@@ -73,7 +73,7 @@ class CustomerServiceEnv(ToolEnvironment):
         return collect_tools(RetailTools(self.db, self.session))
 
     def _system_prompt(self) -> str:
-        return f"{INSTRUCTIONS}\n\n{sop_text().strip()}\n\n{tools_prompt(self.tool_schemas)}"
+        return "\n\n".join(part for part in (INSTRUCTIONS, sop_text().strip(), self.tools_section()) if part)
 
     def _before_tool(self, call: ToolCall, spec: Tool, turn: int) -> None:
         self.session.turn = turn

@@ -16,10 +16,16 @@ What stays rule-based, and why: the environment's policy needs to know *which* a
 agreed to before any change. A free-text "sure" must not authorise an action the task does not allow,
 so consent is decided here, not by the model: the agent's message must propose an action
 (:meth:`ScriptedCustomer.proposed`), that action must be one the current goals accept, and the reply
-must start affirmatively. The model ends the conversation with a marker (``[DONE]`` when satisfied,
-``[LEAVE]`` when giving up), which is stripped from the text; and the customer leaves after
-``patience`` agent turns in a row that change nothing in the sandbox and get no consent, so a broken
-agent cannot keep an LLM customer talking until the turn budget runs out.
+must start affirmatively.
+
+When the conversation ends follows the scripted customer's rules, not the model's mood: the customer says
+goodbye once every goal is met (done in the sandbox and told, the scripted customer's check), or leaves
+once its patience is gone (``patience`` agent turns in a row that change nothing in the sandbox and get no
+consent, so a broken agent cannot keep an LLM customer talking until the turn budget runs out). The model's
+end markers (``[DONE]`` when satisfied, ``[LEAVE]`` when giving up) are stripped, and honoured only then.
+Before that, a reply that ends the conversation anyway loses its goodbye: the known failure of LLM user
+simulators is to agree to an action and say goodbye in one breath ("Yes, please cancel it. Thanks, bye!"),
+which would end the episode before the agent can act; here the consent counts and the conversation goes on.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ if TYPE_CHECKING:
     from pipeline.llm import LLMBackend
 
 DONE, LEAVE = "[DONE]", "[LEAVE]"
+#: A sentence that ends the conversation (dropped while the customer may not leave yet).
+_GOODBYE = re.compile(r"\b(good ?-?bye|bye|farewell|have a (nice|good|great|lovely) (day|one|evening)|that'?s all "
+                      r"(i need(ed)?|for (now|today))|talk (to you )?later|see you|i'?m done|i'?ll take my business)\b",
+                      re.IGNORECASE)
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*\s*|\n+")
+GOODBYE = "Thanks, that's everything I needed. Goodbye!"
+STILL_WAITING = "I'm still waiting. {goal}"
 _AFFIRMATIVE = re.compile(r"^\W*(yes|yeah|yep|sure|ok|okay|please do|please go ahead|go ahead|that's fine|"
                           r"that works|sounds good|do it|correct|absolutely|alright)\b", re.IGNORECASE)
 STYLES = {
@@ -132,16 +145,21 @@ class LLMCustomer:
         changed = self._last_state is not None and state != self._last_state
         self._last_state = dict(state)
         self.history.append({"role": "user", "content": agent_text})
-        text, stop = _strip_markers(self._say())
+        text, _ = _strip_markers(self._say())
         confirmed = self.consent(agent_text, text)
         if changed or confirmed:
             self._frustration = 0
         else:
             self._frustration += 1
-        if stop is None and self._frustration >= self.patience:
-            stop = "user_left"
-            text = (text + " " if text else "") + "I've had enough, goodbye."
-        return SimulatorReply(text or "...", stop=stop, confirmed_action=confirmed)
+        if all(self.goal_met(state, i) for i in range(len(self.goals))):  # what it came for: done and told
+            return SimulatorReply(text if _GOODBYE.search(text) else f"{text} {GOODBYE}".strip(), stop="resolved")
+        if self._frustration >= self.patience:
+            return SimulatorReply((text + " " if text else "") + "I've had enough, goodbye.", stop="user_left")
+        # Not done, and still patient: a goodbye now would end the episode before the agent can act on what the
+        # customer just agreed to, so it is dropped (the model's end markers are refused).
+        staying = without_goodbye(text)
+        return SimulatorReply(staying or STILL_WAITING.format(goal=goal_opening(self.goals[self.goal_index])),
+                              confirmed_action=confirmed)
 
     def consent(self, agent_text: str, reply: str) -> str | None:
         """The action the customer agreed to in ``reply``, if the agent proposed one the goals allow."""
@@ -149,6 +167,15 @@ class LLMCustomer:
             return None
         allowed = {a for goal in self.goals for a in goal.get("accept", [])}
         return next((a for a in ScriptedCustomer.proposed(agent_text) if a in allowed), None)
+
+
+def without_goodbye(text: str) -> str:
+    """``text`` without the sentences that end the conversation.
+
+    >>> without_goodbye("Yes, please cancel it. Thanks, bye!")
+    'Yes, please cancel it.'
+    """
+    return "".join(s for s in _SENTENCE.findall(text) if not _GOODBYE.search(s)).strip()
 
 
 def _strip_markers(text: str) -> tuple[str, str | None]:

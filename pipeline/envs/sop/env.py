@@ -242,7 +242,8 @@ class SopEnv(ToolEnvironment):
                  f"fields {', '.join(columns)}, inside the tags, like this:\n{_final_example(columns)}\n"
                  "It ends the case and cannot be changed afterwards. If the SOP gives no value for a field, use null.")
         schemas = [spec.schema for spec in self.folder.specs.values()]  # the specs as written, whatever is enforced
-        return f"{INSTRUCTIONS}\n\n# SOP\n{self.folder.sop}\n\n{_tools_section(schemas)}\n\n{final}"
+        tools = _tools_section(schemas) if self.tool_protocol == "text" else ""  # native: the template lists them
+        return "\n\n".join(part for part in (INSTRUCTIONS, f"# SOP\n{self.folder.sop}", tools, final) if part)
 
     def _run_tools(self, calls: list[ToolCall | ToolCallError], turn: int, info: dict) -> list[dict]:
         """The shared loop's tool turn, plus each call's mismatches with its spec's schema in ``info``."""
