@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.rollout.backends.kv_cache import cache_argument, returned_cache
+from pipeline.rollout.backends.kv_cache import cache_argument, returned_cache, shared_prefix_length
 from pipeline.training.lm_head import IGNORE_INDEX, scored_log_probs
 
 MIN_SHARED_PREFIX = 16  # tokens; below this the loss runs every row whole
@@ -86,3 +86,44 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
         return values.gather(1, index).masked_fill(~valid, 0.0)
 
     return gather(logps), gather(entropies) if compute_entropy else None
+
+
+def shared_prefix_lm_output(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                            share: bool = True, temperature: float = 1.0):
+    """What TRL's fused LM head returns for ``model(input_ids, attention_mask, labels, fused_lm_head=True)`` (a
+    ``FusedCausalLMOutput`` with ``loss``, ``log_probs``, ``entropy``, ``is_top1`` and ``label_mask``, each
+    (B, L - 1)), computing the prefix the rows share once and the LM head only at labelled positions.
+
+    ``input_ids``, ``attention_mask`` and ``labels`` are (B, L) in SFT's layout: right-padded rows, labels
+    ``-100`` where nothing is learnt (position ``t`` of the outputs scores ``labels[:, t + 1]``). With
+    ``share``, the longest prefix all rows' real tokens share, cut so that it ends before the first
+    labelled token's context is needed, runs once (when it is at least :data:`MIN_SHARED_PREFIX` tokens)
+    and its KV cache is repeated over the rows; values and gradients equal the full forward's.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    rows, width = input_ids.shape
+    shifted = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+    scored = shifted != IGNORE_INDEX
+    prefix = 0
+    if share and rows > 1 and scored.any():
+        lengths = attention_mask.sum(1).tolist()
+        first = int(scored.any(0).nonzero()[0])  # output position t needs the hidden state of token t
+        prefix = min(shared_prefix_length([row[:n].tolist() for row, n in zip(input_ids, lengths)]), first)
+        prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    decoder = decoder_of(model)
+    if prefix:
+        cache = returned_cache(decoder(input_ids=input_ids[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
+                                       use_cache=True))
+        cache.batch_repeat_interleave(rows)
+        hidden = decoder(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, use_cache=False,
+                         **{cache_argument(model): cache}).last_hidden_state
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    logps, entropy, top1 = scored_log_probs(model, hidden[:, :-1], shifted[:, prefix:], temperature=temperature,
+                                            with_entropy=True, with_top1=True)
+    if prefix:  # the prefix's positions score nothing: zeros, as the fused head gives them
+        logps, entropy = (torch.nn.functional.pad(x, (prefix, 0)) for x in (logps, entropy))
+        top1 = torch.nn.functional.pad(top1, (prefix, 0), value=False)
+    loss = -logps.sum() / scored.sum().clamp(min=1)
+    return FusedCausalLMOutput(loss=loss, log_probs=logps, entropy=entropy, is_top1=top1, label_mask=scored)
