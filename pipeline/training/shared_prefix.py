@@ -11,12 +11,53 @@ the loss (``RolloutConfig.share_prefix`` for the first; the second always, on on
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from pipeline.rollout.backends.kv_cache import cache_argument, returned_cache, shared_prefix_length
 from pipeline.training.lm_head import IGNORE_INDEX, scored_log_probs
 
 MIN_SHARED_PREFIX = 16  # tokens; below this the loss runs every row whole
+GQA_ATTENTION = "turnwise_masked_gqa_sdpa"
+
+
+def masked_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except that a masked call keeps the keys and values at their own heads
+    (``enable_gqa``) instead of repeating them to the query heads: on a CPU, where transformers repeats
+    them, the rows' remainders would otherwise save (rows, query heads, prefix + remainder, head dim) keys
+    and values for backward, a gigabyte at four rows of the 135M model. Unmasked calls are transformers'."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask[:, :, :, : key.shape[-2]], dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def cpu_gqa_attention(model):
+    """Run ``model``'s SDPA attention through :func:`masked_gqa_sdpa` for the duration, on a CPU (whose SDPA
+    kernel takes grouped keys with a mask; CUDA's would fall back to its slow path). Elsewhere, and for
+    other attention implementations, nothing changes. Registered with transformers on first use."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    if config._attn_implementation != "sdpa" or next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    if AttentionInterface().get(GQA_ATTENTION) is not masked_gqa_sdpa:
+        AttentionInterface.register(GQA_ATTENTION, masked_gqa_sdpa)
+        AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)  # the masks SDPA takes
+    config._attn_implementation = GQA_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def decoder_of(model):
@@ -76,8 +117,9 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
         mask[i, prefix: prefix + n] = 1
         at = index[i][valid[i]]
         labels[i, at] = suffix[i, at + 1]
-    hidden = decoder(input_ids=suffix, attention_mask=mask, use_cache=False,
-                     **{cache_argument(model): cache}).last_hidden_state
+    with cpu_gqa_attention(model):
+        hidden = decoder(input_ids=suffix, attention_mask=mask, use_cache=False,
+                         **{cache_argument(model): cache}).last_hidden_state
     logps, entropies, _ = scored_log_probs(model, hidden, labels, temperature=temperature,
                                            with_entropy=compute_entropy)
     index = index.clamp(max=length - 1)
@@ -116,8 +158,9 @@ def shared_prefix_lm_output(model, input_ids: torch.Tensor, attention_mask: torc
         cache = returned_cache(decoder(input_ids=input_ids[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
                                        use_cache=True))
         cache.batch_repeat_interleave(rows)
-        hidden = decoder(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, use_cache=False,
-                         **{cache_argument(model): cache}).last_hidden_state
+        with cpu_gqa_attention(model):
+            hidden = decoder(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, use_cache=False,
+                             **{cache_argument(model): cache}).last_hidden_state
     else:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     logps, entropy, top1 = scored_log_probs(model, hidden[:, :-1], shifted[:, prefix:], temperature=temperature,

@@ -110,3 +110,36 @@ def test_the_grpo_loss_and_its_gradients_equal_trls(batch):
     for a, b in zip(ours[2], reference[2]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     assert trainer._scored_positions is None  # the positions are known only for the duration of the call
+
+
+def test_masked_gqa_attention_equals_transformers_sdpa_and_is_switched_on_for_the_block_only(tiny_model_dir):
+    """The remainders' attention keeps grouped keys and values at their own heads; with a mask it computes
+    transformers' SDPA attention (which repeats them to the query heads), gradients included, and the model
+    is back on SDPA after the block."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeline.models import load_model
+    from pipeline.training.shared_prefix import GQA_ATTENTION, cpu_gqa_attention, masked_gqa_sdpa
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    q = torch.randn(2, 6, 5, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, requires_grad=True) for _ in range(2))
+    mask = torch.ones(2, 1, 5, 9, dtype=torch.bool).tril(diagonal=4)
+    mask[1, :, :, :3] = False  # a row that does not see the first keys
+    outs = []
+    for fn in (masked_gqa_sdpa, sdpa_attention_forward):
+        out, _ = fn(module, q, k, v, mask, scaling=0.3)
+        grads = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out)).sum(), (q, k, v))
+        outs.append((out, grads))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b)
+
+    model, _ = load_model(str(tiny_model_dir))
+    assert model.config._attn_implementation == "sdpa"
+    with cpu_gqa_attention(model):
+        assert model.config._attn_implementation == GQA_ATTENTION
+    assert model.config._attn_implementation == "sdpa"
