@@ -149,3 +149,11 @@ def test_unscored_positions_get_no_gradient_and_an_empty_selection_still_backpro
     empty, _, _ = scored_log_probs(model, hidden, torch.full((2, 6), -100))
     assert empty.shape == (2, 6) and not empty.any()
     empty.sum().backward()  # no error: still connected to the graph
+
+
+def test_doctests():
+    import doctest
+
+    import pipeline.training.lm_head as module
+
+    assert doctest.testmod(module).failed == 0
