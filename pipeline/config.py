@@ -4,16 +4,22 @@ A run is described by four dataclasses: :class:`TaskArguments` (which tasks, val
 :class:`~pipeline.training.RolloutConfig` (how episodes are played and credited), TRL's ``GRPOConfig``
 (optimiser, loss type, ``num_iterations``, ``beta``, checkpoints, ``report_to``) and TRL's ``ModelConfig``
 (model and LoRA). YAML recipes go through TRL's ``TrlParser``; command-line flags override the YAML.
+
+A recipe never grants trust to an SOP folder's tools.py: ``trust_tools`` in a recipe, and a recipe ``env:``
+block (which TRL's parser copies into the process environment) that sets ``TURNWISE_TRUST_TOOLS``, are
+refused before anything else is read (:func:`refuse_recipe_trust`). Trust is the ``--trust-tools`` flag of
+one command, for the folders that command's tasks name (:mod:`pipeline.envs.sop.trust`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-TRUST_ENV = "TURNWISE_TRUST_TOOLS"  # as pipeline.envs.sop.folder.TRUST_ENV (not imported: keeps this module light)
+TRUST_ENV = "TURNWISE_TRUST_TOOLS"  # as pipeline.envs.sop.trust.TRUST_ENV (not imported: keeps this module light)
 
 
 @dataclass
@@ -24,7 +30,8 @@ class TaskArguments:
     env: str | None = field(default=None, metadata={
         "help": "Overrides tasks; the flag `turnwise eval`, audit and score use (--env sop:data/sop/warranty_claims)."})
     trust_tools: bool = field(default=False, metadata={
-        "help": "Run an SOP folder's tools.py (Python code); same as TURNWISE_TRUST_TOOLS=1."})
+        "help": "Run the tools.py (Python code) of the SOP folder(s) the tasks name, as it is now, for this run; a "
+                "command-line flag only (a recipe cannot set it). Accelerate workers inherit exactly this grant."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training tasks."})
     val_split: str = field(default="val", metadata={"help": "Held-out split for validation."})
@@ -61,8 +68,12 @@ class TaskArguments:
             self.tasks = self.env
         if self.reward_config is None:
             self.reward_config = domain_reward(self.tasks)
-        if self.trust_tools:  # the environment variable also reaches accelerate's worker processes
-            os.environ[TRUST_ENV] = "1"
+        if self.trust_tools:
+            # The grant names the folders and their tools.py digests, so that worker processes (which inherit the
+            # environment) trust exactly those, and nothing else this process or its children import.
+            from pipeline.envs.registry import trust_environment
+
+            os.environ.update(trust_environment(self.tasks))
 
 
 def domain_reward(tasks: str | None) -> str | None:
@@ -73,12 +84,54 @@ def domain_reward(tasks: str | None) -> str | None:
     return domain.default_reward if domain is not None else None
 
 
+def refuse_recipe_trust(recipe: Any, where: str) -> None:
+    """Raise ``ValueError`` when a recipe tries to grant trust to tools.py (see the module docstring)."""
+    if not isinstance(recipe, Mapping):
+        return
+    how = ("Trust is granted per command, for the folder the command names: add --trust-tools to the command line "
+           "(`turnwise train --config RECIPE.yaml --trust-tools`), or, for processes you start yourself, export "
+           f"{TRUST_ENV}=\"$(turnwise sop trust PATH)\". Read the folder's tools.py first: it runs with your "
+           "permissions.")
+    if "trust_tools" in recipe:
+        raise ValueError(f"{where}: trust_tools is set in the recipe, and a recipe cannot switch on running a "
+                         f"folder's tools.py (recipes are shared like data). Remove it. {how}")
+    env = recipe.get("env")
+    if isinstance(env, Mapping) and any(str(key).strip().upper() == TRUST_ENV for key in env):
+        raise ValueError(f"{where}: its env: block sets {TRUST_ENV}, and a recipe cannot switch on running a folder's "
+                         f"tools.py (recipes are shared like data). Remove it from env:. {how}")
+    for value in recipe.values():  # a pipeline recipe's stage sections
+        if isinstance(value, Mapping) and ("trust_tools" in value or "env" in value):
+            refuse_recipe_trust(value, where)
+
+
+def _recipe_in(argv: Sequence[str]) -> None:
+    """Refuse trust in the ``--config`` recipe of ``argv`` before TRL's parser applies its ``env:`` block."""
+    import yaml
+
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # TRL's parser reports an unreadable recipe itself
+        refuse_recipe_trust(recipe, f"recipe {path}")
+
+
 def parse_train_args(argv: Sequence[str] | None = None):
     """``(TaskArguments, RolloutConfig, GRPOConfig, ModelConfig)`` from ``--config FILE.yaml`` and flags."""
+    import sys
+
     from trl import GRPOConfig, ModelConfig, TrlParser
 
     from pipeline.training import RolloutConfig
 
+    _recipe_in(sys.argv[1:] if argv is None else argv)
     parser = TrlParser((TaskArguments, RolloutConfig, GRPOConfig, ModelConfig), prog="turnwise train")
     parser.set_defaults(bf16=hardware_bf16())  # a recipe or --bf16 still overrides it
     return parser.parse_args_and_config(list(argv) if argv is not None else None)
@@ -104,6 +157,8 @@ def parse_recipe(types: tuple, argv: Sequence[str] | None = None, config: dict |
     """
     from trl import TrlParser
 
+    refuse_recipe_trust(config, "the recipe")
+    _recipe_in(argv or [])
     parser = TrlParser(types, prog=prog)
     for layer, where in ((defaults, "turnwise defaults"), (config, "the recipe")):
         if layer:

@@ -1,11 +1,17 @@
 """Submit turnwise training jobs to SageMaker from a notebook or the shell, and follow them.
 
 `submit` packages the source tree (never ``.git``, virtual environments, caches, outputs or secrets),
-uploads it and any local input channels to S3, and calls ``CreateTrainingJob`` on the Hugging Face PyTorch
-training DLC. Inside the container the SageMaker training toolkit runs ``sagemaker_entry/train.py`` with
-the recipe as ``--config`` and the recipe's scalar values as hyperparameters, so a job's console page
-shows what it ran and a hyperparameter can be changed per job without editing the YAML. Everything is
-validated before anything is sent, and ``dry_run=True`` returns the request without sending it.
+uploads it and any local input channels to S3, and calls ``CreateTrainingJob`` on a Hugging Face PyTorch
+training DLC (`DLC_IMAGES`). Inside the container the SageMaker training toolkit runs
+``sagemaker_entry/train.py`` with the recipe as ``--config`` and the recipe's scalar values as
+hyperparameters, so a job's console page shows what it ran and a hyperparameter can be changed per job
+without editing the YAML. Everything is validated before anything is sent, against SageMaker's own rules
+(`validate_request`), and ``dry_run=True`` returns the request without sending it.
+
+Secrets never travel: the bundle leaves out any file that holds one (`find_secret`), a recipe,
+hyperparameter or environment value that names or holds one is refused, and ``secrets=`` sends only the
+name of a Secrets Manager secret, which the entry point reads in the container. ``mlflow_arn=`` sets the
+job's ``MlflowConfig`` and the trainer reports to SageMaker-managed MLflow.
 
 `TrainingJob` is the handle: ``status()``, ``wait()``, ``logs()`` (CloudWatch), ``metrics()`` (the same
 regexes SageMaker charts, applied to the logs), ``download()`` (``model.tar.gz``, extracted) and ``stop()``.
@@ -41,7 +47,7 @@ ENTRY_POINT = "sagemaker_entry/train.py"
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 TERMINAL_STATUSES = ("Completed", "Failed", "Stopped")
 
-# -- the Hugging Face PyTorch training DLC ---------------------------------------------------------
+# -- the training image ---------------------------------------------------------------------------
 
 DLC_REPOSITORY = "huggingface-pytorch-training"
 DLC_ACCOUNTS: dict[str, str] = {
@@ -50,27 +56,73 @@ DLC_ACCOUNTS: dict[str, str] = {
         "eu-north-1", "eu-west-1", "eu-west-2", "eu-west-3", "ap-northeast-1", "ap-northeast-2", "ap-south-1",
         "ap-southeast-1", "ap-southeast-2")},
     "af-south-1": "626614931356", "ap-east-1": "871362719292", "ap-northeast-3": "364406365360",
-    "eu-south-1": "692866216735", "me-south-1": "217643126080", "cn-north-1": "727897471807",
-    "cn-northwest-1": "727897471807", "us-gov-west-1": "442386744353",
+    "ap-southeast-3": "907027046896", "ca-west-1": "204538143572", "eu-south-1": "692866216735",
+    "il-central-1": "780543022126", "me-central-1": "914824155844", "me-south-1": "217643126080",
+    "cn-north-1": "727897471807", "cn-northwest-1": "727897471807", "us-gov-east-1": "446045086412",
+    "us-gov-west-1": "442386744353",
 }
-"""The DLC registry account of each region (AWS publishes the images per region)."""
+"""The DLC registry account of each region where AWS publishes the images below (the SageMaker Python SDK's
+``sagemaker-core/src/sagemaker/core/image_uri_config/huggingface.json``, training entries 4.56.2 and 5.3.0)."""
 
-DLC_TAGS: dict[str, str] = {
-    "4.49": "2.5.1-transformers4.49.0-gpu-py311-cu124-ubuntu22.04",
-    "4.48": "2.3.0-transformers4.48.0-gpu-py311-cu121-ubuntu20.04",
-    "4.36": "2.1.0-transformers4.36.0-gpu-py310-cu121-ubuntu20.04",
+
+@dataclass(frozen=True)
+class DLCImage:
+    """One Hugging Face PyTorch training DLC: what it carries, and what the container-stack test rebuilds.
+
+    The container upgrades transformers, TRL, PEFT and the rest from sagemaker_entry/requirements.txt, so
+    the image's torch, Python and CUDA are what it fixes. `preinstalled` lists the image's own pins of the
+    packages that requirements.txt upgrades (from its Dockerfile), so the test upgrades the same versions.
+    """
+
+    tag: str
+    torch: str
+    python: str
+    cuda: str
+    transformers: str
+    preinstalled: tuple[str, ...]
+    source: str
+
+
+# Tags verified in AWS's published lists:
+# - the SageMaker Python SDK's sagemaker-core/src/sagemaker/core/image_uri_config/huggingface.json (training:
+#   "5.3.0" -> pytorch2.9.0, py312, cu130-ubuntu22.04; "4.56.2" -> pytorch2.8.0, py312, cu129-ubuntu22.04);
+# - aws/deep-learning-containers huggingface/pytorch/training/docker/2.9/py3/cu130/Dockerfile.gpu (FROM
+#   pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker, TRANSFORMERS_VERSION=5.3.0) and
+#   .../2.8/py3/cu129/Dockerfile.gpu (FROM pytorch-training:2.8.0-gpu-py312-cu129-ubuntu22.04-sagemaker,
+#   TRANSFORMERS_VERSION=4.56.2), which also give the `preinstalled` pins;
+# - Hugging Face's "Available DLCs on AWS" page lists 2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04.
+# The 4.49 image (torch 2.5.1) and older are left out on purpose: transformers 5 refuses torch < 2.6.
+DLC_IMAGES: dict[str, DLCImage] = {
+    "5.3": DLCImage(
+        tag="2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04", torch="2.9.0", python="3.12", cuda="13.0",
+        transformers="5.3.0",
+        preinstalled=("transformers==5.3.0", "datasets==4.5.0", "huggingface_hub==1.10.0", "trl==0.28.0",
+                      "peft==0.18.1", "numpy<2", "boto3==1.42.87"),
+        source="huggingface/pytorch/training/docker/2.9/py3/cu130/Dockerfile.gpu"),
+    "4.56": DLCImage(
+        tag="2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04", torch="2.8.0", python="3.12", cuda="12.9",
+        transformers="4.56.2",
+        preinstalled=("transformers==4.56.2", "datasets==4.1.0", "huggingface_hub==0.35.3", "accelerate==1.10.1",
+                      "trl==0.23.0", "peft==0.17.1"),
+        source="huggingface/pytorch/training/docker/2.8/py3/cu129/Dockerfile.gpu"),
 }
-"""Image tag per DLC transformers version. The container upgrades transformers, TRL and PEFT from
-sagemaker_entry/requirements.txt, so the image mainly fixes torch and CUDA. Override with ``image_uri``."""
+"""The images `submit` can pick, by DLC transformers version. 5.3 (CUDA 13.0) is the default; 4.56 keeps a
+CUDA 12 stack for drivers or kernels that need one. Override with ``image_uri``."""
 
-DEFAULT_DLC_VERSION = "4.49"
+DLC_TAGS: dict[str, str] = {version: image.tag for version, image in DLC_IMAGES.items()}
+DEFAULT_DLC_VERSION = "5.3"
+
+STACK_FLOORS = {"torch": "2.6", "python": "3.11"}
+"""The oldest torch and Python the pinned stack runs on: transformers 5 disables itself below torch 2.6
+(``is_torch_available``) and declares Requires-Python >=3.11. tests/test_sagemaker_images.py reads both
+from the installed packages and fails if these drift or if an image in `DLC_IMAGES` falls below them."""
 
 
 def image_uri(region: str, version: str = DEFAULT_DLC_VERSION) -> str:
     """The HF PyTorch training DLC image for `region` and DLC transformers `version`.
 
-    >>> image_uri("eu-west-1", "4.49")
-    '763104351884.dkr.ecr.eu-west-1.amazonaws.com/huggingface-pytorch-training:2.5.1-transformers4.49.0-gpu-py311-cu124-ubuntu22.04'
+    >>> image_uri("eu-west-1", "5.3")
+    '763104351884.dkr.ecr.eu-west-1.amazonaws.com/huggingface-pytorch-training:2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04'
     """
     if region not in DLC_ACCOUNTS:
         raise ValueError(f"No Hugging Face training DLC is known for region {region!r} (known: "
@@ -82,10 +134,68 @@ def image_uri(region: str, version: str = DEFAULT_DLC_VERSION) -> str:
     return f"{DLC_ACCOUNTS[region]}.dkr.ecr.{region}.{domain}/{DLC_REPOSITORY}:{DLC_TAGS[version]}"
 
 
+# A Docker image reference (distribution/reference's grammar), as SageMaker's TrainingImage takes it:
+# registry/repository with a tag or a digest.
+IMAGE_REFERENCE = re.compile(
+    r"(?P<registry>(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"(?::[0-9]+)?)/"
+    r"(?P<repository>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?", re.ASCII)
+ECR_REGISTRY = re.compile(r"\d{12}\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
+# The framework DLC tags: TORCH[-transformersX]-gpu|cpu-pyXY[-cuNNN]-... (huggingface-pytorch-training and
+# pytorch-training alike).
+DLC_TAG = re.compile(r"(?P<torch>\d+\.\d+(?:\.\d+)?)-(?:transformers[0-9.]+-)?(?:gpu|cpu)-py(?P<py>\d)(?P<pyminor>\d+)\b")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def check_image_uri(uri: str, region: str | None = None) -> list[str]:
+    """Validate an explicit training image; return warnings (an incompatible torch or Python in its tag, a
+    registry SageMaker cannot pull from without more setup). Raises ValueError for what SageMaker rejects."""
+    if len(uri) > 255:
+        raise ValueError(f"Image URI {uri[:80]!r}... is {len(uri)} characters; SageMaker's TrainingImage takes at "
+                         "most 255.")
+    match = IMAGE_REFERENCE.fullmatch(uri)
+    has_registry = match is not None and ("." in match["registry"] or ":" in match["registry"]
+                                          or match["registry"] == "localhost")
+    if not match or not has_registry or not (match["tag"] or match["digest"]):
+        raise ValueError(f"Image URI {uri!r} is not a registry path SageMaker can pull: write it as "
+                         "REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@sha256:DIGEST with a lowercase repository, "
+                         "e.g. 763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:"
+                         f"{DLC_TAGS[DEFAULT_DLC_VERSION]}.")
+    warnings: list[str] = []
+    ecr = ECR_REGISTRY.fullmatch(match["registry"])
+    if ecr is None:
+        warnings.append(f"Image {uri} is not in Amazon ECR: SageMaker pulls other registries only from inside "
+                        "your VPC (TrainingImageConfig), which turnwise does not set.")
+    elif region is not None and ecr["region"] != region:
+        warnings.append(f"Image {uri} is in {ecr['region']}, the job runs in {region}: SageMaker pulls training "
+                        "images from the job's own region.")
+    stack = DLC_TAG.match(match["tag"] or "")
+    if stack:
+        torch, python = stack["torch"], f"{stack['py']}.{stack['pyminor']}"
+        if _version_tuple(torch) < _version_tuple(STACK_FLOORS["torch"]):
+            warnings.append(f"Image tag {match['tag']} carries torch {torch}; the pinned stack needs torch >= "
+                            f"{STACK_FLOORS['torch']} (transformers disables itself below it), so the job would die at "
+                            f"start-up. Use --dlc-version {DEFAULT_DLC_VERSION} or a newer image.")
+        if _version_tuple(python) < _version_tuple(STACK_FLOORS["python"]):
+            warnings.append(f"Image tag {match['tag']} carries Python {python}; the pinned stack needs Python >= "
+                            f"{STACK_FLOORS['python']}, so installing requirements.txt would fail at start-up.")
+        tested = {(image.torch, image.python) for image in DLC_IMAGES.values()}
+        if not warnings and (torch, python) not in tested and not any(
+                _version_tuple(torch)[:2] == _version_tuple(t)[:2] and python == p for t, p in tested):
+            warnings.append(f"Image tag {match['tag']} (torch {torch}, Python {python}) is not one the container-stack "
+                            f"test runs; the tested ones are {', '.join(DLC_TAGS.values())}.")
+    return warnings
+
+
 # -- metric definitions ---------------------------------------------------------------------------
 
-METRICS = ("loss", "rollout/reward/mean", "rollout/success", "rollout/completion", "rollout/turns/mean",
-           "rollout/truncated_frac", "analysis/zero_adv_groups", "val/success", "val/pass@1", "val/completion")
+METRICS = ("loss", "rollout/reward/mean", "val/reward/mean", "rollout/success", "rollout/completion",
+           "rollout/turns/mean", "rollout/truncated_frac", "analysis/zero_adv_groups", "val/success", "val/pass@1",
+           "val/completion")
 """What CloudWatch charts for a job: the trainer's metric keys (see pipeline/training/)."""
 
 _NUMBER = r"(-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)"
@@ -99,7 +209,7 @@ def metric_definitions(names: Sequence[str] = METRICS) -> list[dict[str, str]]:
     >>> re.search(rx, "{'loss': '0.01', 'rollout/reward/mean': '0.4375', 'epoch': '1'}").group(1)
     '0.4375'
     """
-    return [{"Name": name, "Regex": rf"'{re.escape(name)}': '?{_NUMBER}"} for name in names]
+    return [{"Name": name, "Regex": rf"['\"]{re.escape(name)}['\"]: ['\"]?{_NUMBER}"} for name in names]
 
 
 def parse_metrics(lines: Sequence[str], names: Sequence[str] = METRICS) -> dict[str, list[float]]:
@@ -154,12 +264,16 @@ def check_instance(instance_type: str, count: int) -> None:
 
 
 def split_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:
-    """``["k=v", ...]`` (command-line form) as a dict; a clear error for a pair without ``=``."""
-    out = {}
-    for pair in pairs:
+    """``["k=v", ...]`` (command-line form) as a dict; a clear error for a pair without ``=`` or a repeated
+    key. An argument that looks like a secret is never echoed back."""
+    out: dict[str, str] = {}
+    for i, pair in enumerate(pairs, 1):
         key, sep, value = pair.partition("=")
+        shown = f"argument {i}" if secret_value(pair) or what == "--secret" else repr(_printable(pair))
         if not sep or not key:
-            raise ValueError(f"{what} {pair!r} must look like KEY=VALUE.")
+            raise ValueError(f"{what} {shown} must look like KEY=VALUE.")
+        if key in out:
+            raise ValueError(f"{what} '{_printable(key)}' is given twice; give each key once.")
         out[key] = value
     return out
 
@@ -172,16 +286,103 @@ EXCLUDED_DIRS = (".git", ".hg", ".svn", ".venv", "venv", ".env", "env", "__pycac
 """Directories never packaged: version control, virtual environments, caches, build and run outputs."""
 
 SECRET_FILES = (".env", ".env.*", "*.env", "credentials", "credentials.*", ".netrc", ".pypirc", ".git-credentials",
-                "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*", "id_ecdsa*", "*.tfstate")
+                ".s3cfg", ".npmrc", ".boto", ".dockercfg", ".htpasswd", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks",
+                "*.keystore", "*.kdbx", "*.ppk", "*.tfvars", "*.tfstate", "*.tfstate.*", "id_rsa*", "id_dsa*",
+                "id_ed25519*", "id_ecdsa*")
 """File names that hold secrets; never packaged whatever their content."""
 
-SECRET_CONTENT = re.compile(
-    rb"(?<![A-Z0-9])(AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])"  # AWS access key id
-    rb"|(aws_secret_access_key|aws_session_token)\s*[=:]\s*[\"']?[A-Za-z0-9/+=]{20,}"  # credentials-file entries
-    rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----", re.IGNORECASE)
-"""Content that marks a file as holding a credential: such a file is left out and named (never shown)."""
+ARCHIVE_FILES = ("*.zip", "*.tar", "*.tgz", "*.gz", "*.bz2", "*.xz", "*.zst", "*.7z", "*.rar", "*.whl", "*.jar",
+                 "*.egg")
+"""Archives: their contents cannot be scanned, so they are left out (and named) rather than trusted."""
+
+SECRET_SHAPES: tuple[tuple[str, re.Pattern[bytes]], ...] = tuple((what, re.compile(rx)) for what, rx in (
+    ("an AWS access key id", rb"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])"),
+    ("a private key", rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"),
+    ("a Hugging Face token", rb"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])"),
+    ("an npm token", rb"(?<![A-Za-z0-9_])npm_[A-Za-z0-9]{36}(?![A-Za-z0-9])"),
+    ("a GitHub token", rb"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{50,})"),
+    ("a Slack token", rb"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}"),
+    ("a Google API key", rb"(?<![A-Za-z0-9])AIza[0-9A-Za-z_\-]{35}"),
+    ("an OpenAI or Anthropic API key", rb"(?<![A-Za-z0-9])sk-(?:proj-|ant-[a-z0-9]+-)?[A-Za-z0-9_\-]{32,}"),
+    ("a Stripe key", rb"(?<![A-Za-z0-9])[rs]k_live_[A-Za-z0-9]{20,}"),
+    ("a JSON web token", rb"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"),
+    ("a password in a URL", rb"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@'\"<>]+:[^\s/@'\"<>{}$%]+@[A-Za-z0-9.-]+"),
+))
+"""Values that are secrets by their shape, wherever they appear."""
+
+_SECRET_NAME = (rb"(?:aws_?secret_?access_?key|secret_?access_?key|aws_?session_?token|session_?token|secret_?key"
+                rb"|client_?secret|api_?secret|secret|password|passwd|passphrase|api_?key|apikey|access_?token"
+                rb"|auth_?token|_authtoken|refresh_?token|bearer_?token|hub_?token|hf_?token|private_?key)")
+SECRET_ASSIGNMENT = re.compile(
+    rb"(?<![A-Za-z0-9])[\"']?(?:[A-Za-z0-9_.-]*[_.-])?" + _SECRET_NAME + rb"[\"']?\s*(?:=|:|=>)\s*"
+    rb"(?:(?P<q>[\"'])[^\"'\s{}$<>%]{8,}(?P=q)"  # a quoted literal of 8 characters or more
+    rb"|(?P<bare>[A-Za-z0-9/+=_\-.~]{16,})(?=[\s,;})\]]|$))",  # a bare value of a secret's alphabet (see find_secret)
+    re.IGNORECASE | re.MULTILINE)
+"""A literal value assigned to a secret-like key name, in any syntax: ``.s3cfg``'s ``secret_key = ...``,
+JSON's ``"aws_secret_access_key": "..."``, a pasted boto3 response's ``'SecretAccessKey': '...'``, YAML's
+``hub_token: ...``, ``.npmrc``'s ``_authToken=...``. Templates (``{...}``, ``${...}``, ``<...>``) pass."""
 
 MAX_FILE_BYTES = 50 * 1024 * 1024
+
+
+def find_secret(data: bytes) -> str | None:
+    """What kind of secret `data` holds and on which line (never the value), or ``None``.
+
+    UTF-16 and UTF-32 text (a byte-order mark) is decoded first, so a secret cannot hide between NUL bytes.
+
+    >>> find_secret(b'{"aws_secret_access_key": "' + b"x" * 8 + b'"}')
+    'a secret-like key with a literal value on line 1'
+    >>> find_secret(b"max_new_tokens: 96") is None
+    True
+    """
+    texts = [data]
+    for bom, codec in ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+                       (b"\xfe\xff", "utf-16")):
+        if data.startswith(bom):
+            texts.append(data.decode(codec, errors="replace").encode("utf-8"))
+            break
+    newline = b"\n"
+    for text in texts:
+        for what, rx in SECRET_SHAPES:
+            match = rx.search(text)
+            if match:
+                return f"{what} on line {text.count(newline, 0, match.start()) + 1}"
+        for match in SECRET_ASSIGNMENT.finditer(text):
+            bare = match["bare"]
+            # A bare value counts when it looks random (a digit, or mixed case): a secret, not a name such as
+            # `turnwise/hf-token` in `--secret HF_TOKEN=turnwise/hf-token`.
+            if bare is None or re.search(rb"[0-9]", bare) or (re.search(rb"[a-z]", bare) and re.search(rb"[A-Z]", bare)):
+                return f"a secret-like key with a literal value on line {text.count(newline, 0, match.start()) + 1}"
+    return None
+
+
+_SPECIAL_TOKEN_KEY = re.compile(r"(?i)(?:.*_)?(?:pad|eos|bos|unk|sep|cls|mask|im_start|im_end|special|chat)_token")
+SECRET_KEY_NAME = re.compile(
+    r"(?i)(?:.*[_.-])?(?:secret|password|passwd|passphrase|api_?key|apikey|access_?key(?:_?id)?|secret_?access_?key"
+    r"|secret_?key|session_?token|auth_?token|access_?token|refresh_?token|bearer_?token|hub_?token|hf_?token"
+    r"|private_?key|credentials?|client_?secret|token)")
+"""Option, recipe and environment keys that name a secret (``hub_token``, ``HF_TOKEN``, ``WANDB_API_KEY``,
+``aws_secret_access_key``); ``pad_token`` and the other special-token names are not secrets."""
+
+
+def secret_key(name: str) -> bool:
+    return bool(SECRET_KEY_NAME.fullmatch(name)) and not _SPECIAL_TOKEN_KEY.fullmatch(name)
+
+
+def secret_value(value: str) -> str | None:
+    """What kind of secret `value` is by its shape (an ``hf_`` token, an AWS key id, ...), or ``None``."""
+    found = find_secret(str(value).encode("utf-8", errors="replace"))
+    return found.split(" on line")[0] if found and not found.startswith("a secret-like key") else None
+
+
+SECRET_ROUTE = ("Secrets never go into a recipe, a hyperparameter or the job's request: put the value in AWS "
+                "Secrets Manager and pass --secret NAME=SECRET_ID (submit(secrets={...})); the container reads it "
+                "into the environment variable NAME at start-up. Settings that are not secret go in --env KEY=VALUE.")
+
+
+def _printable(name: str) -> str:
+    """`name` with control characters escaped, so a file name cannot forge a log line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
 
 
 @dataclass
@@ -197,20 +398,38 @@ def _excluded_dir(name: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in EXCLUDED_DIRS)
 
 
-def _secret_reason(path: Path, relative: str) -> str | None:
+def _read_checked(path: Path) -> tuple[bytes | None, str | None]:
+    """The file's bytes when it may travel, else ``(None, reason)``; the file is read once, so what was
+    scanned is exactly what is packaged."""
+    if path.is_symlink():
+        return None, "symbolic link (not followed)"
+    if not path.is_file():
+        return None, "not a regular file"
     if any(fnmatch.fnmatch(path.name, pattern) for pattern in SECRET_FILES):
-        return "secret file name"
+        return None, "secret file name"
+    if any(fnmatch.fnmatch(path.name.lower(), pattern) for pattern in ARCHIVE_FILES):
+        return None, "archive: its contents cannot be scanned for secrets"
     if path.stat().st_size > MAX_FILE_BYTES:
-        return f"larger than {MAX_FILE_BYTES // 2**20} MiB"
-    with open(path, "rb") as f:
-        if SECRET_CONTENT.search(f.read()):
-            return "holds a credential"
-    return None
+        return None, f"larger than {MAX_FILE_BYTES // 2**20} MiB"
+    data = path.read_bytes()
+    found = find_secret(data)
+    if found:
+        return None, f"holds a credential: {found}"
+    return data, None
+
+
+def _add(tar: tarfile.TarFile, path: Path, arcname: str, data: bytes) -> None:
+    info = tar.gettarinfo(str(path), arcname=arcname)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def make_bundle(out_path: Path, source_dir: Path = SOURCE_ROOT, extra: Mapping[str, Path] | None = None) -> Bundle:
     """Write ``sourcedir.tar.gz`` of `source_dir` to `out_path`, leaving out what must not travel.
 
+    Left out, and named with the reason (never the content): excluded directories, secret file names,
+    files whose content holds a credential (`find_secret`: by value shape and by key name, in every file
+    type), archives, symbolic links, special files and files over `MAX_FILE_BYTES`.
     ``requirements.txt`` at the root is ``sagemaker_entry/requirements.txt`` (the toolkit installs the root
     one). `extra` maps names inside the bundle to files outside the tree (a recipe kept elsewhere).
     """
@@ -220,39 +439,156 @@ def make_bundle(out_path: Path, source_dir: Path = SOURCE_ROOT, extra: Mapping[s
     files: list[str] = []
     excluded: list[tuple[str, str]] = []
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = out_path.parent.resolve()
     with tarfile.open(out_path, "w:gz") as tar:
         for root, dirs, names in os.walk(source_dir):
             rel_root = Path(root).relative_to(source_dir)
+            keep = []
             for d in sorted(dirs):
-                if _excluded_dir(d) or (Path(root) / d).resolve() == out_path.parent.resolve():
+                path = Path(root) / d
+                if _excluded_dir(d) or path.resolve() == out_dir:
                     excluded.append((str(rel_root / d) + "/", "excluded directory"))
-            dirs[:] = sorted(d for d in dirs if not _excluded_dir(d)
-                             and (Path(root) / d).resolve() != out_path.parent.resolve())
+                elif path.is_symlink():
+                    excluded.append((str(rel_root / d) + "/", "symbolic link (not followed)"))
+                else:
+                    keep.append(d)
+            dirs[:] = keep
             for name in sorted(names):
                 path = Path(root) / name
                 relative = str(rel_root / name)
-                if not path.is_file() or path.is_symlink() or path.resolve() == out_path.resolve():
+                if path.resolve() == out_path.resolve():
                     continue
-                reason = _secret_reason(path, relative)
+                data, reason = _read_checked(path)
                 if reason:
                     excluded.append((relative, reason))
                     continue
-                tar.add(path, arcname=relative, recursive=False)
+                _add(tar, path, relative, data)
                 files.append(relative)
         for arcname, path in {"requirements.txt": source_dir / "sagemaker_entry" / "requirements.txt",
                               **(extra or {})}.items():
-            reason = _secret_reason(Path(path), arcname)
+            data, reason = _read_checked(Path(path))
             if reason:
-                raise ValueError(f"{path} cannot be packaged: {reason}. Remove the credential from it.")
-            tar.add(path, arcname=arcname, recursive=False)
+                raise ValueError(f"{path} cannot be packaged: {reason}. Remove the credential from it; {SECRET_ROUTE}")
+            _add(tar, Path(path), arcname, data)
             files.append(arcname)
     for name, reason in excluded:
         if reason != "excluded directory":
-            logger.warning("left out of the source bundle: %s (%s)", name, reason)
+            logger.warning("left out of the source bundle: %s (%s)", _printable(name), reason)
     return Bundle(out_path, files, excluded)
 
 
 # -- the request ----------------------------------------------------------------------------------
+
+ENV_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+SECRET_ID = re.compile(r"(?:arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:)?[A-Za-z0-9/_+=.@-]{1,512}")
+HYPERPARAMETER_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,255}")
+SECRET_ENV_PREFIX = "TURNWISE_SECRET_"
+"""The job environment carries ``TURNWISE_SECRET_<NAME>=<secret id>``; the entry point resolves each into
+``NAME`` with Secrets Manager before anything loads a model (`sagemaker_entry.environment.resolve_secrets`)."""
+SECRETS_REGION_ENV = "TURNWISE_SECRETS_REGION"
+RESERVED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", SECRETS_REGION_ENV)
+MLFLOW_ARN = re.compile(r"arn:aws[a-z\-]*:sagemaker:[a-z0-9\-]*:[0-9]{12}:mlflow-[a-zA-Z-]*/.+")
+
+
+def check_recipe(recipe: Path) -> dict[str, Any]:
+    """The recipe as a mapping; refuses one that holds a secret anywhere (nested keys and lists included).
+
+    A recipe travels in the source bundle and its scalar values become hyperparameters, which SageMaker
+    shows on the job's page and returns from DescribeTrainingJob: a secret has no business in either.
+    """
+    import yaml
+
+    try:
+        values = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"Recipe {recipe} is not readable YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"Recipe {recipe} must be a YAML mapping of option: value.")
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                path = f"{where}.{key}" if where else str(key)
+                if secret_key(str(key)) and value not in (None, "", True, False) and not isinstance(value, (dict, list)):
+                    raise ValueError(f"Recipe {recipe}: {path} names a secret. {SECRET_ROUTE}")
+                walk(value, path)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+        elif isinstance(node, str) and secret_value(node):
+            raise ValueError(f"Recipe {recipe}: the value of {where} is {secret_value(node)}. {SECRET_ROUTE}")
+
+    walk(values, "")
+    return values
+
+
+def check_hyperparameters(hyperparameters: Mapping[str, Any], where: str) -> None:
+    """Keys the container can pass as ``--KEY VALUE`` options, and no secrets (by key name or value shape)."""
+    for key, value in hyperparameters.items():
+        key = str(key)
+        if not HYPERPARAMETER_KEY.fullmatch(key):
+            raise ValueError(f"Hyperparameter '{_printable(key)}' ({where}) is not an option name: the container passes "
+                             "each hyperparameter as --KEY VALUE, so a key is a letter then letters, digits, '_', '.' "
+                             "or '-' (256 characters at most).")
+        if key.startswith("sagemaker_"):
+            raise ValueError(f"Hyperparameter {key!r} ({where}) is reserved: SageMaker's training toolkit reads "
+                             "sagemaker_* keys itself, and turnwise sets them.")
+        if secret_key(key) and value not in (None, "", True, False):
+            raise ValueError(f"Hyperparameter {key!r} ({where}) names a secret. {SECRET_ROUTE}")
+        kind = secret_value(str(value))
+        if kind:
+            raise ValueError(f"The value of hyperparameter {key!r} ({where}) is {kind}. {SECRET_ROUTE}")
+
+
+def check_environment(environment: Mapping[str, str], secrets: Mapping[str, str]) -> None:
+    """``--env`` holds settings, never secrets; ``--secret`` maps a variable to a Secrets Manager secret id."""
+    for name, value in environment.items():
+        if not ENV_NAME.fullmatch(name) or len(name) > 512:
+            raise ValueError(f"Environment variable name '{_printable(name)}' is invalid: a letter or '_', then "
+                             "letters, digits or '_' (SageMaker's rule for a job's Environment).")
+        if name in RESERVED_ENV or name.startswith(SECRET_ENV_PREFIX):
+            raise ValueError(f"Environment variable {name} is set by turnwise or must not be set at all (the job "
+                             "runs with its role's credentials); use --secret for secrets.")
+        if secret_key(name):
+            raise ValueError(f"Environment variable {name} names a secret, and --env values are sent in the request "
+                             f"and shown by DescribeTrainingJob. Use --secret {name}=SECRET_ID instead. {SECRET_ROUTE}")
+        kind = secret_value(value)
+        if kind:
+            raise ValueError(f"The value of environment variable {name} is {kind}. Use --secret {name}=SECRET_ID "
+                             f"instead. {SECRET_ROUTE}")
+        if len(value) > 512 or "\x00" in value:
+            raise ValueError(f"The value of environment variable {name} is {len(value)} characters or holds a NUL; "
+                             "SageMaker takes at most 512 characters per value.")
+    for name, secret_id in secrets.items():
+        if not ENV_NAME.fullmatch(name) or len(name) > 512 - len(SECRET_ENV_PREFIX):
+            raise ValueError(f"--secret variable name '{_printable(name)}' is invalid: a letter or '_', then letters, "
+                             "digits or '_'.")
+        if name in RESERVED_ENV or name in environment:
+            raise ValueError(f"--secret {name}: {name} is already set by --env or is reserved; pick one route.")
+        base = secret_id.split("#", 1)[0]
+        if secret_value(secret_id):
+            raise ValueError(f"--secret {name}: that is a secret's value, not the name of a Secrets Manager secret. "
+                             "Store the value in Secrets Manager (aws secretsmanager create-secret --name NAME "
+                             "--secret-string ...) and pass --secret NAME=THAT_SECRET_NAME.")
+        if not SECRET_ID.fullmatch(base) or ("#" in secret_id and not ENV_NAME.fullmatch(secret_id.split("#", 1)[1])):
+            raise ValueError(f"--secret {name}='{_printable(secret_id)}': not a Secrets Manager secret name or ARN "
+                             "(letters, digits and /_+=.@-, at most 512 characters), optionally with #JSON_KEY to pick "
+                             "one key of a JSON secret.")
+
+
+def check_mlflow(arn: str | None, experiment: str | None, run: str | None) -> None:
+    if arn is None:
+        if experiment is not None or run is not None:
+            raise ValueError("--mlflow-experiment and --mlflow-run need --mlflow-arn (the SageMaker-managed MLflow "
+                             "tracking server or app the job logs to).")
+        return
+    if not MLFLOW_ARN.fullmatch(arn) or len(arn) > 2048:
+        raise ValueError(f"MLflow ARN '{_printable(arn)}' is not the ARN of a SageMaker-managed MLflow tracking server "
+                         "or app; it looks like arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/NAME "
+                         "(SageMaker Studio -> MLflow, or aws sagemaker list-mlflow-tracking-servers).")
+    for value, what in ((experiment, "--mlflow-experiment"), (run, "--mlflow-run")):
+        if value is not None and (not 1 <= len(value) <= 256 or not value.isprintable()):
+            raise ValueError(f"{what} '{_printable(value)}' must be 1-256 printable characters.")
 
 
 @dataclass
@@ -275,13 +611,25 @@ class SubmitConfig:
     checkpoint_s3_uri: str | None = field(default=None, metadata={
         "help": "S3 URI synced with /opt/ml/checkpoints (default with spot: s3://BUCKET/PREFIX/JOB/checkpoints)."})
     output_path: str | None = field(default=None, metadata={"help": "S3 URI for model.tar.gz (default: s3://BUCKET/PREFIX/output)."})
-    image_uri: str | None = field(default=None, metadata={"help": "Container image (default: the HF PyTorch DLC)."})
+    image_uri: str | None = field(default=None, metadata={
+        "help": "Container image (default: the HF PyTorch DLC of dlc_version); warns when its tag names a torch or "
+                "Python the stack does not run on."})
     dlc_version: str = field(default=DEFAULT_DLC_VERSION, metadata={"help": f"DLC version: {', '.join(DLC_TAGS)}."})
     inputs: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Input channels (train, val, model): a local path (uploaded) or an s3:// URI (used as given)."})
     hyperparameters: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Overrides of recipe values and entry-point options (merge_adapter, eval_limit, accelerate_config)."})
     tags: dict[str, str] = field(default_factory=dict, metadata={"help": "Tags on the job."})
+    environment: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Environment variables of the job's container (settings, never secrets: see secrets)."})
+    secrets: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Environment variable -> Secrets Manager secret name or ARN (optionally #JSON_KEY); the container "
+                "reads each secret at start-up. The role needs secretsmanager:GetSecretValue on it."})
+    mlflow_arn: str | None = field(default=None, metadata={
+        "help": "ARN of a SageMaker-managed MLflow tracking server or app: the job's MlflowConfig; the trainer "
+                "logs to it (report_to mlflow through the sagemaker-mlflow plugin)."})
+    mlflow_experiment: str | None = field(default=None, metadata={"help": "MLflow experiment (with mlflow_arn)."})
+    mlflow_run: str | None = field(default=None, metadata={"help": "MLflow run name (with mlflow_arn; default: the job name)."})
     subnets: list[str] = field(default_factory=list, metadata={"help": "VPC subnets (with security_group_ids)."})
     security_group_ids: list[str] = field(default_factory=list, metadata={"help": "VPC security groups."})
     kms_key: str | None = field(default=None, metadata={"help": "KMS key for the output and the volume."})
@@ -296,6 +644,16 @@ class SubmitConfig:
         if not recipe.is_file():
             raise FileNotFoundError(f"Recipe {self.config} does not exist; pass a YAML file such as "
                                     "configs/sagemaker/grpo_g5.yaml.")
+        check_recipe(recipe)
+        check_hyperparameters(self.hyperparameters, "--hyperparameter")
+        check_environment(self.environment, self.secrets)
+        check_mlflow(self.mlflow_arn, self.mlflow_experiment, self.mlflow_run)
+        if self.secrets and self.network_isolation:
+            raise ValueError("--secret needs the container to reach Secrets Manager, which network isolation forbids; "
+                             "drop --network-isolation, or supply what the secret unlocks as an input channel.")
+        if self.mlflow_arn and self.network_isolation:
+            raise ValueError("--mlflow-arn needs the container to reach the MLflow server, which network isolation "
+                             "forbids; drop one of the two.")
         if self.job_name is None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             slug = re.sub(r"[^a-zA-Z0-9]+", "-", recipe.stem).strip("-")[:30] or "job"
@@ -330,9 +688,16 @@ class SubmitConfig:
             raise ValueError("A VPC config needs both subnets and security_group_ids.")
         if self.kms_key is not None and not KMS_KEY.fullmatch(self.kms_key):
             raise ValueError(f"KMS key {self.kms_key!r} is not a key id, key ARN or alias.")
-        if len(self.tags) > 50:
-            raise ValueError(f"At most 50 tags per job, got {len(self.tags)}.")
-        if self.image_uri is None and self.region is not None:
+        if len(self.tags) > 49:  # turnwise adds turnwise:recipe; SageMaker takes 50 tags in all
+            raise ValueError(f"At most 49 tags per job (turnwise adds turnwise:recipe; SageMaker takes 50), got "
+                             f"{len(self.tags)}.")
+        for key in self.tags:
+            if key.lower().startswith("aws:"):
+                raise ValueError(f"Tag key {key!r} starts with 'aws:', which AWS reserves; pick another key.")
+        if self.image_uri is not None:
+            for warning in check_image_uri(self.image_uri, self.region):
+                logger.warning("%s", warning)
+        elif self.region is not None:
             image_uri(self.region, self.dlc_version)  # fail fast on an unknown region or version
 
     @property
@@ -341,14 +706,15 @@ class SubmitConfig:
 
 
 def recipe_hyperparameters(recipe: Path) -> dict[str, str]:
-    """The recipe's scalar values as hyperparameters (lists and mappings stay in the YAML only)."""
-    import yaml
+    """The recipe's scalar values as hyperparameters (lists and mappings stay in the YAML only).
 
-    values = yaml.safe_load(recipe.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"Recipe {recipe} must be a YAML mapping of option: value.")
-    return {key: value for key, value in values.items()
-            if isinstance(value, (str, int, float, bool)) and key != "output_dir"}
+    Refuses a recipe that holds a secret (`check_recipe`), so its values never reach the request.
+    """
+    values = check_recipe(recipe)
+    scalars = {key: value for key, value in values.items()
+               if isinstance(value, (str, int, float, bool)) and key != "output_dir"}
+    check_hyperparameters(scalars, f"recipe {recipe}")
+    return scalars
 
 
 def recipe_arcname(config: SubmitConfig) -> tuple[str, dict[str, Path]]:
@@ -361,13 +727,44 @@ def recipe_arcname(config: SubmitConfig) -> tuple[str, dict[str, Path]]:
         return name, {name: recipe}
 
 
+def job_environment(config: SubmitConfig, region: str) -> dict[str, str]:
+    """The container's ``Environment``: the user's settings, the secret ids to resolve, and MLflow's URI."""
+    environment = dict(config.environment)
+    for name, secret_id in config.secrets.items():
+        environment[f"{SECRET_ENV_PREFIX}{name}"] = secret_id
+    if config.secrets:
+        environment[SECRETS_REGION_ENV] = region
+    if config.mlflow_arn:
+        # The sagemaker-mlflow plugin (requirements.txt) turns an ARN tracking URI into SigV4-signed calls.
+        environment.setdefault("MLFLOW_TRACKING_URI", config.mlflow_arn)
+        if config.mlflow_experiment:
+            environment.setdefault("MLFLOW_EXPERIMENT_NAME", config.mlflow_experiment)
+    return environment
+
+
+VLLM_IMAGE_HELP = (
+    "use_vllm: true needs an image that carries vLLM, and none of the training images turnwise picks does: the "
+    "vLLM releases that run transformers 5 (which turnwise needs) pin torch 2.11 (vLLM 0.25) or 2.13 (vLLM 0.30), "
+    "while the Hugging Face training DLCs carry torch 2.8 and 2.9. Pass --image-uri of an image with one of those "
+    "pairs (for example one built FROM a PyTorch DLC), or drop use_vllm to roll out with the HF backend.")
+"""Why a vLLM run needs --image-uri (see the README's GPU section)."""
+
+
 def build_request(config: SubmitConfig, region: str, source_uri: str, channels: Mapping[str, str]) -> dict[str, Any]:
     """The ``CreateTrainingJob`` parameters (SageMaker's hyperparameters are strings: JSON-encoded values)."""
     recipe_in_bundle, _ = recipe_arcname(config)
     from_recipe = recipe_hyperparameters(Path(config.config))
     if "model" in channels:  # the model channel is the base model: the recipe's model name must not override it
         from_recipe.pop("model_name_or_path", None)
+    check_hyperparameters(config.hyperparameters, "--hyperparameter")
     hyperparameters: dict[str, Any] = {**from_recipe, **config.hyperparameters, "config": recipe_in_bundle}
+    if config.mlflow_arn:  # the trainer's report_to; the run is named after the job unless told otherwise
+        if "report_to" not in config.hyperparameters:
+            hyperparameters["report_to"] = "mlflow"
+        elif "mlflow" not in str(config.hyperparameters["report_to"]):
+            logger.warning("--mlflow-arn is set but -H report_to=%s leaves MLflow out: the job will not log to it.",
+                           config.hyperparameters["report_to"])
+        hyperparameters.setdefault("run_name", config.mlflow_run or config.job_name)
     hyperparameters.update({
         "sagemaker_program": ENTRY_POINT,
         "sagemaker_submit_directory": source_uri,
@@ -376,6 +773,8 @@ def build_request(config: SubmitConfig, region: str, source_uri: str, channels: 
     })
     if config.instance_count > 1:
         hyperparameters["sagemaker_torch_distributed_enabled"] = True  # torchrun across the instances
+    if not config.image_uri and str(hyperparameters.get("use_vllm", "")).strip().lower() in ("true", "1", "yes"):
+        raise ValueError(VLLM_IMAGE_HELP)
     encoded = {key: json.dumps(value) for key, value in hyperparameters.items()}
     for key, value in encoded.items():
         if len(key) > 256 or len(value) > 2500:
@@ -406,6 +805,13 @@ def build_request(config: SubmitConfig, region: str, source_uri: str, channels: 
         "EnableNetworkIsolation": config.network_isolation,
         "EnableManagedSpotTraining": config.spot,
     }
+    environment = job_environment(config, region)
+    if environment:
+        request["Environment"] = environment
+    if config.mlflow_arn:
+        request["MlflowConfig"] = {"MlflowResourceArn": config.mlflow_arn,
+                                   **({"MlflowExperimentName": config.mlflow_experiment} if config.mlflow_experiment else {}),
+                                   "MlflowRunName": config.mlflow_run or config.job_name}
     if not request["InputDataConfig"]:
         del request["InputDataConfig"]
     if config.spot:
@@ -420,15 +826,78 @@ def build_request(config: SubmitConfig, region: str, source_uri: str, channels: 
     return request
 
 
+RULE_HINTS = {
+    "Tags": "letters, digits, spaces and _ . : / = + - @",
+    "HyperParameters": "one line of text",
+    "Environment": "a letter or '_', then letters, digits or '_'",
+}
+"""Plain words for the service model's patterns, by the request field they constrain."""
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _service_rules(value: Any, shape, where: str, problems: list[str], sensitive: bool = False) -> None:
+    """Check `value` against `shape`'s own constraints in the service model: the maximum lengths and sizes
+    and the patterns that botocore's ParamValidator does not check (it checks types, required keys and minima).
+    The patterns are SageMaker's (Java) regular expressions, matched in full; ``regex`` reads ``\\p{L}`` and
+    the other Unicode classes they use."""
+    import regex
+
+    meta = shape.metadata
+    kind = shape.type_name
+    shown = (f"<the value of {where}, {len(value)} characters>" if sensitive and isinstance(value, str)
+             else repr(_printable(value)) if isinstance(value, str) else repr(value))
+    hint = RULE_HINTS.get(where.split("[")[0].split(".")[0], "")
+    if kind == "structure" and isinstance(value, Mapping):
+        for key, member in value.items():
+            if key in shape.members:
+                _service_rules(member, shape.members[key], f"{where}.{key}" if where else key, problems,
+                               sensitive or key == "Environment")
+    elif kind == "list" and isinstance(value, Sequence) and not isinstance(value, str):
+        if "max" in meta and len(value) > meta["max"]:
+            problems.append(f"{where} has {len(value)} entries; SageMaker takes at most {meta['max']}.")
+        for i, item in enumerate(value):
+            _service_rules(item, shape.member, f"{where}[{i}]", problems, sensitive)
+    elif kind == "map" and isinstance(value, Mapping):
+        if "max" in meta and len(value) > meta["max"]:
+            problems.append(f"{where} has {len(value)} entries; SageMaker takes at most {meta['max']}.")
+        for key, item in value.items():
+            _service_rules(key, shape.key, f"{where} key {_printable(str(key))!r}", problems)
+            _service_rules(item, shape.value, f"{where}[{_printable(str(key))!r}]", problems, sensitive)
+    elif kind == "string" and isinstance(value, str):
+        if "max" in meta and len(value) > meta["max"]:
+            problems.append(f"{where} {_clip(shown)} is {len(value)} characters; SageMaker's rule is at most "
+                            f"{meta['max']}.")
+        pattern = meta.get("pattern")
+        if pattern and not regex.fullmatch(pattern, value):
+            problems.append(f"{where} {_clip(shown)} breaks SageMaker's rule: it must match the pattern {pattern}"
+                            + (f" ({hint})." if hint else "."))
+
+
 def validate_request(request: Mapping[str, Any]) -> None:
-    """Check `request` against botocore's SageMaker service model (types, required keys, lengths, patterns)."""
+    """Check `request` against botocore's SageMaker service model: types, required keys and minima (botocore's
+    ParamValidator), then every maximum length or size and every pattern (`_service_rules`), so that what
+    SageMaker would reject fails here, before anything is uploaded or sent, naming the value and the rule."""
     import botocore.session
     from botocore.validate import ParamValidator
 
     model = botocore.session.get_session().get_service_model("sagemaker")
-    report = ParamValidator().validate(dict(request), model.operation_model("CreateTrainingJob").input_shape)
+    shape = model.operation_model("CreateTrainingJob").input_shape
+    report = ParamValidator().validate(dict(request), shape)
     if report.has_errors():
         raise ValueError(f"The CreateTrainingJob request is invalid:\n{report.generate_report()}")
+    problems: list[str] = []
+    _service_rules(dict(request), shape, "", problems)
+    image = request.get("AlgorithmSpecification", {}).get("TrainingImage")
+    if image is not None:
+        try:
+            check_image_uri(image)
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        raise ValueError("SageMaker would reject this CreateTrainingJob request:\n  " + "\n  ".join(problems))
 
 
 # -- submission -----------------------------------------------------------------------------------

@@ -6,14 +6,15 @@ The training toolkit (``sagemaker-training``) sets ``SM_*`` variables before it 
 ``SM_HOSTS`` and ``SM_CURRENT_HOST``. Managed spot training restores ``/opt/ml/checkpoints`` from S3 when
 an interrupted job restarts; like the toolkit, the root ``/opt/ml`` moves with ``SAGEMAKER_BASE_DIR``, so
 tests can run the real toolkit against a fake tree. Outside a container every location falls back to a
-directory under the current one, so the entry points also run by hand.
+directory under the current one, so the entry points also run by hand. Secrets named in the job's
+environment are read from Secrets Manager here too (`resolve_secrets`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,3 +102,50 @@ def as_bool(value: str | None, name: str) -> bool:
     if text in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"Hyperparameter {name}={value!r} is not a boolean; use true or false.")
+
+
+SECRET_ENV_PREFIX = "TURNWISE_SECRET_"
+SECRETS_REGION_ENV = "TURNWISE_SECRETS_REGION"
+
+
+def resolve_secrets(environ: MutableMapping[str, str] | None = None, client=None) -> list[str]:
+    """Set each ``NAME`` from the Secrets Manager secret that ``TURNWISE_SECRET_NAME`` names; return the names.
+
+    `turnwise sagemaker submit --secret NAME=SECRET_ID` puts only the secret's id in the job's environment.
+    The entry points call this first, before anything loads a model, so a gated hub model sees ``HF_TOKEN``
+    and the value never appears in the request, the hyperparameters or the logs (only names are logged).
+    ``SECRET_ID#KEY`` picks one key of a JSON secret. A variable that is already set (a launcher's parent
+    process resolved it) is left alone. Needs ``secretsmanager:GetSecretValue`` on each secret.
+    """
+    env = os.environ if environ is None else environ
+    wanted = {key[len(SECRET_ENV_PREFIX):]: value for key, value in env.items()
+              if key.startswith(SECRET_ENV_PREFIX) and key[len(SECRET_ENV_PREFIX):]}
+    resolved = []
+    for name, secret_ref in sorted(wanted.items()):
+        if env.get(name):
+            continue
+        secret_id, _, json_key = secret_ref.partition("#")
+        if client is None:
+            import boto3
+
+            region = env.get(SECRETS_REGION_ENV) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+            client = boto3.client("secretsmanager", region_name=region)
+        try:
+            response = client.get_secret_value(SecretId=secret_id)
+        except Exception as error:  # botocore's message names the secret and the missing permission, not a value
+            raise RuntimeError(f"Cannot read Secrets Manager secret {secret_id!r} for {name}: {error}. The job's role "
+                               "needs secretsmanager:GetSecretValue on it (and kms:Decrypt for a customer key).") from None
+        value = response.get("SecretString")
+        if value is None:
+            raise RuntimeError(f"Secrets Manager secret {secret_id!r} for {name} is binary; store it as a string.")
+        if json_key:
+            try:
+                value = json.loads(value)[json_key]
+            except (ValueError, KeyError, TypeError):
+                raise RuntimeError(f"Secrets Manager secret {secret_id!r} for {name} is not a JSON object with the "
+                                   f"key {json_key!r}.") from None
+            if not isinstance(value, str):
+                raise RuntimeError(f"Key {json_key!r} of secret {secret_id!r} for {name} is not a string.")
+        env[name] = value
+        resolved.append(name)
+    return resolved

@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (the toolkit does): make the source bundle importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sagemaker_entry.environment import SageMakerEnv, as_bool, has_option, pop_option
+from sagemaker_entry.environment import SageMakerEnv, as_bool, has_option, pop_option, resolve_secrets
 
 logger = logging.getLogger("sagemaker_entry.evaluate")
 
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import main as turnwise
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    for name in resolve_secrets():  # before anything loads a model; names only, never values
+        logger.info("%s: set from Secrets Manager", name)
     sm = SageMakerEnv.from_environ()
     options = eval_options(argv, sm)
     status = turnwise(["eval", *options])

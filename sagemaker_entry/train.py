@@ -9,7 +9,8 @@ The training toolkit runs ``python sagemaker_entry/train.py --config RECIPE.yaml
 - ``SM_CHANNEL_TRAIN`` (a directory of ``<split>.jsonl`` task files) becomes ``tasks``; ``SM_CHANNEL_VAL``
   supplies ``val.jsonl``;
 - ``/opt/ml/checkpoints`` is ``output_dir``: managed spot training syncs it to S3 and restores it after an
-  interruption, and the run resumes from the last checkpoint found there;
+  interruption, and the run resumes from the newest complete (marked) checkpoint found there, skipping a
+  torn or empty newer one (`pipeline.training.checkpoints`);
 - ``SM_NUM_GPUS`` x ``len(SM_HOSTS)`` > 1 relaunches this script under ``accelerate launch`` (one process
   per GPU, ``SM_CURRENT_HOST``'s index as machine rank), unless a launcher (torchrun, which SageMaker's
   ``torch_distributed`` uses) already started it.
@@ -35,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (the toolkit does): make the source bundle importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sagemaker_entry.environment import SageMakerEnv, as_bool, has_option, pop_option
+from sagemaker_entry.environment import SageMakerEnv, as_bool, has_option, pop_option, resolve_secrets
 
 logger = logging.getLogger("sagemaker_entry.train")
 
@@ -93,7 +94,7 @@ def container_options(argv: list[str], sm: SageMakerEnv) -> list[str]:
 
     The locations come last, so they override a recipe's ``output_dir`` (argparse keeps the last value).
     """
-    from transformers.trainer_utils import get_last_checkpoint
+    from pipeline.training.checkpoints import latest_complete_checkpoint
 
     options = list(argv)
     model_channel = sm.channel("model")
@@ -104,7 +105,9 @@ def container_options(argv: list[str], sm: SageMakerEnv) -> list[str]:
         options += ["--tasks", str(tasks)]
     sm.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     options += ["--output_dir", str(sm.checkpoint_dir)]
-    if get_last_checkpoint(str(sm.checkpoint_dir)) is not None:
+    # Resume only from a complete checkpoint: a spot interruption can leave the newest one torn or empty,
+    # and turnwise train then continues from the newest intact one (each one skipped is logged with why).
+    if latest_complete_checkpoint(sm.checkpoint_dir, warn=logger.warning) is not None:
         options += ["--resume", "true"]
     return options
 
@@ -172,6 +175,8 @@ def save_artifacts(result: dict, sm: SageMakerEnv, base_model: str, merge: bool,
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in resolve_secrets():  # before anything loads a model; names only, never values
+        logger.info("%s: set from Secrets Manager", name)
     sm = SageMakerEnv.from_environ()
     entry_args = list(argv)
     merge = as_bool(pop_option(entry_args, "merge_adapter", "false"), "merge_adapter")

@@ -246,7 +246,8 @@ def test_train_hands_every_option_to_the_recipe_parser(monkeypatch: pytest.Monke
     assert seen["rollout_config"].max_turns == 3 and seen["grpo_args"].learning_rate == 0.5
     assert seen["task_args"].tasks == "sop:data/sop/warranty_claims"
     assert seen["task_args"].reward_config == "sop"  # the SOP domain's default reward
-    assert os.environ["TURNWISE_TRUST_TOOLS"] == "1"
+    # --trust-tools grants trust per folder (path and tools.py digest); this folder has no tools.py, so none
+    assert os.environ["TURNWISE_TRUST_TOOLS"] == "[]"
     assert "trained 0 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["eval", "--policy", "oracle", "--no-such-flag"])

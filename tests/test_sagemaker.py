@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import tarfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -28,18 +29,23 @@ RECIPE = str(REPO / "configs" / "grpo_cpu_quick.yaml")
 REGION = "us-east-1"
 # Built at run time so that this file itself holds no key-shaped string.
 PLANTED_KEY_ID = "AKIA" + "TURNWISETESTKEY1"
-PLANTED_SECRET = "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYPLANTEDSECRET"
+PLANTED_SECRET = "".join(["wJalrXUtnFEMI/K7MDENG/", "bPxRfiCYPLANTEDSECRET"])
 LOG_LINES = [
     "Invoking script with the following command: /usr/bin/python3 sagemaker_entry/train.py --config ...",
     "{'loss': '0.0123', 'grad_norm': '0.51', 'learning_rate': '2e-05', 'rollout/reward/mean': '0.25', "
     "'rollout/success': '0', 'rollout/turns/mean': '5.5', 'epoch': '0.5'}",
     "{'loss': '-0.004', 'rollout/reward/mean': '0.4375', 'rollout/success': '0.25', 'epoch': '1'}",
-    "{'val/success': '0.5', 'val/pass@1': '0.5', 'val/completion': '1', 'epoch': '1'}",
+    "{'val/success': '0.5', 'val/pass@1': '0.5', 'val/completion': '1', 'val/reward/mean': '0.3125', 'epoch': '1'}",
 ]
+# What the trainer prints at a validation step, as the progress bar writes it into CloudWatch (a tqdm
+# carriage return and the bar before the dict), with a value-head loss that must not count as `loss`.
+REALISTIC = ("\r 40%|####      | 2/5 [00:31<00:46, 15.6s/it]{'loss': '-0.01174', 'grad_norm': '0.8125', "
+             "'learning_rate': '1e-05', 'value/loss': '0.25', 'rollout/reward/mean': '0.5312', 'val/success': '0.375', "
+             "'val/reward/mean': '0.4062', 'val/pass@1': '0.375', 'entropy': '1.2e-01', 'epoch': '0.4'}")
 
 
 def test_image_uri_table_and_override():
-    assert image_uri("us-west-2", "4.49").startswith("763104351884.dkr.ecr.us-west-2.amazonaws.com/huggingface-pytorch")
+    assert image_uri("us-west-2", "5.3").startswith("763104351884.dkr.ecr.us-west-2.amazonaws.com/huggingface-pytorch")
     assert ".amazonaws.com.cn/" in image_uri("cn-north-1")
     with pytest.raises(ValueError, match="pass image_uri"):
         image_uri("mars-north-1")
@@ -50,7 +56,12 @@ def test_image_uri_table_and_override():
 
 def test_metric_regexes_match_trainer_log_lines():
     metrics = parse_metrics(LOG_LINES)
-    assert metrics["rollout/reward/mean"] == [0.25, 0.4375]
+    assert metrics["rollout/reward/mean"] == [0.25, 0.4375] and metrics["val/reward/mean"] == [0.3125]
+    realistic = parse_metrics([REALISTIC])
+    assert realistic["loss"] == [-0.01174] and realistic["val/reward/mean"] == [0.4062]
+    assert realistic["rollout/reward/mean"] == [0.5312] and realistic["val/success"] == [0.375]
+    names = {d["Name"] for d in metric_definitions()}
+    assert {"loss", "val/reward/mean"} <= names
     assert metrics["rollout/success"] == [0.0, 0.25] and metrics["val/success"] == [0.5]
     assert metrics["loss"] == [0.0123, -0.004] and "learning_rate" not in metrics
     assert all(len(d["Regex"]) <= 500 for d in metric_definitions())
@@ -81,6 +92,34 @@ def test_dry_run_prints_a_request_botocore_accepts(capsys, monkeypatch, tmp_path
     assert request["OutputDataConfig"]["KmsKeyId"] == "alias/turnwise"
     assert {m["Name"] for m in request["AlgorithmSpecification"]["MetricDefinitions"]} >= {
         "rollout/reward/mean", "rollout/success", "val/success"}
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "sagemaker").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_dry_runs_on_an_image_the_stack_accepts(recipe, capsys, monkeypatch):
+    """Each shipped SageMaker recipe submits as it is (no vLLM keys on images without vLLM): the request passes
+    botocore's validator and names a table image whose torch and Python are at or above the stack's floors."""
+    from pipeline.sagemaker import DLC_IMAGES, STACK_FLOORS, _version_tuple
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    status = turnwise(["sagemaker", "submit", "--config", str(recipe), "--role", ROLE, "--bucket", "my-bucket",
+                       "--job-name", "turnwise-recipe", "--dry-run"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    request = json.loads(out.out)
+    validate_request(request)
+    tag = request["AlgorithmSpecification"]["TrainingImage"].rsplit(":", 1)[1]
+    image = next(i for i in DLC_IMAGES.values() if i.tag == tag)
+    assert _version_tuple(image.torch) >= _version_tuple(STACK_FLOORS["torch"])
+    assert _version_tuple(image.python) >= _version_tuple(STACK_FLOORS["python"])
+
+
+def test_use_vllm_without_an_image_that_has_it_is_refused_before_anything_is_sent(capsys, monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    status = turnwise(["sagemaker", "submit", "--config", "configs/sagemaker/grpo_qwen2.5_0.5b.yaml", "--role", ROLE,
+                       "--bucket", "my-bucket", "-H", "use_vllm=true", "-H", "backend=vllm", "--dry-run"])
+    out = capsys.readouterr()
+    assert status == 1 and out.out == ""
+    assert "use_vllm: true needs an image that carries vLLM" in out.err and "--image-uri" in out.err
 
 
 @pytest.mark.parametrize("change, message", [
@@ -248,6 +287,109 @@ def test_cli_status_logs_download_against_moto(moto_aws, tmp_path, capsys):
     assert "Cannot stop training job 'turnwise-moto-2'" in capsys.readouterr().err
 
 
+# -- MLflow, the job's environment and secrets -------------------------------------------------------
+
+MLFLOW_ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/support"
+# Secret names (ids), not values; unique per session, because moto's backends outlive one moto server.
+_RUN = uuid.uuid4().hex[:8]
+HF_SECRET_ID, KEYS_SECRET_ID, PLAIN_SECRET_ID = (f"turnwise/{_RUN}/hf-token", f"turnwise/{_RUN}/keys",
+                                                 f"turnwise/{_RUN}/plain")
+
+
+def test_mlflow_env_and_secrets_reach_the_job_and_no_secret_value_does(moto_aws, tmp_path, capsys, caplog):
+    """submit() sends MlflowConfig, the Environment (settings and secret ids) and report_to=mlflow, as botocore
+    puts them on the wire; the container resolves the ids against Secrets Manager (moto); no secret value
+    appears in the request, the bundle, the logs or anything printed."""
+    import boto3
+
+    from sagemaker_entry.environment import resolve_secrets
+
+    token = "hf_" + "".join(["Zx9Yw8Vu7T", "s6Rq5Po4Nm", "3Lk2Jh1GfE", "dCbA"])
+    api_key = "".join(["wandb", "0f1e2d3c4b5a69788796a5b4c3d2e1f0"])
+    secrets = moto_aws.client("secretsmanager")
+    secrets.create_secret(Name=HF_SECRET_ID, SecretString=token)
+    secrets.create_secret(Name=KEYS_SECRET_ID, SecretString=json.dumps({"wandb": api_key}))
+    session = boto3.session.Session(region_name=REGION)
+    sent: list[bytes] = []
+    session._session.register("before-send.sagemaker.CreateTrainingJob", lambda request, **_: sent.append(request.body))
+    caplog.set_level(logging.DEBUG, logger="pipeline")
+    config = SubmitConfig(config=RECIPE, role=ROLE, bucket="turnwise-test", job_name="turnwise-mlflow",
+                          environment={"HF_HUB_ENABLE_HF_TRANSFER": "0"},
+                          secrets={"HF_TOKEN": HF_SECRET_ID, "WANDB_API_KEY": f"{KEYS_SECRET_ID}#wandb"},
+                          mlflow_arn=MLFLOW_ARN, mlflow_experiment="support-agents", mlflow_run="grpo-seed0")
+    job = submit(config, session=session)
+    body = json.loads(sent[0])
+    validate_request(body)
+    assert body["MlflowConfig"] == {"MlflowResourceArn": MLFLOW_ARN, "MlflowExperimentName": "support-agents",
+                                    "MlflowRunName": "grpo-seed0"}
+    assert body["Environment"] == {
+        "HF_HUB_ENABLE_HF_TRANSFER": "0", "TURNWISE_SECRET_HF_TOKEN": HF_SECRET_ID,
+        "TURNWISE_SECRET_WANDB_API_KEY": f"{KEYS_SECRET_ID}#wandb", "TURNWISE_SECRETS_REGION": REGION,
+        "MLFLOW_TRACKING_URI": MLFLOW_ARN, "MLFLOW_EXPERIMENT_NAME": "support-agents"}
+    hps = {k: json.loads(v) for k, v in body["HyperParameters"].items()}
+    assert hps["report_to"] == "mlflow" and hps["run_name"] == "grpo-seed0"
+
+    environ = dict(body["Environment"])  # the container starts with the job's environment
+    assert resolve_secrets(environ) == ["HF_TOKEN", "WANDB_API_KEY"]
+    assert environ["HF_TOKEN"] == token and environ["WANDB_API_KEY"] == api_key
+
+    members = bundle_members(moto_aws, "turnwise-mlflow")
+    printed = capsys.readouterr()
+    everything = (b"".join(sent) + b"".join(members.values())).decode("utf-8", "replace") + printed.out + \
+        printed.err + caplog.text + json.dumps(job.describe(), default=str)
+    assert token not in everything and api_key not in everything
+
+
+def test_secret_resolution_errors_name_the_secret_never_a_value(moto_aws):
+    from sagemaker_entry.environment import resolve_secrets
+
+    wanted, region = "TURNWISE_SECRET_HF_TOKEN", "TURNWISE_SECRETS_REGION"  # the job environment's names
+    moto_aws.client("secretsmanager").create_secret(Name=PLAIN_SECRET_ID, SecretString="not-json-" + "v" * 20)
+    with pytest.raises(RuntimeError, match="Cannot read Secrets Manager secret 'turnwise/missing' for HF_TOKEN.*"
+                                           "secretsmanager:GetSecretValue"):
+        resolve_secrets({wanted: "turnwise/missing", region: REGION})
+    with pytest.raises(RuntimeError, match="not a JSON object with the key 'token'") as error:
+        resolve_secrets({wanted: f"{PLAIN_SECRET_ID}#token", region: REGION})
+    assert "v" * 20 not in str(error.value)
+    launcher_value = "set by the launcher"
+    already = {wanted: "turnwise/missing", "HF_TOKEN": launcher_value}  # a parent process resolved it
+    assert resolve_secrets(already) == [] and already["HF_TOKEN"] == launcher_value
+
+
+def test_cli_mlflow_env_secret_flags_dry_run(capsys, monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    status = turnwise(["sagemaker", "submit", "--config", RECIPE, "--role", ROLE, "--bucket", "my-bucket",
+                       "--job-name", "flags", "--env", "TOKENIZERS_PARALLELISM=false", "--secret", "HF_TOKEN=hf/token",
+                       "--mlflow-arn", MLFLOW_ARN, "--mlflow-experiment", "exp", "--dry-run"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    request = json.loads(out.out)
+    validate_request(request)
+    assert request["Environment"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert request["Environment"]["TURNWISE_SECRET_HF_TOKEN"] == "hf/token" and "HF_TOKEN" not in request["Environment"]
+    assert request["MlflowConfig"] == {"MlflowResourceArn": MLFLOW_ARN, "MlflowExperimentName": "exp",
+                                       "MlflowRunName": "flags"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"environment": {"HF_TOKEN": "x"}}, "Use --secret HF_TOKEN=SECRET_ID"),
+    ({"environment": {"NOTE": "hf_" + "a1" * 17}}, "is a Hugging Face token"),
+    ({"environment": {"1BAD": "x"}}, "name '1BAD' is invalid"),
+    ({"environment": {"AWS_SECRET_ACCESS_KEY": "x"}}, "must not be set at all"),
+    ({"secrets": {"HF_TOKEN": "hf_" + "b2" * 17}}, "a secret's value, not the name"),
+    ({"secrets": {"HF_TOKEN": "bad name!"}}, "not a Secrets Manager secret name or ARN"),
+    ({"secrets": {"HF_TOKEN": "s"}, "network_isolation": True}, "network isolation forbids"),
+    ({"mlflow_arn": "arn:aws:sagemaker:us-east-1:123456789012:training-job/x"}, "not the ARN of a SageMaker-managed"),
+    ({"mlflow_experiment": "e"}, "need --mlflow-arn"),
+    ({"hyperparameters": {"hub_token": "abc"}}, "names a secret"),
+    ({"hyperparameters": {"sagemaker_program": "evil.py"}}, "is reserved"),
+    ({"tags": {f"k{i}": "v" for i in range(50)}}, "At most 49 tags"),
+])
+def test_environment_secret_and_mlflow_misuse_is_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        SubmitConfig(**{"config": RECIPE, "role": ROLE, "bucket": "my-bucket", **change})
+
+
 # -- secrets --------------------------------------------------------------------------------------
 
 
@@ -274,7 +416,8 @@ def test_source_bundle_leaves_out_secrets_and_never_prints_them(moto_aws, tmp_pa
                                     "sagemaker_entry/train.py"]
     reasons = dict(bundle.excluded)
     assert reasons[".env"] == "secret file name" and reasons["credentials"] == "secret file name"
-    assert reasons["scripts/deploy.py"] == "holds a credential" and reasons["aws_notes.cfg"] == "holds a credential"
+    assert reasons["scripts/deploy.py"] == "holds a credential: an AWS access key id on line 1"
+    assert reasons["aws_notes.cfg"] == "holds a credential: a secret-like key with a literal value on line 2"
     assert {".git/", ".venv/", "outputs/", "pipeline/__pycache__/"} <= set(reasons)
 
     # Submitted for real (to moto): neither the .env file nor the key reaches S3, and neither is printed.
@@ -291,7 +434,7 @@ def test_source_bundle_leaves_out_secrets_and_never_prints_them(moto_aws, tmp_pa
                      "--job-name", "turnwise-secrets-2", "--dry-run"]) == 0
     printed = capsys.readouterr()
     everything = printed.out + printed.err + caplog.text
-    assert "left out of the source bundle: scripts/deploy.py (holds a credential)" in caplog.text
+    assert "left out of the source bundle: scripts/deploy.py (holds a credential: an AWS access key id" in caplog.text
     assert PLANTED_KEY_ID not in everything and PLANTED_SECRET not in everything
 
 

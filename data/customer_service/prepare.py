@@ -7,12 +7,15 @@
         --out data/customer_service/order_status_holdout/tasks
     python data/customer_service/prepare.py --seed 2 --intents order_status --only-split test \
         --out data/customer_service/order_status_holdout2/tasks
+    python data/customer_service/prepare.py --seed 3 --only-split test --per-intent 25 \
+        --out data/customer_service/all_intents_holdout/tasks
 
 Every task gets its own customer and orders (ids are unique across the whole set), so the splits are
 disjoint by customer and by order, not just by row. The expected end state is computed by applying the
 intended changes with the same database code the tools use, and stored as the state keys that change.
 ``--only-split`` puts every task of a set in one split: with another ``--seed``, that is a fresh held-out
-test set, whose task ids (``cs-s1-0000``) name their seed.
+test set, whose task ids (``cs-s1-0000``) name their seed. ``--per-intent N`` keeps the first N tasks (by id)
+of each intent label (the eight single intents and ``multi``), so a held-out set covers every intent evenly.
 """
 
 from __future__ import annotations
@@ -299,6 +302,18 @@ def generate(seed: int = 0, only_split: str | None = None) -> dict[str, list[dic
     return splits
 
 
+def first_per_intent(rows: list[dict], n: int) -> list[dict]:
+    """The first ``n`` rows (in order) of each intent label: the single intent, or ``multi``."""
+    kept: dict[str, int] = {}
+    out = []
+    for row in rows:
+        label = row["intents"][0] if len(row["intents"]) == 1 else "multi"
+        if kept.get(label, 0) < n:
+            kept[label] = kept.get(label, 0) + 1
+            out.append(row)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
@@ -309,7 +324,11 @@ def main() -> None:
     parser.add_argument("--only-split", choices=sorted(SPLITS), default=None,
                         help="Put every task in this split and write only its file (with a --seed other than 0: a "
                              "fresh held-out test set for models trained on the seed-0 splits).")
+    parser.add_argument("--per-intent", type=int, default=None, metavar="N",
+                        help="Keep the first N tasks (by id) of each intent label, 'multi' included.")
     args = parser.parse_args()
+    if args.per_intent is not None and args.per_intent < 1:
+        parser.error(f"--per-intent must be at least 1, got {args.per_intent}.")
     unknown = sorted(set(args.intents or ()) - set(SINGLE))
     if unknown:
         parser.error(f"unknown intent(s) {', '.join(unknown)}; choose from {', '.join(SINGLE)}.")
@@ -319,6 +338,8 @@ def main() -> None:
             continue
         if args.intents:
             rows = [row for row in rows if sorted(row["intents"]) == sorted(args.intents)]
+        if args.per_intent:
+            rows = first_per_intent(rows, args.per_intent)
         path = args.out / f"{split}.jsonl"
         with path.open("w") as f:
             for row in rows:

@@ -85,6 +85,9 @@ class Domain:
     - ``evidence``: what the reward's rule scorers need (:class:`EvidenceRules`).
     - ``default_customer``: the user-simulator factory the environment uses unless given another.
     - ``hacks``: scripted reward-hacking policies ``name -> (task -> policy)`` for the reward audit.
+    - ``trust_environment(spec)``: the environment variables that grant trust to code a task spec brings
+      (an SOP folder's tools.py) for ``--trust-tools``; ``{}`` when the spec brings none. ``None`` for a
+      domain whose tasks never carry code.
     - ``default``: the domain used when a command names none (exactly one shipped domain sets it).
     """
 
@@ -97,6 +100,7 @@ class Domain:
     evidence: EvidenceRules = field(default_factory=EvidenceRules)
     default_customer: Callable[..., Any] | None = None
     hacks: Mapping[str, Callable[["Task"], Policy]] = field(default_factory=dict)
+    trust_environment: Callable[[str | None], Mapping[str, str]] | None = None
     default: bool = False
     description: str = ""
 
@@ -236,6 +240,18 @@ def resolve(spec: str | None) -> tuple[Domain, str | None] | None:
             and not Path(text).exists():
         return _import_spec(text), None
     return None
+
+
+def trust_environment(spec: str | None) -> dict[str, str]:
+    """What ``--trust-tools`` grants for a task spec: the environment variables of every domain whose
+    ``trust_environment`` finds code in it (a spec that names one domain asks only that one)."""
+    named = domain_of(spec)
+    candidates = [named] if named is not None else list(domains().values())
+    granted: dict[str, str] = {}
+    for domain in candidates:
+        if domain.trust_environment is not None:
+            granted.update(domain.trust_environment(spec))
+    return granted
 
 
 def domain_of(spec: str | None) -> Domain | None:

@@ -4,7 +4,9 @@ TRL 1.16 lets a ``rollout_func`` own generation and return an ``env_mask``; the 
 model-sampled tokens. :class:`EpisodeRollout` plays whole episodes with the token-level
 :class:`~pipeline.rollout.RolloutEngine` and returns, per episode, the opening prompt ids, everything
 after it as the "completion" (assistant turns *and* environment replies), the sampling logprobs and the
-assistant mask. :class:`TrajectoryReward` scores the episodes with a trajectory-level reward and keeps
+assistant mask. It generates with the training model (the ``hf`` backend, parameters gathered under
+ZeRO-3/FSDP2: :mod:`~pipeline.training.sharding`) or, with ``use_vllm``, with TRL's vLLM engine, whose
+logprobs then feed TRL's importance-sampling correction (:mod:`~pipeline.training.vllm`). :class:`TrajectoryReward` scores the episodes with a trajectory-level reward and keeps
 each breakdown, so the trainer can credit per-turn rewards and log the reward's components. The dataset
 (:func:`task_dataset`) only names tasks: the environment builds each episode's real opening.
 """
@@ -21,6 +23,7 @@ from pipeline.envs.base import Task
 from pipeline.rollout import RolloutEngine
 from pipeline.rollout.backends import build_backend
 from pipeline.training.config import RolloutConfig
+from pipeline.training.sharding import generation_model
 from pipeline.trajectory import Trajectory
 
 TASK_PREFIX = "turnwise-task:"
@@ -64,17 +67,23 @@ class EpisodeRollout:
         self.calls += 1
         step = trainer.state.global_step
         seeds = [self.seed * 1_000_003 + step * 7919 + hash_id(t.id) % 7919 for t in tasks]
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        tokenizer = trainer.processing_class
-        backend = build_backend(self.config.backend, model, tokenizer, temperature=trainer.args.temperature,
-                                top_p=trainer.args.top_p, seed=seeds[0] if seeds else 0)
-        engine = RolloutEngine(backend, tokenizer, max_new_tokens=self.config.max_new_tokens,
-                               max_total_tokens=self.config.max_total_tokens, batch_size=max(1, len(tasks)))
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            trajectories = engine.run(lambda t: make_env(t, max_turns=self.config.max_turns), tasks, seeds)
-        model.train(was_training)
+        if getattr(trainer.args, "use_vllm", False):
+            # TRL synced this step's weights into its engine before calling us (pipeline.training.vllm)
+            from pipeline.training.vllm import engine_backend, rollout_phase
+
+            with rollout_phase(trainer):
+                trajectories = self.play(engine_backend(trainer, seeds[0] if seeds else 0), trainer, tasks, seeds)
+        else:
+            # under ZeRO-3 or FSDP2 the parameters stay gathered for the whole rollout (pipeline.training.sharding)
+            with generation_model(trainer) as model:
+                backend = build_backend(self.config.backend, model, trainer.processing_class,
+                                        temperature=trainer.args.temperature, top_p=trainer.args.top_p,
+                                        seed=seeds[0] if seeds else 0)
+                was_training = model.training
+                model.eval()
+                with torch.no_grad():
+                    trajectories = self.play(backend, trainer, tasks, seeds)
+                model.train(was_training)
         self.last = trajectories
         out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": [],
                                 "episode": []}
@@ -92,6 +101,13 @@ class EpisodeRollout:
             out["env_mask"].append(data.assistant_mask[start:])
             out["episode"].append(i)
         return out
+
+
+    def play(self, backend, trainer, tasks: Sequence[Task], seeds: Sequence[int]) -> list[Trajectory]:
+        """Play one episode per task on ``backend``, every live episode's turn in one backend call."""
+        engine = RolloutEngine(backend, trainer.processing_class, max_new_tokens=self.config.max_new_tokens,
+                               max_total_tokens=self.config.max_total_tokens, batch_size=max(1, len(tasks)))
+        return engine.run(lambda t: make_env(t, max_turns=self.config.max_turns), tasks, seeds)
 
 
 def episode_total(breakdown: Any) -> float:

@@ -86,6 +86,9 @@ class AdvantageInput:
     (:func:`~pipeline.training.value_head.boundary_hidden_states`); computed on the first call only."""
     log_metric: Callable[[str, float], None] = _ignore_metric
     """``log_metric(name, value)`` logs a scalar with the trainer's metrics (averaged per logging step)."""
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """With several processes, ``all_reduce(tensor)`` sums a tensor over them (the same result on every one);
+    a critic uses it to keep its state identical everywhere. None with one process."""
 
     def __post_init__(self) -> None:
         n = len(self.turn_rewards)
@@ -514,8 +517,9 @@ class GAE:
     A :class:`~pipeline.training.value_head.ValueHead` (its own parameters and Adam optimiser, never the
     policy's) reads the policy's hidden state before each turn (``batch.hidden_states()``); GAE(gamma,
     lambda) over turns (:func:`gae_over_turns`) uses the values before the head's update; then the head
-    takes ``value_epochs`` steps of value loss (lr ``value_lr``) on this batch's lambda-returns. Logs
-    ``value/loss`` and ``value/mean``. The head and its optimiser are the estimator's state: saved into
+    takes ``value_epochs`` steps of value loss (lr ``value_lr``) on this batch's lambda-returns. With several
+    processes the gradients are averaged over all of them (``batch.all_reduce``), so the head, which starts
+    at zero everywhere, stays the same on every process. Logs ``value/loss`` and ``value/mean``. The head and its optimiser are the estimator's state: saved into
     each checkpoint as ``value_head.pt`` and restored on resume, so a resumed run continues the same critic.
     """
 
@@ -535,14 +539,27 @@ class GAE:
         with torch.no_grad():
             values = [v.tolist() for v in self.head(hidden, boundaries)]
         advantages, targets = gae_over_turns(batch.turn_rewards, values, gamma=batch.gamma, lam=batch.lam)
+        turns = sum(map(len, targets))
         for _ in range(batch.value_epochs):
             loss = ValueHead.loss(self.head(hidden, boundaries), targets)
             self.optimizer.zero_grad()
             loss.backward()
+            if batch.all_reduce is not None:
+                self._average_gradients(batch.all_reduce, turns)
             self.optimizer.step()
         batch.log_metric("value/loss", loss.detach().item())
         batch.log_metric("value/mean", sum(map(sum, values)) / max(1, sum(map(len, values))))
         return advantages
+
+    def _average_gradients(self, all_reduce: Callable[[torch.Tensor], torch.Tensor], turns: int) -> None:
+        """Replace each process's gradient by the gradient of the loss over every process's turns (each
+        process's mean-loss gradient weighted by its turn count), so every process takes the same step and
+        the heads, which start equal, stay equal."""
+        device = self.head.proj.weight.device
+        weight = torch.tensor(float(turns), device=device)
+        total = all_reduce(weight.clone())
+        for parameter in self.head.parameters():
+            parameter.grad = all_reduce(parameter.grad * weight) / total
 
     def _ready(self, hidden: torch.Tensor, lr: float) -> None:
         if self.head is None:
@@ -565,6 +582,21 @@ class GAE:
         return {"hidden_size": self.head.proj.in_features, "head": self.head.state_dict(), "optimizer": optimizer}
 
     def load_state_dict(self, state: dict) -> None:
-        self.head = ValueHead(state["hidden_size"])
-        self.head.load_state_dict(state["head"])
-        self.optimizer, self._optimizer_state = None, state["optimizer"]
+        hidden_size = state.get("hidden_size") if isinstance(state, dict) else None
+        head = state.get("head") if isinstance(state, dict) else None
+        if type(hidden_size) is not int or hidden_size < 1 or not isinstance(head, dict):
+            raise ValueError("a gae state is {'hidden_size': int, 'head': ValueHead state, 'optimizer': ...}")
+        shapes = {name: tuple(value.shape) for name, value in head.items() if isinstance(value, torch.Tensor)}
+        if shapes != {"proj.weight": (1, hidden_size), "proj.bias": (1,)}:
+            raise ValueError(f"the value head's tensors are {shapes}, not those of a head on hidden size {hidden_size}")
+        self.head = ValueHead(hidden_size)
+        self.head.load_state_dict(head)
+        self.optimizer, self._optimizer_state = None, state.get("optimizer")
+
+    def check_model(self, model, source: str = "the restored value head") -> None:
+        """Fail before training when the restored head reads another hidden size than ``model``'s."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if self.head is not None and self.head.proj.in_features != config.hidden_size:
+            raise ValueError(f"{source} reads hidden size {self.head.proj.in_features}, but the policy's is "
+                             f"{config.hidden_size}: resume with the model the checkpoint was trained on, or delete "
+                             "the checkpoint.")

@@ -59,11 +59,13 @@ class ValidationCallback(TrainerCallback):
     def validate(self) -> dict[str, float]:
         from pipeline.evaluation import evaluate
 
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        was_training = model.training
-        report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
-                          max_new_tokens=self.max_new_tokens)
-        model.train(was_training)
+        from pipeline.training.sharding import generation_model
+
+        with generation_model(self.trainer) as model:  # parameters gathered under ZeRO-3 / FSDP2
+            was_training = model.training
+            report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
+                              max_new_tokens=self.max_new_tokens)
+            model.train(was_training)
         reward_fn = self.reward_fn or self.trainer.reward.reward_fn
         totals = [episode_total(reward_fn(t)) for t in report.trajectories]
         return {"val/success": report.metrics["success"], "val/pass@1": report.metrics["pass@1"],
@@ -212,7 +214,12 @@ class EstimatorCheckpoint(TrainerCallback):
             logger.warning("%s has no %s: the %s estimator's state starts again from scratch.", checkpoint,
                            self.filename, self.name)
             return False
-        self.estimator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            self.estimator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # torch's unpickler and the estimator's own checks raise many types
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]  # torch's advice to unpickle anyway is left out
+            raise ValueError(f"{path} is not a {self.name} estimator state ({type(exc).__name__}: {reason}); delete "
+                             f"{checkpoint} to resume from an earlier checkpoint.") from exc
         self.restored_from = str(checkpoint)
         return True
 

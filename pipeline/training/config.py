@@ -35,7 +35,8 @@ class RolloutConfig:
                 "processes, where the plain forward runs."})
     backend: str = field(default="hf", metadata={
         "help": f"Generation backend for rollouts, by name: {', '.join(backend_names())} (pipeline.rollout.backends). "
-                "Rollouts must come from the model being trained, which hf does; vllm serves a fixed model."})
+                "hf generates with the model being trained (CPU or GPU); vllm with TRL's vLLM engine, kept in step "
+                "with the trainer's weights (a GPU and the vllm package; set use_vllm: true and vllm_mode too)."})
 
     def __post_init__(self) -> None:
         check_backend_name(self.backend, "RolloutConfig.backend")
@@ -53,3 +54,16 @@ class RolloutConfig:
         if self.value_lr <= 0 or self.value_epochs < 1:
             raise ValueError(f"RolloutConfig.value_lr must be > 0 and value_epochs >= 1, got {self.value_lr} and "
                              f"{self.value_epochs}.")
+
+
+def check_run_config(rollout_config: RolloutConfig, grpo_args, zero_stage: int | None = None,
+                     fsdp_version: int | None = None) -> None:
+    """What :class:`RolloutConfig` cannot check alone, before the model loads: its agreement with TRL's
+    ``GRPOConfig`` on vLLM, with the vllm package and a GPU present (:func:`~pipeline.training.vllm.check_vllm_config`),
+    and what a run across processes needs (:func:`~pipeline.training.sharding.check_parallel_config`). Not at
+    parse time: a recipe that trains with vLLM on a GPU still parses on the laptop that submits it."""
+    from pipeline.training.sharding import check_parallel_config
+    from pipeline.training.vllm import check_vllm_config
+
+    check_vllm_config(grpo_args, rollout_config)
+    check_parallel_config(grpo_args, rollout_config, zero_stage=zero_stage, fsdp_version=fsdp_version)

@@ -32,13 +32,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from trl import GRPOTrainer
+from trl.distributed import DistributedBackend
 
 from pipeline.rollout.backends.kv_cache import shared_prefix_length
 from pipeline.envs.base import BUDGET_STOPS, STOP_MAX_TOKENS, STOP_MAX_TURNS
 from pipeline.training.adapters import EpisodeRollout, TrajectoryReward, episode_total
 from pipeline.training.advantages import AdvantageInput, broadcast_turns, build_estimator, get_estimator, has_state
 from pipeline.training.callbacks import EstimatorCheckpoint, use_namespaced_tensorboard
-from pipeline.training.config import RolloutConfig
+from pipeline.training.checkpoints import CheckpointMarker
+from pipeline.training.config import RolloutConfig, check_run_config
 from pipeline.training.lm_head import has_plain_head
 from pipeline.training.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_logps
 from pipeline.training.value_head import boundary_hidden_states
@@ -66,7 +68,11 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, rollout: EpisodeRollout, reward: TrajectoryReward, rollout_config: RolloutConfig,
                  **kwargs) -> None:
+        if kwargs.get("args") is not None:  # before TRL builds its vLLM engine or wraps the model
+            check_run_config(rollout_config, kwargs["args"])
         super().__init__(*args, rollout_func=rollout, reward_funcs=[reward], **kwargs)
+        topology = DistributedBackend(self.accelerator)  # the launch as accelerate set it up
+        check_run_config(rollout_config, self.args, zero_stage=topology.zero_stage, fsdp_version=topology.fsdp_version)
         self.rollout, self.reward, self.rollout_config = rollout, reward, rollout_config
         self.estimator_registration = get_estimator(rollout_config.advantage)
         self.estimator = build_estimator(rollout_config.advantage)
@@ -75,13 +81,29 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
             self.estimator_checkpoint = EstimatorCheckpoint(self.estimator, rollout_config.advantage)
             self.add_callback(self.estimator_checkpoint)
         use_namespaced_tensorboard(self)
+        self.checkpoint_marker = CheckpointMarker(self)  # marks each checkpoint complete once all else is written
+        self.add_callback(self.checkpoint_marker)
+
+    def add_callback(self, callback) -> None:
+        """transformers' ``add_callback``, keeping the checkpoint marker the last callback, so that a checkpoint is
+        marked complete only after every other ``on_save`` has written into it."""
+        super().add_callback(callback)
+        marker = getattr(self, "checkpoint_marker", None)
+        if marker is not None and callback is not marker:
+            self.callback_handler.callbacks.remove(marker)
+            self.callback_handler.callbacks.append(marker)
 
     def load_estimator_state(self, checkpoint: str | Path) -> bool:
         """Restore a stateful estimator (a critic) from ``checkpoint`` before ``train(resume_from_checkpoint=...)``;
         False when the estimator has no state or the checkpoint holds none for it."""
         if self.estimator_checkpoint is None:
             return False
-        return self.estimator_checkpoint.load(checkpoint)
+        loaded = self.estimator_checkpoint.load(checkpoint)
+        check_model = getattr(self.estimator, "check_model", None)
+        if loaded and callable(check_model):  # a critic for another model fails now, not inside the first batch
+            check_model(self.accelerator.unwrap_model(self.model),
+                        source=str(Path(checkpoint) / self.estimator_checkpoint.filename))
+        return loaded
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -113,7 +135,12 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
             group_ids=list(group_ids), totals=[episode_total(b) for b in self.reward.breakdowns],
             successes=[t.outcome.success for t in trajectories], turn_spans=spans, gamma=config.gamma, lam=config.lam,
             passk=config.passk, scale_rewards=self.scale_rewards, value_lr=config.value_lr,
-            value_epochs=config.value_epochs, hidden_states=hidden_states, log_metric=log_metric)
+            value_epochs=config.value_epochs, hidden_states=hidden_states, log_metric=log_metric,
+            all_reduce=self._sum_over_processes if self.accelerator.num_processes > 1 else None)
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every process (the same on each): what a critic's gradients are averaged with."""
+        return self.accelerator.reduce(tensor, reduction="sum")
 
     def _record_metrics(self, mode: str, metrics: Iterable[tuple[str, float]]) -> None:
         """The one place turnwise writes TRL's per-mode metric buffer (``self._metrics``): each value joins
@@ -138,9 +165,10 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
         system prompt: ~1,700 of a customer-service episode's ~2,300 tokens) run once per chunk of rows
         instead of once per row. Same values and gradients at those positions; 0 elsewhere, where the loss
         masks them out. TRL's own forward runs for what this does not cover: several processes (its wrapper
-        syncs the gradients), MoE aux losses, multimodal inputs, or an adapter on the LM head."""
+        syncs the gradients), sharded parameters (DeepSpeed, FSDP), MoE aux losses, multimodal inputs, or an
+        adapter on the LM head."""
         if (compute_aux_loss or any(v is not None for v in extra.values()) or self.accelerator.num_processes > 1
-                or not has_plain_head(model)):
+                or self.is_deepspeed_enabled or self.is_fsdp_enabled or not has_plain_head(model)):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss, **extra)
         scored = getattr(self, "_scored_positions", None)

@@ -3,9 +3,10 @@
 It loads the policy and the tasks, measures the starting policy's foothold (:func:`check_foothold`: RL
 only amplifies what the policy already does some of the time), builds the reward
 (:func:`default_reward`), the TRL adapters and :class:`~pipeline.training.grpo_trainer.TurnwiseGRPOTrainer`,
-adds validation and sample logging, trains (with ``--resume``, from the last checkpoint, the advantage
-estimator's state included), and saves the adapter, the log history and ``grpo_result.json``, written
-last so that a finished run can be told from a killed one."""
+adds validation and sample logging, trains (with ``--resume``, from the newest complete checkpoint, the
+advantage estimator's state included; see :mod:`~pipeline.training.checkpoints`), and saves the adapter,
+the log history and ``grpo_result.json``, written last so that a finished run can be told from a killed
+one."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 from pipeline.envs.base import Task
 from pipeline.training.adapters import EpisodeRollout, TrajectoryReward, task_dataset
 from pipeline.training.callbacks import BEST_FILE, SampleWriter, ValidationCallback
-from pipeline.training.config import RolloutConfig
+from pipeline.training.checkpoints import latest_complete_checkpoint
+from pipeline.training.config import RolloutConfig, check_run_config
 from pipeline.training.grpo_trainer import TurnwiseGRPOTrainer
 from pipeline.trajectory import Trajectory
 
@@ -47,13 +49,13 @@ def default_reward(config: str | None = None, tasks: Sequence[Any] = ()) -> Call
 def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
           reward_fn: Callable[[Trajectory], Any] | None = None) -> dict[str, Any]:
     """Parse-build-train-save: the whole ``turnwise train`` run. Returns where the outputs are."""
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import get_peft_config
 
     from pipeline.envs import load_tasks
     from pipeline.models import DEFAULT_MODEL, adapter_base_model, load_model
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    check_run_config(rollout_config, grpo_args)  # vLLM, GPU and batch layout: fail before the model loads
     start = time.time()
     base = adapter_base_model(task_args.adapter) if task_args.adapter else None
     model_name = model_args.model_name_or_path or base or DEFAULT_MODEL
@@ -76,8 +78,8 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
         peft_config = None
         logger.info("starting from the adapter %s (LoRA r=%d) on %s", task_args.adapter,
                     model.peft_config["default"].r, model_name)
-    resumable = task_args.resume and Path(grpo_args.output_dir).is_dir()
-    checkpoint = get_last_checkpoint(grpo_args.output_dir) if resumable else None
+    # The newest *complete* checkpoint: a torn, empty or unmarked newer one is skipped with a warning.
+    checkpoint = latest_complete_checkpoint(grpo_args.output_dir) if task_args.resume else None
     foothold = None
     if task_args.foothold_tasks and checkpoint is None:
         foothold = check_foothold(model, tokenizer, all_val[: task_args.foothold_tasks], rollout_config.max_turns,
@@ -94,10 +96,12 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     trainer.add_callback(validation)
     trainer.add_callback(SampleWriter(trainer))
     if task_args.resume and checkpoint is None:
-        logger.warning("--resume: no checkpoint in %s; starting from scratch.", grpo_args.output_dir)
+        logger.warning("--resume: no checkpoint in %s to resume from (a checkpoint counts once it is complete and "
+                       "marked); starting from scratch.", grpo_args.output_dir)
     if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
         trainer.load_estimator_state(checkpoint)  # a critic continues where the checkpoint left it
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     final = validation.final()
     adapter_dir = Path(grpo_args.output_dir) / "adapter"
     trainer.save_model(str(adapter_dir))
@@ -114,7 +118,8 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=2))
     result = {"adapter": str(adapter_dir), "output_dir": grpo_args.output_dir, "samples": str(out / "samples"),
               "val": final, "steps": trainer.state.global_step, "foothold": foothold,
-              "log_history": str(out / "log_history.json"), "wall_time_s": round(time.time() - start, 1)}
+              "log_history": str(out / "log_history.json"), "wall_time_s": round(time.time() - start, 1),
+              "resumed_from": str(checkpoint) if checkpoint is not None else None}
     if validation.best is not None:  # keep_best_val: the pipeline goes on with the best validation's adapter
         result.update(adapter=validation.best["adapter"], final_adapter=str(adapter_dir), best_val=validation.best)
     if trainer.args.should_save:

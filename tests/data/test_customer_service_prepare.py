@@ -85,20 +85,27 @@ def test_the_order_status_set_is_the_full_sets_order_status_tasks(prepare, split
     assert "unknown intent(s) refund; choose from order_status, cancel" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, seed", [("order_status_holdout", 1), ("order_status_holdout2", 2)])
-def test_an_order_status_holdout_is_a_fresh_seed_disjoint_from_the_seed_0_sets(prepare, splits, tmp_path,
-                                                                                monkeypatch, name, seed):
-    """`prepare.py --seed S --intents order_status --only-split test` regenerates a shipped held-out set
-    byte for byte: only a test file, and no task, customer, order or item id of it is in the seed-0 sets."""
+@pytest.mark.parametrize("name, seed, narrow", [("order_status_holdout", 1, ["--intents", "order_status"]),
+                                               ("order_status_holdout2", 2, ["--intents", "order_status"]),
+                                               ("all_intents_holdout", 3, ["--per-intent", "25"])])
+def test_a_holdout_is_a_fresh_seed_disjoint_from_the_seed_0_sets(prepare, splits, tmp_path, monkeypatch, name, seed,
+                                                                 narrow):
+    """`prepare.py --seed S ... --only-split test` regenerates a shipped held-out set byte for byte: only a test
+    file, and no task, customer, order or item id of it is in the seed-0 sets."""
     out = tmp_path / "holdout"
-    monkeypatch.setattr("sys.argv", ["prepare.py", "--seed", str(seed), "--intents", "order_status", "--only-split",
-                                     "test", "--out", str(out)])
+    monkeypatch.setattr("sys.argv", ["prepare.py", "--seed", str(seed), *narrow, "--only-split", "test", "--out",
+                                     str(out)])
     prepare.main()
     shipped = DATA_DIR / name / "tasks"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in shipped.iterdir()) == ["test.jsonl"]
     assert (out / "test.jsonl").read_text() == (shipped / "test.jsonl").read_text()
     holdout = load_tasks(f"customer_service/{name}", "test")
-    assert len(holdout) >= 100 and all(t.intents == ["order_status"] and t.split == "test" for t in holdout)
+    assert len(holdout) >= 100 and all(t.split == "test" for t in holdout)
+    labels = Counter(t.intents[0] if len(t.intents) == 1 else "multi" for t in holdout)
+    if narrow[0] == "--intents":
+        assert set(labels) == {"order_status"}
+    else:  # every intent label, evenly
+        assert set(labels.values()) == {25} and len(labels) == len(prepare.INTENT_COUNTS)
     seen = [t for split in SPLITS for t in splits[split]]
 
     def ids(tasks: list[Task]) -> set[str]:

@@ -94,6 +94,19 @@ def test_sop_names_every_tool_field_and_reason():
         assert f"`{reason}`" in sop.split("## Output")[1]
 
 
+def test_oracle_solves_every_row_within_the_strict_schema(splits):
+    """The shipped folder's oracle solves every row, and never passes an argument its spec does not allow."""
+    from pipeline.envs.sop.folder import inspect_folder
+
+    check = inspect_folder(DATA_DIR)
+    assert check.problems == [] and check.folder.strict_tool_schema is True
+    tasks = [t for split in SPLITS for t in splits[split]]
+    assert len(tasks) == len(check.folder.table.rows)
+    outcomes = [run_policy(make_env(t), t, oracle_policy(t)).outcome for t in tasks]
+    assert [t.id for t, o in zip(tasks, outcomes) if not o.success] == []
+    assert all(o.details["schema_mismatches"] == [] for o in outcomes)
+
+
 @pytest.mark.parametrize("split", SPLITS)
 def test_oracle_solves_the_split(splits, split):
     """Every split is solvable: the scripted expert's strict success rate is at least 98%."""

@@ -18,7 +18,7 @@ def token_count_reward(trajectory) -> float:
 @pytest.fixture
 def make_trainer(tiny_model_dir, tmp_path):
     """``make_trainer(advantage="group_based", share_prefix=True, output_dir=None, reward=token_count_reward,
-    **grpo_overrides)``: a TurnwiseGRPOTrainer on the tiny model, 4 training tasks, LoRA r=4."""
+    backend="hf", **grpo_overrides)``: a TurnwiseGRPOTrainer on the tiny model, 4 training tasks, LoRA r=4."""
     from peft import LoraConfig
     from trl import GRPOConfig
 
@@ -26,11 +26,12 @@ def make_trainer(tiny_model_dir, tmp_path):
     from pipeline.models import load_model
     from pipeline.training import EpisodeRollout, RolloutConfig, TrajectoryReward, TurnwiseGRPOTrainer, task_dataset
 
-    def make(advantage="group_based", share_prefix=True, output_dir=None, reward=token_count_reward, **overrides):
+    def make(advantage="group_based", share_prefix=True, output_dir=None, reward=token_count_reward, backend="hf",
+             **overrides):
         model, tokenizer = load_model(str(tiny_model_dir))
         tasks = load_tasks("customer_service", "train")[:4]
         config = RolloutConfig(max_turns=2, max_new_tokens=6, max_total_tokens=8000, advantage=advantage,
-                               share_prefix=share_prefix)
+                               share_prefix=share_prefix, backend=backend)
         rollout = EpisodeRollout(tasks, config)
         settings = dict(
             output_dir=str(output_dir or tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=2,

@@ -39,8 +39,11 @@ def test_a_prompt_longer_than_the_token_budget_is_a_clear_error(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     tasks = load_tasks("customer_service", "train")[:1]
     rollout = EpisodeRollout(tasks, RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=64))
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m,
+                                  state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None))  # one process
     trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), processing_class=tokenizer,
-                              accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=model,
-                              args=SimpleNamespace(temperature=1.0, top_p=1.0))
+                              accelerator=accelerator, model=model, model_wrapped=model,
+                              args=SimpleNamespace(temperature=1.0, top_p=1.0, use_vllm=False,
+                                                   gradient_checkpointing_kwargs=None))
     with pytest.raises(ValueError, match=r"max_total_tokens=64.*Raise max_total_tokens"):
         rollout([task_dataset(tasks)[0]["prompt"]], trainer)

@@ -10,7 +10,9 @@ protocol in :mod:`~pipeline.rollout.backends.base`, re-exported here). Two are r
   :mod:`~pipeline.rollout.backends.sampling`. It generates from the model being trained, so training
   uses it.
 - ``"vllm"``: :class:`~pipeline.rollout.backends.vllm.VLLMBackend` serves the same protocol from vLLM on a
-  GPU, for a fixed policy (evaluation, baselines): it does not follow a trainer's weight updates.
+  GPU (:class:`~pipeline.rollout.backends.vllm.VLLMServerBackend` from a vLLM server). Built by hand it
+  serves a fixed policy (evaluation, baselines); in training (``use_vllm``) it runs on TRL's engine, whose
+  weights TRL syncs from the trainer before every rollout (:mod:`pipeline.training.vllm`).
 
 ``build_backend(name, model, tokenizer, **sampling)`` builds one; ``RolloutConfig.backend`` names the one
 training uses. A backend's module is imported only when that backend is built (``"hf"`` never imports

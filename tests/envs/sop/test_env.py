@@ -20,7 +20,9 @@ from pipeline.chat import format_tool_call, parse_tool_message
 from pipeline.envs import Environment, Task, TaskFileError, load_tasks, make_env, oracle_policy
 from pipeline.envs.base import STOP_FINAL_OUTPUT, STOP_MAX_TURNS
 from pipeline.envs.sop.env import SopEnv, parse_final_output, values_match
-from pipeline.envs.sop.folder import TRUST_ENV, UntrustedToolsError
+from pipeline.envs.sop.folder import TRUST_ENV, UntrustedToolsError, inspect_folder
+from pipeline.envs.sop.grants import grant_for
+from pipeline.envs.sop.trust import encode
 from pipeline.envs.tasks import DATA_ROOT
 from pipeline.rollout import run_policy
 
@@ -239,7 +241,12 @@ LABELLED = [
     ("json_in_code_fence", "<final_output>\n```json\n" + json.dumps(GOOD, indent=2) + "\n```\n</final_output>", True,
      RIGHT),
     ("prose_around_the_tag", "All steps done.\n" + answer() + "\nHave a nice day.", True, RIGHT),
-    ("first_block_counts", answer() + answer(decision="Deny"), True, RIGHT),
+    # several blocks: the last complete one counts, as in the public benchmark's parser
+    ("last_block_counts", answer(decision="Deny") + answer(), True, RIGHT),
+    ("last_block_counts_even_when_wrong", answer() + answer(decision="Deny"), True, {**RIGHT, "decision": False}),
+    ("unclosed_tag_after_a_block_is_ignored", answer() + "<final_output>{\"decision\": \"Deny\"}", True, RIGHT),
+    ("stray_close_tag_then_a_block", "</final_output>" + answer(), True, RIGHT),
+    ("malformed_last_block_is_malformed", answer() + "<final_output>not json</final_output>", False, None),
     ("malformed_json", '<final_output>{"decision": "Approve", "code": "R-12",}</final_output>', False, None),
     ("python_dict_is_not_json", "<final_output>" + repr(GOOD) + "</final_output>", False, None),
     ("json_array", "<final_output>[" + json.dumps(GOOD) + "]</final_output>", True, RIGHT),
@@ -345,7 +352,7 @@ def test_untrusted_tools_py_is_refused_and_the_error_says_how_to_allow_it(coded,
             build()
         message = str(refused.value)
         assert str(coded / "tools.py") in message and "fee" in message
-        for how in ("trust_tools=True", f"{TRUST_ENV}=1", "--trust-tools", "x-csv-lookup"):
+        for how in ("trust_tools=True", f"{TRUST_ENV}=\"$(turnwise sop trust PATH)\"", "--trust-tools", "x-csv-lookup"):
             assert how in message
     assert isinstance(refused.value, PermissionError)  # the CLI prints it as an error, without a traceback
     assert not (tmp_path / "tools_py_ran.marker").exists()
@@ -353,7 +360,7 @@ def test_untrusted_tools_py_is_refused_and_the_error_says_how_to_allow_it(coded,
 
 def test_trusted_tools_py_runs_with_fresh_state_per_episode(coded, tmp_path, monkeypatch):
     task = task_of(coded)
-    monkeypatch.setenv(TRUST_ENV, "1")
+    monkeypatch.setenv(TRUST_ENV, encode([grant_for(coded)]))  # a grant for this folder, as `turnwise sop trust` prints
     with pytest.raises(UntrustedToolsError):
         make_env(task, trust_tools=False)  # an explicit False beats the environment variable
     for env in (make_env(task), make_env(task, trust_tools=True)):
@@ -408,9 +415,9 @@ BAD_FOLDERS = {
         lambda f: edit_json(f / "toolspecs.json", lambda s: s[0]["toolSpec"].pop("x-csv-lookup")),
         ["toolspecs.json, field '[0]'", "'get_order' has no implementation: there is no tools.py",
          "Add an x-csv-lookup to its toolSpec, or implement get_order in tools.py"]),
-    "implementation_without_spec": (
-        lambda f: (f / "tools.py").write_text("def _helper():\n    pass\n\n\ndef refund(order_id):\n    pass\n"),
-        ["tools.py, line 5", "refund has no spec in toolspecs.json", "add a toolSpec for it, or rename it _refund"]),
+    "tools_py_not_utf8": (
+        lambda f: (f / "tools.py").write_bytes(b"# caf\xe9\ndef helper():\n    pass\n"),
+        ["tools.py, line 1", "is not UTF-8 text", "Save it as UTF-8"]),
     "tool_defined_twice": (
         lambda f: (f / "tools.py").write_text("def get_order(order_id):\n    pass\n"),
         ["tools.py, line 1", "get_order is also an x-csv-lookup tool", "keep one implementation"]),
@@ -473,18 +480,42 @@ def test_bad_folders_fail_at_load_naming_the_file_and_the_fix(mini, case):
         assert part in message, (part, message)
 
 
-def test_tools_py_signature_must_take_the_schema_arguments(coded):
-    (coded / "tools.py").write_text("class M:\n    def fee(self, order_id):\n        return 1\n")
-    with pytest.raises(TaskFileError, match=r"tools.py, line 2: fee\(order_id\) does not take \['rate'\]"):
-        load_tasks(f"sop:{coded}")
+def test_a_spec_argument_the_implementation_does_not_take_is_a_warning_and_a_tool_error_when_passed(coded):
+    """Shape 4 of issue 16: the domain loads; the call that passes the argument gets a tool error naming it."""
+    (coded / "tools.py").write_text("class M:\n    def fee(self, order_id):\n        return {'fee': 1}\n")
+    warnings = [p.message for p in inspect_folder(coded).warnings]
+    assert any("tools.py, line 2: fee(order_id) does not take 'rate', which its inputSchema in toolspecs.json "
+               "declares (optional)" in w for w in warnings), warnings
+    task = task_of(coded)
+    env = make_env(task, trust_tools=True)
+    env.reset(task)
+    assert bodies(env.step(format_tool_call("fee", {"order_id": "O1"})))[0]["result"] == {"fee": 1}
+    error = bodies(env.step(format_tool_call("fee", {"order_id": "O1", "rate": 0.2})))[0]
+    assert error["ok"] is False and error["error_type"] == "rejected"
+    assert "fee does not take 'rate': tools.py implements it as fee(order_id). Call it without it." in error["error"]
 
 
 def test_a_folder_of_code_tools_needs_no_trust_to_be_checked(coded):
-    """Structure checks read tools.py with ast: an unspecified method fails load_tasks without running it."""
-    (coded / "tools.py").write_text(TOOLS_PY.replace("    def _helper", "    def audit"))
-    with pytest.raises(TaskFileError, match="audit has no spec in toolspecs.json"):
+    """Structure checks read tools.py with ast: a spec it does not implement fails load_tasks without running it."""
+    (coded / "tools.py").write_text(TOOLS_PY.replace("    def fee", "    def fees"))
+    with pytest.raises(TaskFileError, match="tool 'fee' has no implementation: tools.py has no function or method fee"):
         load_tasks(f"sop:{coded}")
     assert not (coded.parent / "tools_py_ran.marker").exists()
+
+
+def test_public_helpers_without_a_spec_are_not_tools(coded):
+    """Shape 2 of issue 16: a public method no spec names is a helper; the agent never sees or calls it."""
+    (coded / "tools.py").write_text(TOOLS_PY.replace("    def _helper", "    def audit"))
+    check = inspect_folder(coded)
+    assert not check.errors and check.folder.helpers == ["audit"]
+    assert any("class MiniManager has public helpers that no spec in toolspecs.json names: audit" in p.message
+               for p in check.warnings)
+    task = task_of(coded)
+    env = make_env(task, trust_tools=True)
+    system = env.reset(task)[0]["content"]
+    assert '"name":"fee"' in system and "audit" not in system
+    error = bodies(env.step(format_tool_call("audit", {})))[0]
+    assert error["error_type"] == "unknown_tool"
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -592,3 +623,18 @@ def test_turnwise_train_takes_an_sop_folder_with_the_sop_reward(tiny_model_dir, 
     assert sample["task_id"].startswith("warranty_claims-")
     assert set(sample["outcome"]["fields"]) == {"decision", "reason_code", "recall_id"}
     assert rewards_built == ["sop"]
+
+
+def test_turnwise_sop_trust_prints_the_grant_for_one_folder(coded, capsys, monkeypatch):
+    assert cli.main(["sop", "trust", str(coded)]) == 0
+    out, err = capsys.readouterr()
+    grant = json.loads(out)
+    assert grant == [{"folder": str(coded.resolve()), "tools_sha256": grant_for(coded).tools_sha256}]
+    assert "export it as TURNWISE_TRUST_TOOLS" in err
+    monkeypatch.setenv(TRUST_ENV, out.strip())
+    task = task_of(coded)
+    env = make_env(task)  # trusted through the exported grant alone
+    env.reset(task)
+    assert bodies(env.step(format_tool_call("fee", {"order_id": "O1"})))[0]["ok"] is True
+    assert cli.main(["sop", "trust", SHIPPED]) == 1
+    assert "has no tools.py, so there is no code to trust" in capsys.readouterr().err

@@ -75,9 +75,12 @@ def test_episode_rollout_generates_with_the_configured_backend(registry, tiny):
         return HFBackend(model, tokenizer, **sampling)
 
     tasks = load_tasks("customer_service", "train")[:2]
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m,
+                                  state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None))  # one process
     trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), processing_class=tokenizer,
-                              accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=model,
-                              args=SimpleNamespace(temperature=0.8, top_p=0.95))
+                              accelerator=accelerator, model=model, model_wrapped=model,
+                              args=SimpleNamespace(temperature=0.8, top_p=0.95, use_vllm=False,
+                                                   gradient_checkpointing_kwargs=None))
     prompts = [row["prompt"] for row in task_dataset(tasks)]
 
     def play(name):
