@@ -1,37 +1,44 @@
 """One GRPO optimisation step: turnwise's multi-turn step against TRL's stock single-turn step.
 
-    python benchmarks/train_step.py            # 8 episodes
-    python benchmarks/train_step.py --quick    # 4 episodes of 2 turns, one timed step each (< 5 min, 2 cores)
-    python benchmarks/train_step.py --quick --shared-prefix   # also the step with the system prompt run once
+    python benchmarks/train_step.py            # 8 episodes of 4 turns
+    python benchmarks/train_step.py --quick    # 4 episodes of 2 turns, three alternating timed steps each
+    python benchmarks/train_step.py --quick --no-shared-prefix   # turnwise's step with every row run whole
 
-Both trainers wrap the embedded model in the same LoRA adapter and run forward, clipped GRPO loss and
-backward (``compute_loss`` + ``backward``, what ``training_step`` does after preparing inputs) on a
-prepared batch; generation is outside the timed region, and the two steps are timed in turns (after a
-warm-up each, which ``--quick`` skips) so that load from other processes hits both alike. The stock batch is single-turn
-completions of the *same number of trained tokens* as the multi-turn batch's assistant tokens, on the
-same opening prompts. The multi-turn batch also carries environment tokens (masked out of the loss but
-still run through the model), which is the overhead this measures. The timed steps bypass
-``Trainer.train()``, so activation checkpointing is off on both sides unless
-``--activation-checkpointing`` turns it on.
+Each side runs in its own process, so that each peak resident memory is its own: turnwise's process loads
+the model, plays its episodes and steps; stock TRL's does the same with single-turn completions. Both wrap
+the embedded model in the same LoRA adapter and run forward, clipped GRPO loss and backward
+(``compute_loss`` + ``backward``, what ``training_step`` does after preparing inputs) on a prepared batch;
+generation is outside the timed region. The steps are timed in turns, one side then the other,
+``--repeats`` times (after an untimed warm-up each on the batch's first row, which ``--quick`` skips), so
+that load from other processes hits both alike; the idle side waits, and hands its freed memory back to
+the system between steps. The stock batch is single-turn completions of the *same number of trained
+tokens* as the multi-turn batch's assistant tokens, on the same opening prompts. The multi-turn batch also
+carries environment tokens (masked out of the loss but still run through the model).
 
-Keys of the last output line (JSON): ``ratio`` (ours / stock step time, median of ``--repeats``) and
-``peak_rss_gb`` (peak resident memory of the process). ``--shared-prefix`` also times turnwise's step with
-the system prompt, which every episode shares, run once per batch instead of once per episode
-(``shared_prefix_speedup``: plain / shared; ``shared_prefix_ratio_vs_stock``).
+turnwise's step is the one ``Trainer.train()`` runs with gradient checkpointing off: the system prompt the
+episodes share runs once per batch and the LM head only at the assistant tokens
+(:mod:`pipeline.training.shared_prefix`); ``--no-shared-prefix`` runs every row whole (the LM head still
+at the assistant tokens only). Stock TRL's fused LM head projects every position on a CPU. The timed
+steps bypass ``Trainer.train()``, so activation checkpointing is off on both sides unless
+``--activation-checkpointing`` turns it on (turnwise's step then runs every row whole).
+
+Keys of the last output line (JSON): ``ratio`` (turnwise / stock step time, medians of ``--repeats``),
+``peak_rss_gb`` (peak resident memory of turnwise's process: model, generation and steps) and
+``stock_peak_rss_gb`` (the same for stock TRL's).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import multiprocessing
 import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
-
-import torch
 
 from common import add_threads_option, machine, set_threads, write_result
 
@@ -52,44 +59,109 @@ def timed_step(trainer, inputs) -> float:
 
 def first_rows(inputs: dict, n: int = 1) -> dict:
     """The batch cut to its first ``n`` rows: a cheap warm-up of the same kernels."""
+    import torch
+
     rows = inputs["completion_ids"].shape[0]
     return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
             for k, v in inputs.items()}
 
 
-def alternating(*sides, repeats: int, warmup: bool = True) -> list[list[float]]:
-    """Time each side (trainer, inputs) in turns, so that load from other processes on a shared machine
-    falls on all sides alike; ``warmup`` first runs one untimed step each on the batch's first row."""
-    for trainer, inputs in sides if warmup else ():
-        timed_step(trainer, first_rows(inputs))
-    times: list[list[float]] = [[] for _ in sides]
-    for _ in range(repeats):
-        for side, out in zip(sides, times):
-            out.append(timed_step(*side))
-    return times
+def give_back_memory() -> None:
+    """Return freed heap memory to the system (glibc's ``malloc_trim``), so an idle side does not sit on it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
-class SharedPrefix:
-    """A view of turnwise's trainer whose loss runs the shared system prompt once per batch (the
-    ``share_prefix`` path, which ``Trainer.train()`` takes when gradient checkpointing is off)."""
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
-    def __init__(self, trainer) -> None:
-        object.__setattr__(self, "trainer", trainer)
 
-    def __getattr__(self, name):
-        return getattr(self.trainer, name)
+def build_side(side: str, args) -> tuple:
+    """The trainer and prepared batch of one side, and what to report about them."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
 
-    def __setattr__(self, name, value) -> None:
-        setattr(self.trainer, name, value)
+    from pipeline.envs import load_tasks, make_env
+    from pipeline.models import load_model
+    from pipeline.training import EpisodeRollout, RolloutConfig, TrajectoryReward, TurnwiseGRPOTrainer, task_dataset
 
-    def compute_loss(self, *args, **kwargs):
-        args_, config = self.trainer.args, self.trainer.rollout_config
-        saved = args_.gradient_checkpointing, config.share_prefix
-        args_.gradient_checkpointing, config.share_prefix = False, True
-        try:
-            return self.trainer.compute_loss(*args, **kwargs)
-        finally:
-            args_.gradient_checkpointing, config.share_prefix = saved
+    torch.manual_seed(0)
+    tasks = load_tasks("customer_service", "train")[: args.episodes // 2]
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    common = dict(per_device_train_batch_size=args.episodes, num_generations=2, max_steps=1, report_to=[],
+                  use_cpu=True, bf16=False, save_strategy="no", beta=0.0, temperature=1.0, seed=0, logging_steps=1,
+                  gradient_checkpointing=args.activation_checkpointing)
+    model, tokenizer = load_model(args.model)
+    if side == "ours":
+        # multi-turn episodes, scored by a reward that varies within groups
+        config = RolloutConfig(max_turns=args.turns, max_new_tokens=args.new_tokens, max_total_tokens=8192,
+                               share_prefix=args.shared_prefix)
+        rollout = EpisodeRollout(tasks, config)
+        reward = TrajectoryReward(lambda t: sum(map(sum, (x.completion_ids for x in t.turns))) % 7 / 7.0, rollout)
+        trainer = TurnwiseGRPOTrainer(
+            model=model, processing_class=tokenizer, peft_config=lora, rollout=rollout, reward=reward,
+            rollout_config=config, args=GRPOConfig(output_dir=tempfile.mkdtemp(), max_completion_length=8192, **common),
+            train_dataset=task_dataset(tasks))
+        trainer.model.train()
+        rows = [{"prompt": r["prompt"], "task_id": r["task_id"]} for r in trainer.train_dataset for _ in range(2)]
+        inputs = trainer._generate_and_score_completions(rows)
+        trained = int((inputs["completion_mask"] * inputs["tool_mask"]).sum())
+        info = {"trained_tokens": trained,
+                "env_tokens": int((inputs["completion_mask"] * (1 - inputs["tool_mask"])).sum())}
+    else:
+        # single-turn completions of the same length from the same opening prompts
+        openings = [make_env(t).reset(t) for t in tasks]
+        per_episode = args.stock_tokens
+        trainer = GRPOTrainer(
+            model=model, processing_class=tokenizer, peft_config=lora,
+            reward_funcs=[lambda completions, **kw: [float(len(c[0]["content"]) % 7) for c in completions]],
+            args=GRPOConfig(output_dir=tempfile.mkdtemp(), max_completion_length=per_episode,
+                            generation_kwargs={"min_new_tokens": per_episode}, **common),
+            train_dataset=Dataset.from_list([{"prompt": o} for o in openings]))
+        trainer.model.train()
+        inputs = trainer._generate_and_score_completions([{"prompt": o} for o in openings for _ in range(2)])
+        info = {"trained_tokens": int(inputs["completion_mask"].sum())}
+    if args.activation_checkpointing:  # what Trainer.train() would switch on; the timed steps bypass train()
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    info["sequence_len"] = int(inputs["prompt_ids"].shape[1] + inputs["completion_ids"].shape[1])
+    return trainer, inputs, info
+
+
+def worker(side: str, args, conn) -> None:
+    """One side in its own process: build, then time a step on each ``"step"`` until ``"stop"``."""
+    set_threads(args.threads)
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    trainer, inputs, info = build_side(side, args)
+    give_back_memory()
+    conn.send(info)
+    while True:
+        command = conn.recv()
+        if command == "stop":
+            conn.send({"peak_rss_gb": round(peak_rss_gb(), 2)})
+            return
+        elapsed = timed_step(trainer, first_rows(inputs) if command == "warmup" else inputs)
+        give_back_memory()
+        conn.send(elapsed)
+
+
+def start(side: str, args, **overrides):
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=worker, args=(side, argparse.Namespace(**{**vars(args), **overrides}), child))
+    process.start()
+    return process, parent
+
+
+def receive(conn, side: str):
+    """The worker's next answer; a worker that died (its traceback is printed above) ends the benchmark."""
+    try:
+        return conn.recv()
+    except EOFError:
+        raise SystemExit(f"the {side} worker exited early; its error is printed above.") from None
 
 
 def main() -> None:
@@ -105,94 +177,53 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute activations in backward on both sides, as Trainer.train() does when "
                              "gradient_checkpointing is on (less memory, more time)")
-    parser.add_argument("--shared-prefix", action="store_true",
-                        help="also time turnwise's step with the shared system prompt run once per batch "
-                             "(RolloutConfig.share_prefix); the ratio above stays the plain forward's")
+    parser.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                        help="run every row of turnwise's batch whole (RolloutConfig.share_prefix off)")
     args = parser.parse_args()
-    if args.shared_prefix and args.activation_checkpointing:
-        parser.error("--shared-prefix runs without activation checkpointing (the loss falls back to the plain "
-                     "forward with it); drop one of the two.")
+    if args.episodes < 2 or args.episodes % 2:
+        parser.error(f"--episodes must be an even number of at least 2 (groups of 2), got {args.episodes}.")
     if args.quick:
-        # one timed step each, no warm-up: both models have already run forward passes while generating
-        args.episodes, args.turns, args.new_tokens, args.repeats, args.warmup = 4, 2, 24, 1, False
-    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+        # three timed steps each, no warm-up: both models have already run forward passes while generating
+        args.episodes, args.turns, args.new_tokens, args.warmup = 4, 2, 24, False
 
-    set_threads(args.threads)
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
+    set_threads(args.threads)  # the workers set theirs; this one is for the machine description
+    ours, ours_conn = start("ours", args)
+    ours_info = receive(ours_conn, "turnwise")
+    # stock completions carry as many trained tokens per episode as turnwise's episodes have on average
+    stock, stock_conn = start("stock", args, stock_tokens=max(1, round(ours_info["trained_tokens"] / args.episodes)))
+    stock_info = receive(stock_conn, "stock TRL")
+    if args.warmup:
+        for conn, side in ((ours_conn, "turnwise"), (stock_conn, "stock TRL")):
+            conn.send("warmup")
+            receive(conn, side)
+    ours_times, stock_times = [], []
+    for _ in range(args.repeats):
+        for conn, side, times in ((ours_conn, "turnwise", ours_times), (stock_conn, "stock TRL", stock_times)):
+            conn.send("step")
+            times.append(receive(conn, side))
+    peaks = {}
+    for name, conn, process in (("ours", ours_conn, ours), ("stock", stock_conn, stock)):
+        conn.send("stop")
+        peaks[name] = receive(conn, name)["peak_rss_gb"]
+        process.join()
 
-    from pipeline.envs import load_tasks, make_env
-    from pipeline.models import load_model
-    from pipeline.training import EpisodeRollout, RolloutConfig, TrajectoryReward, TurnwiseGRPOTrainer, task_dataset
-
-    torch.manual_seed(0)
-    groups = args.episodes // 2
-    tasks = load_tasks("customer_service", "train")[:groups]
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    common = dict(per_device_train_batch_size=args.episodes, num_generations=2, max_steps=1, report_to=[],
-                  use_cpu=True, bf16=False, save_strategy="no", beta=0.0, temperature=1.0, seed=0, logging_steps=1)
-
-    # turnwise: multi-turn episodes, scored by a reward that varies within groups
-    model, tokenizer = load_model(args.model)
-    config = RolloutConfig(max_turns=args.turns, max_new_tokens=args.new_tokens, max_total_tokens=8192)
-    rollout = EpisodeRollout(tasks, config)
-    reward = TrajectoryReward(lambda t: sum(map(sum, (x.completion_ids for x in t.turns))) % 7 / 7.0, rollout)
-    ours = TurnwiseGRPOTrainer(
-        model=model, processing_class=tokenizer, peft_config=lora, rollout=rollout, reward=reward, rollout_config=config,
-        args=GRPOConfig(output_dir=tempfile.mkdtemp(), max_completion_length=8192, **common),
-        train_dataset=task_dataset(tasks))
-    ours.model.train()
-    rows = [{"prompt": r["prompt"], "task_id": r["task_id"]} for r in ours.train_dataset for _ in range(2)]
-    ours_inputs = ours._generate_and_score_completions(rows)
-    trained = int((ours_inputs["completion_mask"] * ours_inputs["tool_mask"]).sum())
-    env_tokens = int((ours_inputs["completion_mask"] * (1 - ours_inputs["tool_mask"])).sum())
-    per_episode = max(1, round(trained / args.episodes))
-
-    # stock TRL: single-turn completions of the same length from the same opening prompts
-    model2, _ = load_model(args.model)
-    openings = [make_env(t).reset(t) for t in tasks]
-    stock = GRPOTrainer(
-        model=model2, processing_class=tokenizer, peft_config=lora,
-        reward_funcs=[lambda completions, **kw: [float(len(c[0]["content"]) % 7) for c in completions]],
-        args=GRPOConfig(output_dir=tempfile.mkdtemp(), max_completion_length=per_episode,
-                        generation_kwargs={"min_new_tokens": per_episode}, **common),
-        train_dataset=Dataset.from_list([{"prompt": o} for o in openings]))
-    stock.model.train()
-    stock_inputs = stock._generate_and_score_completions([{"prompt": o} for o in openings for _ in range(2)])
-    stock_trained = int(stock_inputs["completion_mask"].sum())
-    if args.activation_checkpointing:  # what Trainer.train() would switch on; the timed steps bypass train()
-        for trainer in (ours, stock):
-            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config.share_prefix = False  # the plain forward: every row runs its whole sequence
-    sides = [(ours, ours_inputs), (stock, stock_inputs)]
-    if args.shared_prefix:
-        sides.append((SharedPrefix(ours), ours_inputs))
-    ours_times, stock_times, *shared_times = alternating(*sides, repeats=args.repeats, warmup=args.warmup)
-
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = {
         "ratio": round(statistics.median(ours_times) / statistics.median(stock_times), 3),
-        "peak_rss_gb": round(peak_gb, 2),
+        "peak_rss_gb": peaks["ours"],
+        "stock_peak_rss_gb": peaks["stock"],
         "ours_step_s": [round(x, 2) for x in ours_times], "stock_step_s": [round(x, 2) for x in stock_times],
-        "trained_tokens": {"ours": trained, "stock": stock_trained}, "ours_env_tokens": env_tokens,
-        "ours_sequence_len": int(ours_inputs["prompt_ids"].shape[1] + ours_inputs["completion_ids"].shape[1]),
-        "stock_sequence_len": int(stock_inputs["prompt_ids"].shape[1] + stock_inputs["completion_ids"].shape[1]),
+        "trained_tokens": {"ours": ours_info["trained_tokens"], "stock": stock_info["trained_tokens"]},
+        "ours_env_tokens": ours_info["env_tokens"],
+        "ours_sequence_len": ours_info["sequence_len"], "stock_sequence_len": stock_info["sequence_len"],
+        "shared_prefix": args.shared_prefix and not args.activation_checkpointing,
         "episodes": args.episodes, "turns": args.turns, "new_tokens_per_turn": args.new_tokens, "warmup": args.warmup,
-        "model": args.model, "lora_r": 16, "quick": args.quick,
+        "repeats": args.repeats, "model": args.model, "lora_r": 16, "quick": args.quick,
         "activation_checkpointing": args.activation_checkpointing,
         "machine": machine(), "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
     }
-    if shared_times:
-        [shared] = shared_times
-        result.update({
-            "shared_prefix_step_s": [round(x, 2) for x in shared],
-            "shared_prefix_speedup": round(statistics.median(ours_times) / statistics.median(shared), 3),
-            "shared_prefix_ratio_vs_stock": round(statistics.median(shared) / statistics.median(stock_times), 3),
-        })
     write_result("train_step" + ("_quick" if args.quick else "")
                  + ("_activation_checkpointing" if args.activation_checkpointing else "")
-                 + ("_shared_prefix" if args.shared_prefix else ""), result)
+                 + ("" if args.shared_prefix else "_no_shared_prefix"), result)
     print(json.dumps(result))
 
 

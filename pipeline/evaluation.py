@@ -44,6 +44,7 @@ from pipeline.budgets import MAX_NEW_TOKENS, MAX_TOTAL_TOKENS, MAX_TURNS
 from pipeline.envs import make_env
 from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task, field_correct
 from pipeline.rollout import RolloutEngine, run_policy
+from pipeline.rollout.engine import SCHEDULES
 from pipeline.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -283,14 +284,17 @@ def evaluate(
     label: str | None = None,
     customer: str | None = None,
     tool_calling: str = "auto",
+    schedule: str = "continuous",
 ) -> EvalReport:
     """Play ``n`` episodes per task (default ``n = k``; seeds ``seed .. seed+n-1``) and report strict success.
 
     ``policy`` is a model (a name such as ``"smollm2-135m"``, a path, a hub id, or a loaded
     ``(model, tokenizer)`` pair), a :class:`RolloutEngine`, or a factory ``task -> (messages -> str)``
     such as ``oracle_policy``. Models are decoded greedily, batched across ``batch_size`` live episodes,
-    with per-episode KV caches reused across turns. ``k`` is the headline pass@k / pass^k; every
-    ``j`` in :func:`k_values` is reported too. ``progress`` shows a progress bar (``None``: on runs of
+    with per-episode KV caches reused across turns; with ``schedule="continuous"`` a finished episode's
+    slot goes to the next waiting one at once, with ``"static"`` episodes run in chunks of ``batch_size``,
+    each until its longest episode ends (the same episodes, more slowly: kept for comparison). ``k`` is the
+    headline pass@k / pass^k; every ``j`` in :func:`k_values` is reported too. ``progress`` shows a progress bar (``None``: on runs of
     at least ``PROGRESS_MIN_EPISODES`` episodes, when stderr is a terminal). ``customer`` names the simulated
     customer (``scripted``, or ``llm:BACKEND`` for the domain's LLM customer; default: the domain's). A model
     calls tools in its chat template's own format when the template has one (``tool_calling="auto"``; or
@@ -301,6 +305,8 @@ def evaluate(
     tasks = list(tasks)
     if not tasks:
         raise ValueError("no tasks to evaluate.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not a rollout schedule; use one of {', '.join(SCHEDULES)}.")
     label = label or _label(policy)
     engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size, tool_calling)
     episodes = [(task, seed + i) for task in tasks for i in range(n)]
@@ -308,16 +314,14 @@ def evaluate(
     start = time.time()
     with _progress(len(episodes), progress) as advance:
         if engine is not None:
-            trajectories = []
-            for lo in range(0, len(episodes), engine.batch_size):
-                chunk = episodes[lo : lo + engine.batch_size]
-                done = [0]
+            done = [0]
 
-                def on_turn(active: int, finished: int) -> None:
-                    advance(finished - done[0])
-                    done[0] = finished
+            def on_turn(active: int, finished: int) -> None:
+                advance(finished - done[0])
+                done[0] = finished
 
-                trajectories += engine.run(env_factory, [t for t, _ in chunk], [s for _, s in chunk], on_turn=on_turn)
+            trajectories = engine.run(env_factory, [t for t, _ in episodes], [s for _, s in episodes], on_turn=on_turn,
+                                      schedule=schedule)
         else:
             trajectories = []
             for task, s in episodes:
@@ -332,6 +336,7 @@ def evaluate(
         report.config["customer"] = customer
     if engine is not None:
         report.config["tool_calling"] = engine.template.tool_format.name
+        report.config["schedule"] = schedule
     logger.info("evaluated %s on %d tasks x %d: success %.3f", label, len(tasks), n, report.metrics["success"])
     return report
 

@@ -22,6 +22,10 @@ any control token in environment text encoded as text. With a template that supp
 go to the template and a call is trained in the template's own spelling (:mod:`pipeline.native_tools`). So SFT trains on the very sequences a rollout
 of the oracle's texts would hold, and its assistant mask is the rollout's ``assistant_mask``.
 
+Training runs TRL's ``SFTTrainer`` with one change to its loss's forward
+(:class:`~pipeline.training.sft_trainer.SharedPrefixSFTTrainer`): the system prompt the demonstrations of a
+batch share runs once per batch, and the LM head only at the assistant tokens; same loss and gradients.
+
 The loss is on assistant tokens only. TRL's ``assistant_only_loss`` needs a chat template with
 ``{% generation %}`` markers; SmolLM2's has none and TRL ships no training template for it, so this
 module builds the mask itself (``assistant_masks``) and TRL turns it into labels (-100 elsewhere).
@@ -67,8 +71,11 @@ SFT_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/sft",
     "learning_rate": 2.0e-4,
     "num_train_epochs": 3,
-    "per_device_train_batch_size": 1,
-    "gradient_accumulation_steps": 4,
+    # 4 demonstrations per optimiser step in one batch, not 1 x 4 accumulated: the batch's system prompt then
+    # runs once (SharedPrefixSFTTrainer), and TRL normalises by the window's tokens, so the gradient is the same
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": False,  # checkpointing drops the KV cache the shared system prompt is served from
     "max_length": 4096,
     "logging_steps": 5,
     "save_strategy": "no",
@@ -473,9 +480,10 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     """
     import os
 
-    from trl import SFTTrainer, get_peft_config
+    from trl import get_peft_config
 
     from pipeline.models import DEFAULT_MODEL, load_model
+    from pipeline.training.sft_trainer import SharedPrefixSFTTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if not model_args.use_peft:
@@ -513,7 +521,7 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     out = Path(sft_config.output_dir)
     atomic_write_text(out / "demonstrations.jsonl", "".join(json.dumps(t.to_dict()) + "\n" for t in demos))
     sft_config.dataset_text_field = "input_ids"  # unused: the data is already tokenised
-    trainer = SFTTrainer(model=model, args=sft_config, train_dataset=dataset, processing_class=tokenizer,
+    trainer = SharedPrefixSFTTrainer(model=model, args=sft_config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args))
     validation = ValSuccessCallback(trainer, tokenizer, val_tasks, sft_args, out / "adapter", out / "val_curve.json",
                                     base_model_name=model_name)

@@ -367,6 +367,24 @@ def test_a_model_is_evaluated_through_the_rollout_engine(tiny_model_dir: Path, t
     assert starved.metrics["completion"] == 0.0 and starved.metrics["turns_mean"] == 0.0
 
 
+def test_continuous_and_static_schedules_report_the_same_episodes(tiny_model_dir: Path, tasks: list[Task]) -> None:
+    """The schedule changes when episodes run, not what they do: continuous batching (the default) and
+    static chunks of ``batch_size`` give the same per-episode results and transcripts, in task order, and
+    the progress bar reaches every episode."""
+    from pipeline.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    kwargs = dict(n=2, max_turns=3, max_new_tokens=4, batch_size=3)  # shrunk: 6 episodes, 3 slots
+    continuous = evaluate(model, tasks[:3], **kwargs)
+    static = evaluate(model, tasks[:3], schedule="static", **kwargs)
+    assert continuous.config["schedule"] == "continuous" and static.config["schedule"] == "static"
+    assert continuous.episodes == static.episodes
+    assert [t.messages for t in continuous.trajectories] == [t.messages for t in static.trajectories]
+    assert [(e["task_id"], e["seed"]) for e in continuous.episodes] == [(t.id, s) for t in tasks[:3] for s in (0, 1)]
+    with pytest.raises(ValueError, match="schedule='chunks' is not a rollout schedule"):
+        evaluate(model, tasks[:1], schedule="chunks", **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Side by side
 # ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 :class:`RolloutEngine` is the model path of :mod:`pipeline.rollout`. At each turn it sends every live
 episode's prompt to a generation backend (:mod:`pipeline.rollout.backends`) in one batch, and keeps
-each episode as one growing token sequence. Training scores exactly those ids, so nothing is ever
+each episode as one growing token sequence. Batches are filled continuously: up to ``batch_size``
+episodes are live, and when one ends the next waiting episode takes its slot at the next turn. Training scores exactly those ids, so nothing is ever
 re-tokenised: the sampled ids are appended as sampled, and the environment's reply is appended as the
 chat template renders it, by tokenising only the text the template adds after the assistant message.
 The engine records what training needs: the sampled ids, their sampling-time logprobs, the assistant
@@ -24,6 +25,7 @@ characters), and the trained ids are the sampled ids.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,6 +35,10 @@ from pipeline.native_tools import TEXT, NativeReply, ToolFormat, tool_call_entri
 from pipeline.rollout.backends import Generation, GenerationRequest
 from pipeline.templates import ChatTemplate, TemplateError
 from pipeline.trajectory import TokenData, Trajectory, Turn
+
+
+#: How :meth:`RolloutEngine.run` schedules episodes into batches.
+SCHEDULES = ("continuous", "static")
 
 
 @dataclass
@@ -51,6 +57,7 @@ class _Episode:
     chat: list[dict] = field(default_factory=list)  # the conversation as the template renders it (native tool_calls)
     tools: list[dict] | None = None  # the tool specs the template is given (native tool calling)
     fmt: ToolFormat = TEXT  # the episode's tool protocol: the template's native format, or turnwise's text
+    stream: int = 0  # the episode's sampling stream: its ordinal among the episodes the engine started
 
 
 class RolloutEngine:
@@ -71,7 +78,10 @@ class RolloutEngine:
                  batch_size: int = 32, tool_calling: str = "auto") -> None:
         self.backend, self.tokenizer = backend, tokenizer
         self.max_new_tokens, self.max_total_tokens = max_new_tokens, max_total_tokens
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 (episodes live at once), got {batch_size}.")
         self.batch_size = batch_size
+        self._started = 0  # episodes started so far: the next episode's sampling stream
         self.template = ChatTemplate(tokenizer, tool_calling)
         self.tool_calling = tool_calling
         self.end_of_turn = self.template.end_of_turn
@@ -82,7 +92,7 @@ class RolloutEngine:
     def _encode(self, text: str) -> list[int]:
         return self.template.encode(text)
 
-    def _open(self, env_factory: Callable[[Task], Environment], task: Task, seed: int) -> _Episode:
+    def _open(self, env_factory: Callable[[Task], Environment], task: Task, seed: int, stream: int = 0) -> _Episode:
         """A new episode: its environment reset in the engine's tool protocol, its opening rendered and encoded."""
         env = env_factory(task)
         fmt = self.template.tool_format
@@ -98,37 +108,73 @@ class RolloutEngine:
         rendered = self._render(messages, True, tools)
         ids = self._encode(rendered)
         return _Episode(task, seed, env, messages, rendered, ids, [0] * len(ids), [0.0] * len(ids),
-                        chat=[dict(m) for m in messages], tools=tools, fmt=fmt)
+                        chat=[dict(m) for m in messages], tools=tools, fmt=fmt, stream=stream)
 
     def run(self, env_factory: Callable[[Task], Environment], tasks: Sequence[Task], seeds: Sequence[int] | int = 0,
-            on_turn: Callable[[int, int], None] | None = None) -> list[Trajectory]:
+            on_turn: Callable[[int, int], None] | None = None, *, schedule: str = "continuous") -> list[Trajectory]:
+        """Play one episode per task (environment seed ``seeds[i]``, or one seed for all); results in task order.
+
+        ``schedule="continuous"`` keeps up to ``batch_size`` episodes live: when one ends, the next waiting
+        episode takes its place at the next turn, so no slot waits for the longest episode of a chunk.
+        ``schedule="static"`` plays chunks of ``batch_size`` episodes, each chunk until its longest episode
+        ends (the older scheduling, kept for comparison). Both give the same episodes: each episode's
+        tokens depend on its own prompt and, when sampling, on its own random stream (``sampling_seed``:
+        its ordinal among the episodes this engine has started), never on which episodes share its
+        batch. ``on_turn(active, finished)`` is called after every batched turn.
+        """
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not a rollout schedule; use one of {', '.join(SCHEDULES)}.")
         seeds = [seeds] * len(tasks) if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != len(tasks):
+            raise ValueError(f"got {len(seeds)} seeds for {len(tasks)} tasks; pass one seed per task, or one int.")
+        first = self._started
+        self._started += len(tasks)
+        jobs = [(task, seed, first + i) for i, (task, seed) in enumerate(zip(tasks, seeds))]
+        if schedule == "continuous":
+            return self._run_slots(env_factory, jobs, self.batch_size, on_turn)
+        finished = [0]
+
+        def chunk_turn(active: int, done: int) -> None:
+            if on_turn is not None:
+                on_turn(active, finished[0] + done)
+
         trajectories: list[Trajectory] = []
-        for lo in range(0, len(tasks), self.batch_size):
-            trajectories += self._run_batch(env_factory, tasks[lo : lo + self.batch_size], seeds[lo : lo + self.batch_size],
-                                            on_turn)
+        for lo in range(0, len(jobs), self.batch_size):
+            chunk = jobs[lo: lo + self.batch_size]
+            trajectories += self._run_slots(env_factory, chunk, len(chunk), chunk_turn)
+            finished[0] += len(chunk)
         return trajectories
 
-    def _run_batch(self, env_factory, tasks, seeds, on_turn) -> list[Trajectory]:
-        episodes = [self._open(env_factory, task, seed) for task, seed in zip(tasks, seeds)]
-        keys = [object() for _ in episodes]
-        while True:
-            live = [i for i, e in enumerate(episodes) if not e.done]
-            if not live:
-                break
-            requests = []
-            for i in list(live):
-                room = self.max_total_tokens - len(episodes[i].ids)
+    def _run_slots(self, env_factory, jobs: Sequence[tuple[Task, int, int]], slots: int,
+                   on_turn: Callable[[int, int], None] | None) -> list[Trajectory]:
+        """Play ``jobs`` (task, environment seed, sampling stream) with at most ``slots`` episodes live at once,
+        starting waiting episodes, in order, as live ones end."""
+        waiting = collections.deque(range(len(jobs)))
+        episodes: list[_Episode | None] = [None] * len(jobs)
+        keys = [object() for _ in jobs]
+        live: list[int] = []
+        finished = 0
+        while waiting or live:
+            while waiting and len(live) < slots:
+                i = waiting.popleft()
+                episodes[i] = self._open(env_factory, *jobs[i])
+                live.append(i)
+            requests, rows = [], []
+            for i in live:
+                episode = episodes[i]
+                room = self.max_total_tokens - len(episode.ids)
                 if room <= 0:
-                    self._finish(episodes[i], keys[i], truncated=True)
-                    live.remove(i)
+                    self._finish(episode, keys[i], truncated=True)
                     continue
-                requests.append(GenerationRequest(keys[i], episodes[i].ids, min(self.max_new_tokens, room)))
-            generations = self.backend.generate(requests)
-            for i, gen in zip(live, generations):
+                rows.append(i)
+                requests.append(GenerationRequest(keys[i], episode.ids, min(self.max_new_tokens, room),
+                                                  seed=episode.stream))
+            for i, gen in zip(rows, self.backend.generate(requests)):
                 self._advance(episodes[i], keys[i], gen)
+            finished += sum(episodes[i].done for i in live)
+            live = [i for i in live if not episodes[i].done]
             if on_turn is not None:
-                on_turn(sum(not e.done for e in episodes), sum(e.done for e in episodes))
+                on_turn(len(live), finished)
         return [
             Trajectory(task_id=e.task.id, messages=e.messages, turns=e.turns, outcome=e.env.outcome(), seed=e.seed,
                        tokens=TokenData(e.ids, e.mask, e.logprobs, e.spans))

@@ -3,16 +3,19 @@
 TRL plays the episodes through :class:`~pipeline.training.adapters.EpisodeRollout` (its ``rollout_func``),
 scores them with :class:`~pipeline.training.adapters.TrajectoryReward`, and computes the clipped
 PPO-style loss (``grpo``/``dapo``/``dr_grpo``/``cispo``), ``num_iterations``, KL ``beta``, PEFT,
-gradient checkpointing, checkpoints and resume. This subclass adds what multi-turn credit needs, through
-two private hooks, each pinned to its ``trl==1.16.0`` signature by a test (:data:`TRL_HOOKS`):
+gradient checkpointing, checkpoints and resume. This subclass adds what multi-turn credit and a cheap loss
+need, through two private hooks and ``compute_loss``, each pinned to its ``trl==1.16.0`` signature by a test
+(:data:`TRL_HOOKS`):
 
 - ``_generate_and_score_completions``, post-processed only: the registered advantage estimator
   (``RolloutConfig.advantage``, see :mod:`pipeline.training.advantages`) replaces TRL's episode-level
   advantages with per-turn ones written onto each turn's tokens (shape ``(B, T)``, which TRL 1.16's loss
   accepts), unless its registration keeps TRL's own; and the rollout metrics are recorded.
 - ``_get_per_token_logps_and_entropies``: the loss's forward runs the prefix every row shares (the
-  system prompt) once (:func:`~pipeline.training.shared_prefix.shared_prefix_logps`); same log-probs and
-  gradients as TRL's.
+  system prompt) once, and the LM head only at the positions the loss trains, in chunks
+  (:func:`~pipeline.training.shared_prefix.shared_prefix_logps`, :mod:`~pipeline.training.lm_head`); same
+  log-probs and gradients as TRL's at those positions. ``compute_loss`` tells it which positions those are
+  (the assistant tokens: TRL's completion mask times its tool mask).
 
 A stateful estimator (a critic) is saved into each checkpoint by a callback's ``on_save`` and restored
 with :meth:`TurnwiseGRPOTrainer.load_estimator_state`; metrics reach TRL's logging through one method,
@@ -38,14 +41,17 @@ from pipeline.training.advantages import AdvantageInput, broadcast_turns, build_
 from pipeline.training.callbacks import EstimatorCheckpoint, use_namespaced_tensorboard
 from pipeline.training.checkpoints import CheckpointMarker
 from pipeline.training.config import RolloutConfig, check_run_config
+from pipeline.training.lm_head import has_plain_head
 from pipeline.training.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_logps
 from pipeline.training.value_head import boundary_hidden_states
 from pipeline.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
-#: The private GRPOTrainer methods overridden here, with the signatures (trl==1.16.0) they were written for.
+#: The GRPOTrainer methods overridden here (every private one, and compute_loss), with the signatures
+#: (trl==1.16.0) they were written for.
 TRL_HOOKS = {
+    "compute_loss": "(self, model, inputs, return_outputs=False, num_items_in_batch=None)",
     "_generate_and_score_completions": "(self, inputs: list[dict[str, torch.Tensor | typing.Any]]) -> "
                                        "dict[str, torch.Tensor | typing.Any]",
     "_get_per_token_logps_and_entropies": "(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, "
@@ -142,29 +148,44 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
         for name, value in metrics:
             self._metrics[mode][name].append(value)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss, with the positions it trains (completion and tool masks: the assistant tokens) made known
+        to the log-prob forward below, which projects only those through the LM head."""
+        mask = inputs["completion_mask"]
+        self._scored_positions = mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._scored_positions = None
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **extra):
-        """TRL's per-token log-probs, with the prefix every row shares (the system prompt: ~1,700 of a
-        customer-service episode's ~2,300 tokens) run once per chunk instead of once per row."""
-        shareable = (self.rollout_config.share_prefix and not compute_aux_loss
-                     and all(v is None for v in extra.values()) and not self.args.gradient_checkpointing
-                     and self.accelerator.num_processes == 1)
-        if not shareable:
+        """TRL's per-token log-probs and entropies, with the LM head run only at the positions the loss trains
+        (every completion token outside ``compute_loss``), in chunks, and the prefix every row shares (the
+        system prompt: ~1,700 of a customer-service episode's ~2,300 tokens) run once per chunk of rows
+        instead of once per row. Same values and gradients at those positions; 0 elsewhere, where the loss
+        masks them out. TRL's own forward runs for what this does not cover: several processes (its wrapper
+        syncs the gradients), sharded parameters (DeepSpeed, FSDP), MoE aux losses, multimodal inputs, or an
+        adapter on the LM head."""
+        if (compute_aux_loss or any(v is not None for v in extra.values()) or self.accelerator.num_processes > 1
+                or self.is_deepspeed_enabled or self.is_fsdp_enabled or not has_plain_head(model)):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss, **extra)
+        scored = getattr(self, "_scored_positions", None)
+        if scored is not None and scored.shape != (input_ids.size(0), logits_to_keep):
+            scored = None
+        share = self.rollout_config.share_prefix and not self.args.gradient_checkpointing
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start: start + batch_size], attention_mask[start: start + batch_size]
             prompt_width = ids.size(1) - logits_to_keep
             prefix = shared_prefix_length([row[m.bool()].tolist() for row, m in
-                                           zip(ids[:, :prompt_width], mask[:, :prompt_width])])
-            if prefix < MIN_SHARED_PREFIX:  # nothing worth sharing: TRL's own forward
-                lp, ent, _ = super()._get_per_token_logps_and_entropies(model, ids, mask, logits_to_keep,
-                                                                       compute_entropy=compute_entropy)
-            else:
-                with self.accelerator.autocast():
-                    lp, ent = shared_prefix_logps(model, ids, mask, logits_to_keep, prefix, compute_entropy)
+                                           zip(ids[:, :prompt_width], mask[:, :prompt_width])]) if share else 0
+            with self.accelerator.autocast():
+                lp, ent = shared_prefix_logps(
+                    model, ids, mask, logits_to_keep, prefix if prefix >= MIN_SHARED_PREFIX else 0, compute_entropy,
+                    scored=None if scored is None else scored[start: start + batch_size], temperature=self.temperature)
             logps.append(lp)
             entropies.append(ent)
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None

@@ -28,9 +28,15 @@ def test_trained_ids_are_the_sampled_ids_across_a_five_turn_episode(tiny):
         on.update(range(start, end))
     assert [i for i, m in enumerate(data.assistant_mask) if m] == sorted(on)
     # The environment's tokens are the template's rendering of its messages, and nothing was re-tokenised.
+    # The assistant spans stand for their turns' texts (a random byte-level model samples bytes that are not
+    # UTF-8 on their own, and special tokens, which its text leaves out); the rest is decoded as it is.
     last_env = len(traj.turns[-1].env_messages)
     rendered = tokenizer.apply_chat_template(traj.messages[: len(traj.messages) - last_env], tokenize=False)
-    decoded = tokenizer.decode(data.input_ids)
+    bounds = [0, *[i for span in data.turn_spans for i in span], len(data.input_ids)]
+    pieces = [tokenizer.decode(data.input_ids[a:b]) for a, b in zip(bounds, bounds[1:])]
+    for k, turn in enumerate(traj.turns):
+        pieces[2 * k + 1] = turn.assistant + ("" if turn.truncated else tokenizer.eos_token)
+    decoded = "".join(pieces)
     assert rendered.startswith(decoded)
     assert len(rendered) - len(decoded) <= len(tokenizer.eos_token + "\n")  # only the last turn's closing is left
     assert tokenizer.decode(data.input_ids[: data.turn_spans[0][0]]) == tokenizer.apply_chat_template(
@@ -66,3 +72,105 @@ def test_a_template_that_rewrites_history_is_refused(tiny):
     backend = HFBackend(model, rewriting, temperature=0.0)
     with pytest.raises(TemplateError, match="prefix"):
         RolloutEngine(backend, rewriting, max_new_tokens=4).run(lambda t: EchoEnv(3), tasks(1))
+
+
+# -- scheduling: continuous batching against static chunks ---------------------------------------------
+
+
+def varied(task):
+    """Episodes of 1 to 4 turns depending on the task, so that static chunks wait for their longest."""
+    return EchoEnv(len(task.id) // 2 % 4 + 1)
+
+
+class Recording:
+    """Wraps a backend and records each generate call's episode keys."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.calls = backend, []
+
+    def generate(self, requests):
+        self.calls.append([r.key for r in requests])
+        return self.backend.generate(requests)
+
+    def release(self, key):
+        self.backend.release(key)
+
+
+def play(tiny, schedule, batch_size, temperature=0.0, seed=0, n=7, seeds=None):
+    model, tokenizer = tiny
+    backend = Recording(HFBackend(model, tokenizer, temperature=temperature, seed=seed))
+    engine_ = RolloutEngine(backend, tokenizer, max_new_tokens=6, batch_size=batch_size)
+    turns = []
+    trajectories = engine_.run(varied, tasks(n), seeds if seeds is not None else 0,
+                               on_turn=lambda active, finished: turns.append((active, finished)), schedule=schedule)
+    return trajectories, backend.calls, turns
+
+
+def transcript(t):
+    return t.task_id, t.messages, t.tokens.input_ids, t.tokens.assistant_mask, t.tokens.turn_spans, t.outcome.stop_reason
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_plays_the_same_episodes_as_static_chunks_in_fewer_calls(tiny, temperature):
+    """Greedy or sampled, continuous batching gives every episode the transcript (messages, token ids, mask,
+    spans, logprobs) that static chunks of the same size give, and that any other batch size gives; yet a
+    slot freed by a short episode is refilled at the next turn, so it needs fewer backend calls."""
+    continuous, calls, turns = play(tiny, "continuous", 3, temperature)
+    static, static_calls, static_turns = play(tiny, "static", 3, temperature)
+    alone, _, _ = play(tiny, "static", 1, temperature)
+    together, _, _ = play(tiny, "continuous", 7, temperature)
+    assert [len(t.turns) for t in continuous] == [2, 3, 4, 1, 2, 3, 4]  # varied lengths
+    for runs in (static, alone, together):
+        assert [transcript(t) for t in continuous] == [transcript(t) for t in runs]
+        for a, b in zip(continuous, runs):
+            assert a.tokens.logprobs == pytest.approx(b.tokens.logprobs, abs=1e-4)
+    assert all(len(c) <= 3 for c in calls)
+    assert len(calls) < len(static_calls)
+    # a static chunk decays to one live episode; continuously, slots are refilled while episodes wait
+    assert min(len(c) for c in static_calls[:4]) < 3 and all(len(c) == 3 for c in calls[:5])
+    assert turns[-1] == (0, 7) and static_turns[-1] == (0, 7)
+    assert [f for _, f in turns] == sorted(f for _, f in turns)
+
+
+def test_sampled_episodes_depend_on_the_backend_seed_and_their_own_stream_only(tiny):
+    """Each episode samples from its own stream (the backend's seed and the episode's ordinal), so the same
+    seed reproduces every transcript under any batching, another seed changes them, and episodes of one
+    task with one environment seed (a GRPO group) still sample differently."""
+    group = [tasks(1)[0]] * 4
+    model, tokenizer = tiny
+
+    def run(seed, batch_size):
+        backend = HFBackend(model, tokenizer, temperature=1.0, seed=seed)
+        return [t.tokens.input_ids for t in RolloutEngine(backend, tokenizer, max_new_tokens=6,
+                                                          batch_size=batch_size).run(lambda t: EchoEnv(2), group)]
+
+    first = run(5, 4)
+    assert run(5, 1) == run(5, 3) == first
+    assert run(6, 4) != first
+    assert len({tuple(ids) for ids in first}) == 4
+
+
+def test_a_second_run_on_the_same_engine_continues_the_streams(tiny):
+    """Episodes are numbered across runs of one engine, so a second run does not replay the first's draws,
+    and two chunked runs equal one run over all the tasks."""
+    model, tokenizer = tiny
+
+    def engine_():
+        return RolloutEngine(HFBackend(model, tokenizer, temperature=1.0, seed=2), tokenizer, max_new_tokens=6,
+                             batch_size=2)
+
+    whole = engine_().run(lambda t: EchoEnv(2), tasks(4))
+    split = engine_()
+    parts = split.run(lambda t: EchoEnv(2), tasks(4)[:2]) + split.run(lambda t: EchoEnv(2), tasks(4)[2:])
+    assert [transcript(t) for t in parts] == [transcript(t) for t in whole]
+    again = split.run(lambda t: EchoEnv(2), tasks(4)[:2])
+    assert [t.tokens.input_ids for t in again] != [t.tokens.input_ids for t in parts[:2]]
+
+
+def test_bad_schedule_batch_size_and_seeds_are_refused(tiny):
+    with pytest.raises(ValueError, match="schedule='fifo' is not a rollout schedule; use one of continuous, static"):
+        engine(tiny).run(lambda t: EchoEnv(1), tasks(1), schedule="fifo")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        engine(tiny, batch_size=0)
+    with pytest.raises(ValueError, match="got 2 seeds for 3 tasks"):
+        engine(tiny).run(lambda t: EchoEnv(1), tasks(3), [0, 1])

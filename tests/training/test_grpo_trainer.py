@@ -34,7 +34,7 @@ def test_each_overridden_trl_hook_has_the_signature_it_was_written_for(name):
 def test_every_private_trl_method_overridden_is_pinned():
     overridden = {name for name, value in vars(TurnwiseGRPOTrainer).items() if callable(value)
                   and name.startswith("_") and not name.startswith("__") and hasattr(GRPOTrainer, name)}
-    assert overridden == set(TRL_HOOKS)
+    assert overridden == {name for name in TRL_HOOKS if name.startswith("_")}
 
 
 def test_recorded_metrics_are_averaged_into_the_next_log(make_trainer):

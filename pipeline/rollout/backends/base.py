@@ -13,11 +13,17 @@ from typing import Hashable, Protocol, Sequence, runtime_checkable
 
 @dataclass
 class GenerationRequest:
-    """Continue ``prompt_ids`` for at most ``max_new_tokens``; ``key`` names the episode for cache reuse."""
+    """Continue ``prompt_ids`` for at most ``max_new_tokens``; ``key`` names the episode for cache reuse.
+
+    ``seed`` names the episode's random stream: a sampling backend draws the episode's tokens from a
+    generator seeded by its own seed and this one, so what an episode samples does not depend on which
+    other episodes share its batch. ``None``: the backend numbers new episodes in the order it meets them.
+    """
 
     key: Hashable
     prompt_ids: list[int]
     max_new_tokens: int
+    seed: int | None = None
 
 
 @dataclass

@@ -35,7 +35,7 @@ from pipeline.rollout.backends.kv_cache import (
     whole_past,
 )
 from pipeline.rollout.backends.prefix_attention import prefix_attention, visible_keys
-from pipeline.rollout.backends.sampling import sample
+from pipeline.rollout.backends.sampling import sample, stream_seed
 
 
 def prefill_chunks(lengths: Sequence[int], overhead: int = 64) -> list[tuple[int, int]]:
@@ -104,7 +104,10 @@ class HFBackend:
     rows until each row stops. Position ids follow each row's real length, so padding never shifts
     positions. When a row stops, its cache is compacted (padding removed) and kept under its episode key.
 
-    ``temperature == 0`` decodes greedily. ``stop_token_ids`` end a turn (default: the tokenizer's eos).
+    ``temperature == 0`` decodes greedily. Otherwise each episode draws from its own random stream, seeded
+    by ``seed`` and the request's ``seed`` (:func:`~pipeline.rollout.backends.sampling.stream_seed`), so
+    its tokens do not depend on the other episodes in the batch, nor on how long finished rows ride
+    along. ``stop_token_ids`` end a turn (default: the tokenizer's eos).
     ``reuse_cache=False`` keeps nothing between calls (every call prefills whole prompts).
     ``prefill_tokens`` counts the tokens run through prefill and ``timings`` accumulates seconds spent in
     prefill and decode, for benchmarks.
@@ -117,7 +120,9 @@ class HFBackend:
         eos = tokenizer.eos_token_id
         self.stop_token_ids = set(stop_token_ids or ([eos] if isinstance(eos, int) else eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.stop_token_ids))
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed = seed
+        self.streams: dict[Hashable, torch.Generator] = {}  # each live episode's random stream, by key
+        self._unnamed_streams = 0  # streams handed to requests without a seed, in the order they came
         self.caches = EpisodeCaches(enabled=reuse_cache)
         self._cache_arg = cache_argument(model)
         self.min_shared_prefix = 32  # tokens; shorter shared prefixes are not worth a separate forward pass
@@ -126,6 +131,18 @@ class HFBackend:
 
     def release(self, key: Hashable) -> None:
         self.caches.release(key)
+        self.streams.pop(key, None)
+
+    def _stream(self, request: GenerationRequest) -> torch.Generator:
+        """The episode's random stream, created at its first request."""
+        generator = self.streams.get(request.key)
+        if generator is None:
+            stream = request.seed
+            if stream is None:
+                stream, self._unnamed_streams = self._unnamed_streams, self._unnamed_streams + 1
+            generator = torch.Generator(device="cpu").manual_seed(stream_seed(self.seed, stream))
+            self.streams[request.key] = generator
+        return generator
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
@@ -226,11 +243,16 @@ class HFBackend:
         sampled: list[list[int]] = [[] for _ in range(n)]
         logps: list[list[float]] = [[] for _ in range(n)]
         results: list[Generation | None] = [None] * n
+        streams = [self._stream(r) for r in batch.requests]
         while True:
-            tokens, token_logps = sample(logits, self.temperature, self.top_p, self.generator)
-            for j, (b, tok, logp) in enumerate(zip(rows, tokens.tolist(), token_logps.tolist())):
-                if b in done:
-                    continue
+            # only rows still decoding draw: a finished row riding along must not use up its episode's stream
+            drawing = [j for j, b in enumerate(rows) if b not in done]
+            picked, picked_logps = sample(logits if len(drawing) == len(rows) else logits[drawing], self.temperature,
+                                          self.top_p, [streams[rows[j]] for j in drawing])
+            tokens = torch.full((len(rows),), self.pad_id, dtype=torch.long)
+            tokens[drawing] = picked
+            for j, tok, logp in zip(drawing, picked.tolist(), picked_logps.tolist()):
+                b = rows[j]
                 sampled[b].append(tok)
                 logps[b].append(logp)
                 stopped = tok in self.stop_token_ids

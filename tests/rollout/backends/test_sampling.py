@@ -45,3 +45,29 @@ def test_the_same_seed_draws_the_same_tokens():
     draw = lambda seed: sample(rows(64), 1.0, 1.0, torch.Generator().manual_seed(seed))[0].tolist()  # noqa: E731
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
+
+
+def test_with_a_generator_per_row_each_row_draws_from_its_own_stream_only():
+    """Row b's token comes from generator b alone: the same rows drawn in another batch, in another order,
+    next to other rows, or one by one give the same tokens."""
+    logits = torch.randn(6, 30)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batch = sample(logits, 1.0, 0.9, gens(range(6)))[0].tolist()
+    alone = [sample(logits[b: b + 1], 1.0, 0.9, gens([b]))[0].item() for b in range(6)]
+    order = [4, 0, 5, 2]
+    reordered = sample(logits[order], 1.0, 0.9, gens(order))[0].tolist()
+    assert batch == alone and reordered == [batch[b] for b in order]
+    assert len(set(sample(logits[:1].expand(40, -1), 1.0, 1.0, gens(range(40)))[0].tolist())) > 1
+    with pytest.raises(ValueError, match="got 2 generators for 6 rows"):
+        sample(logits, 1.0, 1.0, gens(range(2)))
+
+
+def test_doctests():
+    import doctest
+
+    import pipeline.rollout.backends.sampling as module
+
+    assert doctest.testmod(module).failed == 0

@@ -1,0 +1,139 @@
+"""SFT throughput: turnwise's SFT step against TRL's stock ``SFTTrainer`` on the same demonstrations.
+
+    python benchmarks/sft_step.py            # 8 oracle demonstrations per step, three alternating repeats
+    python benchmarks/sft_step.py --quick    # 2 demonstrations per step (under 6 minutes on 2 cores)
+
+Both sides train the same LoRA adapter (r=16 on q, k, v, o; the same initial weights, with B drawn small
+rather than 0 so that gradients reach both factors) on the embedded model, and time forward and backward
+(``compute_loss`` + ``backward``) over the ``--demos`` oracle demonstrations of one optimiser step:
+
+- stock: TRL's ``SFTTrainer`` as turnwise used it, one demonstration per batch with the step's
+  demonstrations accumulated (``per_device_train_batch_size=1``), each running its whole sequence, the
+  LM head projecting every position;
+- turnwise: :class:`~pipeline.training.sft_trainer.SharedPrefixSFTTrainer` with the step's
+  demonstrations in one batch: their shared system prompt runs once, and the LM head only at the
+  assistant tokens.
+
+Both normalise the loss by the step's labelled tokens (``num_items_in_batch``), so the two compute the
+same loss and gradients; the run checks it (``loss_rel_diff``, ``grad_max_rel_diff``, and
+``equal_loss_and_gradients`` within ``rtol=1e-3``). Gradient checkpointing is off on both sides. The two
+sides are timed in turns, ``--repeats`` times, so that load from other processes hits both alike.
+
+Keys of the last output line (JSON): ``speedup`` (turnwise demonstrations/s over stock's, medians),
+``equal_loss_and_gradients``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from common import add_threads_option, machine, set_threads, write_result
+
+
+def lora_grads(trainer) -> dict:
+    return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+
+def step(trainer, batches, items) -> tuple[float, float]:
+    """Forward and backward over ``batches`` (one optimiser step's worth); returns (seconds, summed loss)."""
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    total = 0.0
+    for batch in batches:
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=items)
+        trainer.accelerator.backward(loss)
+        total += float(loss.detach())
+    return time.perf_counter() - start, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--demos", type=int, default=8, help="demonstrations per optimiser step")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="smollm2-135m")
+    add_threads_option(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.demos = 2
+    if args.demos < 1 or args.repeats < 1:
+        parser.error("--demos and --repeats must be at least 1.")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+    set_threads(args.threads)
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.envs import load_tasks
+    from pipeline.models import load_model
+    from pipeline.sft import demonstration_dataset, oracle_demonstrations
+    from pipeline.training.sft_trainer import SharedPrefixSFTTrainer
+
+    demos = oracle_demonstrations(load_tasks("customer_service", "train"), args.demos)
+
+    def build(cls, batch_size: int, accumulation: int):
+        model, tokenizer = load_model(args.model)
+        torch.manual_seed(0)
+        trainer = cls(model=model, processing_class=tokenizer, train_dataset=demonstration_dataset(demos, tokenizer),
+                      peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                      args=SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size,
+                                     gradient_accumulation_steps=accumulation, max_length=None, report_to=[],
+                                     use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
+                                     dataset_text_field="input_ids"))
+        generator = torch.Generator().manual_seed(1)
+        for name, p in sorted(trainer.model.named_parameters()):
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape, generator=generator) * 0.01)
+        return trainer
+
+    stock = build(SFTTrainer, 1, len(demos))
+    ours = build(SharedPrefixSFTTrainer, len(demos), 1)
+    rows = [stock.train_dataset[i] for i in range(len(demos))]
+    stock_batches = [stock.data_collator([row]) for row in rows]
+    ours_batches = [ours.data_collator(rows)]
+    items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in stock_batches)
+
+    stock_times, ours_times = [], []
+    checked = {}
+    for repeat in range(args.repeats):
+        for name, trainer, batches, times in (("stock", stock, stock_batches, stock_times),
+                                              ("ours", ours, ours_batches, ours_times)):
+            seconds, loss = step(trainer, batches, items)
+            times.append(seconds)
+            if repeat == 0:
+                checked[name] = (loss, lora_grads(trainer))
+    (stock_loss, stock_grads), (ours_loss, ours_grads) = checked["stock"], checked["ours"]
+    loss_rel = abs(ours_loss - stock_loss) / max(abs(stock_loss), 1e-12)
+    grad_rel = max(float((ours_grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)) for n, g in stock_grads.items())
+    equal = loss_rel < 1e-3 and grad_rel < 1e-3
+
+    stock_dps = len(demos) / statistics.median(stock_times)
+    ours_dps = len(demos) / statistics.median(ours_times)
+    lengths = [len(r["input_ids"]) for r in rows]
+    result = {
+        "speedup": round(ours_dps / stock_dps, 3),
+        "equal_loss_and_gradients": equal,
+        "loss_rel_diff": loss_rel, "grad_max_rel_diff": grad_rel,
+        "demos_per_s": round(ours_dps, 4), "stock_demos_per_s": round(stock_dps, 4),
+        "ours_step_s": [round(x, 2) for x in ours_times], "stock_step_s": [round(x, 2) for x in stock_times],
+        "demos": len(demos), "tokens": sum(lengths), "tokens_per_demo_max": max(lengths), "labelled_tokens": items,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "repeats": args.repeats, "model": args.model, "lora_r": 16, "quick": args.quick, "machine": machine(),
+        "command": " ".join(["python benchmarks/sft_step.py", *sys.argv[1:]]),
+    }
+    write_result("sft_step_quick" if args.quick else "sft_step", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
