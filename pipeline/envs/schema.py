@@ -7,8 +7,25 @@ generated file fails at load time with the place to fix, not halfway through a t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
+
+#: The most characters of a problem an error message carries: a value quoted from a hostile file (a
+#: megabyte-long id) is cut in the middle, so the message keeps its start and its advice.
+MAX_PROBLEM_CHARS = 600
+
+
+def clip_problem(problem: str, limit: int = MAX_PROBLEM_CHARS) -> str:
+    """``problem`` cut in the middle to at most about ``limit`` characters.
+
+    >>> clip_problem("duplicate task id " + "x" * 50 + " (first on line 1)", limit=30)
+    'duplicate task id xxx [... 41 characters ...]line 1)'
+    """
+    if len(problem) <= limit:
+        return problem
+    head, tail = limit * 2 // 3, limit // 3
+    return f"{problem[:head]} [... {len(problem) - head - tail} characters ...]{problem[-tail:]}"
 
 
 class TaskFileError(ValueError):
@@ -16,7 +33,7 @@ class TaskFileError(ValueError):
 
     def __init__(self, path: Path | str, line: int | None, field: str | None, problem: str) -> None:
         where = f"{path}" + (f", line {line}" if line is not None else "") + (f", field '{field}'" if field else "")
-        super().__init__(f"{where}: {problem}")
+        super().__init__(f"{where}: {clip_problem(problem)}")
         self.path, self.line, self.field = path, line, field
 
 
@@ -29,7 +46,8 @@ class FieldError(Exception):
 
 
 def require(row: Any, key: str, kind: type | tuple[type, ...], prefix: str = "") -> Any:
-    """``row[key]``, checked to be of ``kind`` (a bool is not an int); raises :class:`FieldError`.
+    """``row[key]``, checked to be of ``kind`` (a bool is not an int, a float must be finite); raises
+    :class:`FieldError`.
 
     >>> require({"n": 3}, "n", int)
     3
@@ -45,4 +63,6 @@ def require(row: Any, key: str, kind: type | tuple[type, ...], prefix: str = "")
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         kinds = kind if isinstance(kind, tuple) else (kind,)
         raise FieldError(name, f"must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FieldError(name, f"must be a finite number, got {value}")
     return value

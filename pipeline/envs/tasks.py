@@ -58,36 +58,53 @@ def check_task_row(row: Any) -> Task:
     return Task.from_dict(row)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (``json.loads`` would keep the last of two silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key[:60]!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def read_task_file(path: Path) -> list[Task]:
     """Every task of a JSONL file, checked; raises :class:`TaskFileError` naming the file, line and field."""
     if not path.is_file():
         raise TaskFileError(path, None, None, "file not found. Pass an existing task file or directory, or "
                                               "regenerate a shipped set with its data/<domain>/prepare.py.")
     tasks, seen = [], {}
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TaskFileError(path, lineno, None, f"not valid JSON ({exc.msg}, column {exc.colno})") from None
-                except (ValueError, RecursionError) as exc:  # e.g. an integer too long to convert
-                    raise TaskFileError(path, lineno, None, f"not usable JSON ({type(exc).__name__}: "
-                                                            f"{str(exc)[:200]})") from None
-                try:
-                    task = check_task_row(row)
-                except FieldError as exc:
-                    raise TaskFileError(path, lineno, exc.field, f"{exc}. Fix the row or regenerate the file.") from None
-                if task.id in seen:
-                    raise TaskFileError(path, lineno, "id", f"duplicate task id {task.id!r} (first on line "
-                                                            f"{seen[task.id]})")
-                seen[task.id] = lineno
-                tasks.append(task)
-    except UnicodeDecodeError as exc:
-        raise TaskFileError(path, None, None, f"is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
-                                              "UTF-8.") from None
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TaskFileError(path, lineno, None, f"is not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                                        f"{exc.start + 1}: {exc.reason}); save the file as UTF-8.") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, object_pairs_hook=_unique_keys)
+            except json.JSONDecodeError as exc:
+                raise TaskFileError(path, lineno, None, f"not valid JSON ({exc.msg}, column {exc.colno})") from None
+            except _DuplicateKey as exc:
+                raise TaskFileError(path, lineno, None, f"{exc}; a row gives each key once.") from None
+            except (ValueError, RecursionError) as exc:  # e.g. an integer too long to convert
+                raise TaskFileError(path, lineno, None, f"not usable JSON ({type(exc).__name__}: "
+                                                        f"{str(exc)[:200]})") from None
+            try:
+                task = check_task_row(row)
+            except FieldError as exc:
+                raise TaskFileError(path, lineno, exc.field, f"{exc}. Fix the row or regenerate the file.") from None
+            if task.id in seen:
+                raise TaskFileError(path, lineno, "id", f"duplicate task id {task.id!r} (first on line "
+                                                        f"{seen[task.id]})")
+            seen[task.id] = lineno
+            tasks.append(task)
     if not tasks:
         raise TaskFileError(path, None, None, "holds no tasks (the file is empty); write one JSON task per line.")
     return tasks
