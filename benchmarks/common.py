@@ -1,8 +1,13 @@
-"""Shared helpers for the benchmark scripts: machine description and result writing."""
+"""Shared helpers for the benchmark scripts: machine description, result writing, and the worker processes
+that keep each side of a comparison in its own process (so each side's peak memory is its own)."""
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import json
+import multiprocessing
+import resource
 import sys
 from pathlib import Path
 
@@ -51,3 +56,33 @@ def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
         torch.matmul(a, b)
         count += 1
     return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def give_back_memory() -> None:
+    """Return freed heap memory to the system (glibc's ``malloc_trim``), so an idle side does not sit on it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def start_worker(worker, side: str, args, **overrides):
+    """``worker(side, args, conn)`` in a fresh (spawned) process; returns the process and the parent's end of the
+    pipe. ``overrides`` replace attributes of ``args`` for this worker."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=worker, args=(side, argparse.Namespace(**{**vars(args), **overrides}), child))
+    process.start()
+    return process, parent
+
+
+def receive(conn, side: str):
+    """The worker's next answer; a worker that died (its traceback is printed above) ends the benchmark."""
+    try:
+        return conn.recv()
+    except EOFError:
+        raise SystemExit(f"the {side} worker exited early; its error is printed above.") from None

@@ -16,8 +16,10 @@ rather than 0 so that gradients reach both factors) on the embedded model, and t
 
 Both normalise the loss by the step's labelled tokens (``num_items_in_batch``), so the two compute the
 same loss and gradients; the run checks it (``loss_rel_diff``, ``grad_max_rel_diff``, and
-``equal_loss_and_gradients`` within ``rtol=1e-3``). Gradient checkpointing is off on both sides. The two
-sides are timed in turns, ``--repeats`` times, so that load from other processes hits both alike.
+``equal_loss_and_gradients`` within ``rtol=1e-3``). Gradient checkpointing is off on both sides. Each side
+runs in its own process (so each one's ``peak_rss_gb`` is its own, and one side's freed memory never
+crowds the other), and the two are timed in turns, ``--repeats`` times, so that load from other processes
+hits both alike.
 
 Keys of the last output line (JSON): ``speedup`` (turnwise demonstrations/s over stock's, medians),
 ``equal_loss_and_gradients``.
@@ -28,13 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 
-from common import add_threads_option, machine, set_threads, write_result
+from common import (add_threads_option, give_back_memory, machine, peak_rss_gb, receive, set_threads, start_worker,
+                    write_result)
 
 
 def lora_grads(trainer) -> dict:
@@ -55,6 +57,59 @@ def step(trainer, batches, items) -> tuple[float, float]:
     return time.perf_counter() - start, total
 
 
+def build_side(side: str, args):
+    """The side's trainer, its batches for one optimiser step, and the step's labelled-token count."""
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.envs import load_tasks
+    from pipeline.models import load_model
+    from pipeline.sft import demonstration_dataset, oracle_demonstrations
+    from pipeline.training.sft_trainer import SharedPrefixSFTTrainer
+
+    demos = oracle_demonstrations(load_tasks("customer_service", "train"), args.demos)
+    model, tokenizer = load_model(args.model)
+    torch.manual_seed(0)
+    cls, batch_size, accumulation = (SFTTrainer, 1, len(demos)) if side == "stock" else (SharedPrefixSFTTrainer,
+                                                                                          len(demos), 1)
+    trainer = cls(model=model, processing_class=tokenizer, train_dataset=demonstration_dataset(demos, tokenizer),
+                  peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                  args=SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, max_length=None, report_to=[],
+                                 use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
+                                 dataset_text_field="input_ids"))
+    generator = torch.Generator().manual_seed(1)
+    for name, p in sorted(trainer.model.named_parameters()):
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=generator) * 0.01)
+    rows = [trainer.train_dataset[i] for i in range(len(demos))]
+    batches = [trainer.data_collator([row]) for row in rows] if side == "stock" else [trainer.data_collator(rows)]
+    items = sum(int((trainer.data_collator([row])["labels"][:, 1:] != -100).sum()) for row in rows)
+    info = {"demos": len(demos), "lengths": [len(r["input_ids"]) for r in rows], "items": items}
+    return trainer, batches, info
+
+
+def worker(side: str, args, conn) -> None:
+    """One side in its own process: build, then time a step on each ``"step"`` (the first also sends its loss
+    and LoRA gradients) until ``"stop"``."""
+    set_threads(args.threads)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    trainer, batches, info = build_side(side, args)
+    give_back_memory()
+    conn.send(info)
+    first = True
+    while True:
+        if conn.recv() == "stop":
+            conn.send({"peak_rss_gb": round(peak_rss_gb(), 2)})
+            return
+        seconds, loss = step(trainer, batches, info["items"])
+        conn.send((seconds, loss, lora_grads(trainer) if first else None))
+        first = False
+        trainer.model.zero_grad(set_to_none=True)
+        give_back_memory()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -67,67 +122,47 @@ def main() -> None:
         args.demos = 2
     if args.demos < 1 or args.repeats < 1:
         parser.error("--demos and --repeats must be at least 1.")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    set_threads(args.threads)  # the workers set theirs; this one is for the machine description
 
-    set_threads(args.threads)
-    import torch
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from pipeline.envs import load_tasks
-    from pipeline.models import load_model
-    from pipeline.sft import demonstration_dataset, oracle_demonstrations
-    from pipeline.training.sft_trainer import SharedPrefixSFTTrainer
-
-    demos = oracle_demonstrations(load_tasks("customer_service", "train"), args.demos)
-
-    def build(cls, batch_size: int, accumulation: int):
-        model, tokenizer = load_model(args.model)
-        torch.manual_seed(0)
-        trainer = cls(model=model, processing_class=tokenizer, train_dataset=demonstration_dataset(demos, tokenizer),
-                      peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                      args=SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size,
-                                     gradient_accumulation_steps=accumulation, max_length=None, report_to=[],
-                                     use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
-                                     dataset_text_field="input_ids"))
-        generator = torch.Generator().manual_seed(1)
-        for name, p in sorted(trainer.model.named_parameters()):
-            if "lora_B" in name:
-                p.data.copy_(torch.randn(p.shape, generator=generator) * 0.01)
-        return trainer
-
-    stock = build(SFTTrainer, 1, len(demos))
-    ours = build(SharedPrefixSFTTrainer, len(demos), 1)
-    rows = [stock.train_dataset[i] for i in range(len(demos))]
-    stock_batches = [stock.data_collator([row]) for row in rows]
-    ours_batches = [ours.data_collator(rows)]
-    items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in stock_batches)
-
-    stock_times, ours_times = [], []
+    sides = {}
+    for side in ("stock", "ours"):  # one at a time, so the two builds never hold memory together
+        process, conn = start_worker(worker, side, args)
+        sides[side] = (process, conn, receive(conn, side))
+    stock_info, ours_info = sides["stock"][2], sides["ours"][2]
+    if (stock_info["lengths"], stock_info["items"]) != (ours_info["lengths"], ours_info["items"]):
+        raise SystemExit(f"the two sides built different demonstrations: {stock_info} vs {ours_info}")
+    times = {"stock": [], "ours": []}
     checked = {}
-    for repeat in range(args.repeats):
-        for name, trainer, batches, times in (("stock", stock, stock_batches, stock_times),
-                                              ("ours", ours, ours_batches, ours_times)):
-            seconds, loss = step(trainer, batches, items)
-            times.append(seconds)
-            if repeat == 0:
-                checked[name] = (loss, lora_grads(trainer))
+    for _ in range(args.repeats):
+        for side in ("stock", "ours"):
+            conn = sides[side][1]
+            conn.send("step")
+            seconds, loss, grads = receive(conn, side)
+            times[side].append(seconds)
+            if grads is not None:
+                checked[side] = (loss, grads)
+    peaks = {}
+    for side, (process, conn, _) in sides.items():
+        conn.send("stop")
+        peaks[side] = receive(conn, side)["peak_rss_gb"]
+        process.join()
     (stock_loss, stock_grads), (ours_loss, ours_grads) = checked["stock"], checked["ours"]
     loss_rel = abs(ours_loss - stock_loss) / max(abs(stock_loss), 1e-12)
     grad_rel = max(float((ours_grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)) for n, g in stock_grads.items())
     equal = loss_rel < 1e-3 and grad_rel < 1e-3
 
-    stock_dps = len(demos) / statistics.median(stock_times)
-    ours_dps = len(demos) / statistics.median(ours_times)
-    lengths = [len(r["input_ids"]) for r in rows]
+    demos, lengths = stock_info["demos"], stock_info["lengths"]
+    stock_dps = demos / statistics.median(times["stock"])
+    ours_dps = demos / statistics.median(times["ours"])
     result = {
         "speedup": round(ours_dps / stock_dps, 3),
         "equal_loss_and_gradients": equal,
         "loss_rel_diff": loss_rel, "grad_max_rel_diff": grad_rel,
         "demos_per_s": round(ours_dps, 4), "stock_demos_per_s": round(stock_dps, 4),
-        "ours_step_s": [round(x, 2) for x in ours_times], "stock_step_s": [round(x, 2) for x in stock_times],
-        "demos": len(demos), "tokens": sum(lengths), "tokens_per_demo_max": max(lengths), "labelled_tokens": items,
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "ours_step_s": [round(x, 2) for x in times["ours"]], "stock_step_s": [round(x, 2) for x in times["stock"]],
+        "demos": demos, "tokens": sum(lengths), "tokens_per_demo_max": max(lengths),
+        "labelled_tokens": stock_info["items"],
+        "peak_rss_gb": peaks["ours"], "stock_peak_rss_gb": peaks["stock"],
         "repeats": args.repeats, "model": args.model, "lora_r": 16, "quick": args.quick, "machine": machine(),
         "command": " ".join(["python benchmarks/sft_step.py", *sys.argv[1:]]),
     }

@@ -30,17 +30,15 @@ Keys of the last output line (JSON): ``ratio`` (turnwise / stock step time, medi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 
-from common import add_threads_option, machine, set_threads, write_result
+from common import (add_threads_option, give_back_memory, machine, peak_rss_gb, receive, set_threads, start_worker,
+                    write_result)
 
 
 def timed_step(trainer, inputs) -> float:
@@ -64,18 +62,6 @@ def first_rows(inputs: dict, n: int = 1) -> dict:
     rows = inputs["completion_ids"].shape[0]
     return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
             for k, v in inputs.items()}
-
-
-def give_back_memory() -> None:
-    """Return freed heap memory to the system (glibc's ``malloc_trim``), so an idle side does not sit on it."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def build_side(side: str, args) -> tuple:
@@ -148,22 +134,6 @@ def worker(side: str, args, conn) -> None:
         conn.send(elapsed)
 
 
-def start(side: str, args, **overrides):
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    process = context.Process(target=worker, args=(side, argparse.Namespace(**{**vars(args), **overrides}), child))
-    process.start()
-    return process, parent
-
-
-def receive(conn, side: str):
-    """The worker's next answer; a worker that died (its traceback is printed above) ends the benchmark."""
-    try:
-        return conn.recv()
-    except EOFError:
-        raise SystemExit(f"the {side} worker exited early; its error is printed above.") from None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -187,10 +157,10 @@ def main() -> None:
         args.episodes, args.turns, args.new_tokens, args.warmup = 4, 2, 24, False
 
     set_threads(args.threads)  # the workers set theirs; this one is for the machine description
-    ours, ours_conn = start("ours", args)
+    ours, ours_conn = start_worker(worker, "ours", args)
     ours_info = receive(ours_conn, "turnwise")
     # stock completions carry as many trained tokens per episode as turnwise's episodes have on average
-    stock, stock_conn = start("stock", args, stock_tokens=max(1, round(ours_info["trained_tokens"] / args.episodes)))
+    stock, stock_conn = start_worker(worker, "stock", args, stock_tokens=max(1, round(ours_info["trained_tokens"] / args.episodes)))
     stock_info = receive(stock_conn, "stock TRL")
     if args.warmup:
         for conn, side in ((ours_conn, "turnwise"), (stock_conn, "stock TRL")):

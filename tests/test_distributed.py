@@ -10,11 +10,10 @@ each played different episodes:
   head's gradients are all-reduced too, so both ranks end with the same critic.
 
 FSDP cannot run on CPU through accelerate 1.15: it turns FSDP on only when the process group is on an
-accelerator (``accelerate/state.py``: a CPU group stays ``MULTI_CPU``, i.e. DDP), and the shipped config's
-``fsdp_sync_module_states`` fails first with "There are currently no available devices found, must be one
-of 'XPU', 'CUDA', 'MLU', 'NPU', 'MUSA', or 'HPU'". FSDP2's gathering context is tested with torch's own
-``fully_shard`` on CPU below (tests/distributed/fsdp2_generate.py), and through accelerate on one GPU by
-benchmarks/gpu_check.py.
+accelerator (``accelerate/state.py``: a CPU group stays ``MULTI_CPU``, i.e. DDP, so
+configs/accelerate/fsdp.yaml on CPU processes trains without sharding). FSDP2's gathering context is tested
+with torch's own ``fully_shard`` on CPU below (tests/distributed/fsdp2_generate.py), and through accelerate on
+one GPU by benchmarks/gpu_check.py (benchmarks/results/gpu_check_h200.json).
 """
 
 from __future__ import annotations

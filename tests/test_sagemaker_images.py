@@ -117,6 +117,15 @@ def test_pyproject_torch_range_starts_at_the_oldest_image():
     assert torch.specifier.contains(Version(installed.__version__.split("+")[0]))
 
 
+def test_pyproject_requires_the_python_the_stack_requires():
+    """requires-python once said 3.10, where no release of the pinned stack installs (numpy, transformers and trl
+    need 3.11): a 3.10 user got a resolver failure instead of pip's clear 'requires a different Python'."""
+    declared = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])
+    floor = Version(STACK_FLOORS["python"])
+    assert declared.contains(floor)
+    assert not declared.contains(Version(f"{floor.major}.{floor.minor - 1}"))
+
+
 def test_default_image_uri_is_the_default_table_entry():
     uri = image_uri("us-west-2")
     assert uri == ("763104351884.dkr.ecr.us-west-2.amazonaws.com/huggingface-pytorch-training:"

@@ -69,10 +69,11 @@ def run(args: argparse.Namespace) -> int:
     from rewards.audit import AuditConfig
 
     options, config, task_set, episodes = parse_options(
-        (AuditArguments, AuditConfig, TaskSetArguments, EpisodeArguments), args.options, prog="turnwise audit", description=DESCRIPTION,
-        epilog=EPILOG, aliases={"--tasks": "split", "--max-zero-variance": "max_zero_variance_frac",
-                                "--max_zero_variance": "max_zero_variance_frac", "--probe-tasks": "leniency_tasks",
-                                "--probe_tasks": "leniency_tasks"})
+        (AuditArguments, AuditConfig, TaskSetArguments, EpisodeArguments), args.options, prog="turnwise audit",
+        description=DESCRIPTION, epilog=EPILOG,
+        aliases={"--tasks": "split", "--max-zero-variance": "max_zero_variance_frac",
+                 "--max_zero_variance": "max_zero_variance_frac", "--probe-tasks": "leniency_tasks",
+                 "--probe_tasks": "leniency_tasks"})
     writable_dir(options.out, "--out")
     with trusted(task_set):
         return run_audit(options, config, task_set, episodes)
