@@ -1,6 +1,6 @@
 """SFT throughput: turnwise's SFT step against TRL's stock ``SFTTrainer`` on the same demonstrations.
 
-    python benchmarks/sft_step.py            # 8 oracle demonstrations per step, three alternating repeats
+    python benchmarks/sft_step.py            # 4 oracle demonstrations per step, three alternating repeats
     python benchmarks/sft_step.py --quick    # 2 demonstrations per step (under 6 minutes on 2 cores)
 
 Both sides train the same LoRA adapter (r=16 on q, k, v, o; the same initial weights, with B drawn small
@@ -113,7 +113,8 @@ def worker(side: str, args, conn) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--demos", type=int, default=8, help="demonstrations per optimiser step")
+    parser.add_argument("--demos", type=int, default=4, help="demonstrations per optimiser step (8 in one batch "
+                        "exceed 24 GB on turnwise's side: see the README's Benchmarks section)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m")
     add_threads_option(parser)
