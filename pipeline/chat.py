@@ -186,17 +186,33 @@ def _checked_int(text: str) -> int:
     return int(text)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class DuplicateKeyError(ValueError):
+    """A JSON object that gives one key twice, which ``json.loads`` would keep the last of, silently."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the key {echo(key)} appears twice in one object")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook`` for JSON whose keys must be unique (model-written tool calls, task
+    files, SOP folders): raises :class:`DuplicateKeyError`.
+
+    >>> json.loads('{"a": 1, "a": 2}', object_pairs_hook=unique_keys)
+    Traceback (most recent call last):
+    ...
+    pipeline.chat.DuplicateKeyError: the key 'a' appears twice in one object
+    """
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _Rejected(f"the key {echo(key)} appears twice in one object")
+            raise DuplicateKeyError(key)
         out[key] = value
     return out
 
 
 _STRICT = json.JSONDecoder(parse_float=_checked_float, parse_int=_checked_int, parse_constant=_reject_constant,
-                           object_pairs_hook=_unique_keys)
+                           object_pairs_hook=unique_keys)
 
 
 def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
@@ -230,7 +246,7 @@ def _decode(text: str, start: int, depth_limit: int) -> tuple[Any, int]:
         value, end = _STRICT.raw_decode(text, start)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{exc.msg} at char {exc.pos}") from None
-    except _Rejected as exc:
+    except (_Rejected, DuplicateKeyError) as exc:
         raise ValueError(str(exc)) from None
     except RecursionError:
         raise ValueError(f"nested more than {depth_limit} levels deep") from None

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.chat import DuplicateKeyError, unique_keys
 from pipeline.envs.base import Task
 from pipeline.envs.registry import UnknownDomainError, domains, get_domain, resolve
 from pipeline.envs.schema import FieldError, TaskFileError, require
@@ -58,20 +59,6 @@ def check_task_row(row: Any) -> Task:
     return Task.from_dict(row)
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are all different (``json.loads`` would keep the last of two silently)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"the key {key[:60]!r} appears twice in one object")
-        out[key] = value
-    return out
-
-
 def read_task_file(path: Path) -> list[Task]:
     """Every task of a JSONL file, checked; raises :class:`TaskFileError` naming the file, line and field."""
     if not path.is_file():
@@ -88,10 +75,10 @@ def read_task_file(path: Path) -> list[Task]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, object_pairs_hook=_unique_keys)
+                row = json.loads(line, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as exc:
                 raise TaskFileError(path, lineno, None, f"not valid JSON ({exc.msg}, column {exc.colno})") from None
-            except _DuplicateKey as exc:
+            except DuplicateKeyError as exc:
                 raise TaskFileError(path, lineno, None, f"{exc}; a row gives each key once.") from None
             except (ValueError, RecursionError) as exc:  # e.g. an integer too long to convert
                 raise TaskFileError(path, lineno, None, f"not usable JSON ({type(exc).__name__}: "

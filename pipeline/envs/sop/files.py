@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.chat import DuplicateKeyError, unique_keys
 from pipeline.envs.schema import TaskFileError
 
 MiB = 1 << 20
@@ -174,28 +175,13 @@ def decode_utf8(data: bytes, where: Path) -> str:
                                                f"example with `iconv -f cp1252 -t utf-8 {where.name}`.") from None
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
 def parse_json(text: str, where: Path) -> Any:
     """JSON with every object's keys unique; errors name the file (and line, or key) and the fix."""
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise TaskFileError(where, exc.lineno, None, f"is not valid JSON ({exc.msg}, column {exc.colno}).") from None
-    except _DuplicateKey as exc:
+    except DuplicateKeyError as exc:
         raise TaskFileError(where, None, exc.key, "is given twice in one JSON object; JSON readers silently keep "
                                                   "only one of them, so give each key once.") from None
     except RecursionError:
