@@ -24,9 +24,10 @@ The last output line is one JSON object: rollout and baseline tokens/s, each GRP
 memory, and ``ok`` (the exit status is 0 only when every check passed).
 
 Running it on a GPU machine without TRL or network access. The script runs from a checkout, without
-installing turnwise; torch 2.11 is inside pyproject's range and every package below accepts it. The
-machine it was written for has torch 2.11, transformers 5.17, peft, accelerate 1.15, pandas, pyarrow and
-xxhash, and lacks TRL and datasets. Here, in the checkout's root (``.whl`` is ignored by git; about 17 MB):
+installing turnwise; torch 2.11 is inside pyproject's range and every package below accepts it. On a
+machine with torch 2.11, transformers 5.17, peft, accelerate 1.15, pandas, pyarrow and xxhash but no TRL or
+datasets (the H200 of benchmarks/results/gpu_check_h200.json), bring these wheels. Here, in the checkout's
+root (``.whl`` is ignored by git; about 17 MB):
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
