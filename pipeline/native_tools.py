@@ -51,6 +51,18 @@ logger = logging.getLogger(__name__)
 #: when it does not) and ``text`` (turnwise's text protocol whatever the template).
 TOOL_CALLING = ("auto", "native", "text")
 
+
+def check_tool_calling(value: str, name: str = "tool_calling") -> str:
+    """``value`` if it is one of :data:`TOOL_CALLING`; ``ValueError`` naming the setting as ``name`` if not.
+
+    >>> check_tool_calling("json", "--tool-calling")
+    Traceback (most recent call last):
+    ValueError: --tool-calling must be one of auto, native, text, got 'json'.
+    """
+    if value not in TOOL_CALLING:
+        raise ValueError(f"{name} must be one of {', '.join(TOOL_CALLING)}, got {value!r}.")
+    return value
+
 _PROBE_NAME = "turnwise_probe_tool"
 _PROBE = {"type": "function", "function": {
     "name": _PROBE_NAME, "description": "A probe.",
@@ -216,8 +228,7 @@ def detect_tool_format(tokenizer) -> ToolFormat | None:
 
 def resolve_tool_format(tokenizer, tool_calling: str = "auto") -> ToolFormat:
     """The :class:`ToolFormat` a setting of :data:`TOOL_CALLING` gives for a tokenizer (``TEXT`` for the text protocol)."""
-    if tool_calling not in TOOL_CALLING:
-        raise ValueError(f"tool_calling must be one of {', '.join(TOOL_CALLING)}, got {tool_calling!r}.")
+    check_tool_calling(tool_calling)
     if tool_calling == "text":
         return TEXT
     fmt = detect_tool_format(tokenizer)

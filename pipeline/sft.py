@@ -126,7 +126,7 @@ class SFTArguments:
     def __post_init__(self) -> None:
         from pipeline.conversations import check_format
         from pipeline.envs.registry import check_customer_spec
-        from pipeline.native_tools import TOOL_CALLING
+        from pipeline.native_tools import check_tool_calling
 
         for name in ("num_demos", "demo_max_turns", "val_max_turns", "val_max_new_tokens"):
             check_count(getattr(self, name), name)
@@ -138,8 +138,7 @@ class SFTArguments:
         if self.drop_violations and self.demos is None:
             raise ValueError("drop_violations screens --demos transcripts; oracle demonstrations break no rule. Pass "
                              "--demos FILE too, or leave --drop_violations out.")
-        if self.tool_calling not in TOOL_CALLING:
-            raise ValueError(f"tool_calling must be one of {', '.join(TOOL_CALLING)}, got {self.tool_calling!r}.")
+        check_tool_calling(self.tool_calling)
         check_customer_spec(self.customer)
 
 

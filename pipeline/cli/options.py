@@ -114,10 +114,9 @@ class EpisodeArguments:
 
     def __post_init__(self) -> None:
         from pipeline.envs.registry import check_customer_spec
-        from pipeline.native_tools import TOOL_CALLING
+        from pipeline.native_tools import check_tool_calling
 
-        if self.tool_calling not in TOOL_CALLING:
-            raise ValueError(f"--tool-calling must be one of {', '.join(TOOL_CALLING)}, got {self.tool_calling!r}.")
+        check_tool_calling(self.tool_calling, "--tool-calling")
         check_customer_spec(self.customer)  # checked before any task loads or any policy runs
 
 

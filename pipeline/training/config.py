@@ -45,12 +45,10 @@ class RolloutConfig(EpisodeBudget):
     def __post_init__(self) -> None:
         super().__post_init__()
         from pipeline.envs.registry import check_customer_spec
-        from pipeline.native_tools import TOOL_CALLING
+        from pipeline.native_tools import check_tool_calling
 
         check_backend_name(self.backend, "RolloutConfig.backend")
-        if self.tool_calling not in TOOL_CALLING:
-            raise ValueError(f"RolloutConfig.tool_calling must be one of {', '.join(TOOL_CALLING)}, got "
-                             f"{self.tool_calling!r}.")
+        check_tool_calling(self.tool_calling, "RolloutConfig.tool_calling")
         try:
             check_customer_spec(self.customer)
         except ValueError as exc:
