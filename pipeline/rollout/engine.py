@@ -92,7 +92,7 @@ class RolloutEngine:
     def _encode(self, text: str) -> list[int]:
         return self.template.encode(text)
 
-    def _open(self, env_factory: Callable[[Task], Environment], task: Task, seed: int, stream: int = 0) -> _Episode:
+    def _open(self, env_factory: Callable[[Task], Environment], task: Task, seed: int, stream: int) -> _Episode:
         """A new episode: its environment reset in the engine's tool protocol, its opening rendered and encoded."""
         env = env_factory(task)
         fmt = self.template.tool_format
