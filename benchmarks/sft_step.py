@@ -2,6 +2,7 @@
 
     python benchmarks/sft_step.py            # 4 oracle demonstrations per step, three alternating repeats
     python benchmarks/sft_step.py --quick    # 2 demonstrations per step (under 6 minutes on 2 cores)
+    python benchmarks/sft_step.py --profile  # where each side's step spends its time (torch profiler)
 
 Both sides train the same LoRA adapter (r=16 on q, k, v, o; the same initial weights, with B drawn small
 rather than 0 so that gradients reach both factors) on the embedded model, and time forward and backward
@@ -22,7 +23,10 @@ crowds the other), and the two are timed in turns, ``--repeats`` times, so that 
 hits both alike.
 
 Keys of the last output line (JSON): ``speedup`` (turnwise demonstrations/s over stock's, medians),
-``equal_loss_and_gradients``.
+``equal_loss_and_gradients``. With ``--profile``, one step of each side (after a warm-up step) runs under
+torch's profiler instead, and the line holds each side's seconds by kind of work (``attention``: the SDPA
+kernels; ``matmul``; ``lm_head``: TRL's chunked log-prob functions, stock's side only, their matmuls
+included) and its top operators (``sft_step_profile.json``).
 """
 
 from __future__ import annotations
@@ -110,6 +114,40 @@ def worker(side: str, args, conn) -> None:
         give_back_memory()
 
 
+def profile_worker(side: str, args, conn) -> None:
+    """One side in its own process: a warm-up step, then one step under torch's profiler; sends its breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_threads(args.threads)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    trainer, batches, info = build_side(side, args)
+    step(trainer, batches, info["items"])
+    trainer.model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds, _ = step(trainer, batches, info["items"])
+    events = prof.key_averages()
+    self_s = {e.key: e.self_cpu_time_total / 1e6 for e in events}
+    kinds = {"attention": sum(v for k, v in self_s.items() if "scaled_dot_product" in k),
+             "matmul": sum(v for k, v in self_s.items() if k in ("aten::mm", "aten::addmm", "aten::addmm_",
+                                                                 "aten::bmm")),
+             "lm_head": sum(e.cpu_time_total / 1e6 for e in events if e.key.startswith("ChunkedLogProb"))}
+    top = sorted(self_s.items(), key=lambda kv: -kv[1])[:12]
+    print(f"{side}: {seconds:.1f} s\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    conn.send({"step_s": round(seconds, 2), "profiled_s": round(sum(self_s.values()), 2),
+               "by_kind_s": {k: round(v, 2) for k, v in kinds.items()},
+               "top_self_s": {k: round(v, 2) for k, v in top}, "lengths": info["lengths"]})
+
+
+def profile_sides(args) -> dict:
+    """Each side's :func:`profile_worker` breakdown, one process after the other."""
+    result = {}
+    for side in ("stock", "ours"):
+        process, conn = start_worker(profile_worker, side, args)
+        result[side] = receive(conn, side)
+        process.join()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -117,6 +155,8 @@ def main() -> None:
                         "exceed 24 GB on turnwise's side: see the README's Benchmarks section)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--profile", action="store_true", help="profile one step of each side instead of timing "
+                        "repeats (writes sft_step_profile.json)")
     add_threads_option(parser)
     args = parser.parse_args()
     if args.quick:
@@ -124,6 +164,12 @@ def main() -> None:
     if args.demos < 1 or args.repeats < 1:
         parser.error("--demos and --repeats must be at least 1.")
     set_threads(args.threads)  # the workers set theirs; this one is for the machine description
+    if args.profile:
+        result = {**profile_sides(args), "demos": args.demos, "model": args.model, "machine": machine(),
+                  "command": " ".join(["python benchmarks/sft_step.py", *sys.argv[1:]])}
+        write_result("sft_step_profile", result)
+        print(json.dumps(result))
+        return
 
     sides = {}
     for side in ("stock", "ours"):  # one at a time, so the two builds never hold memory together

@@ -59,7 +59,7 @@ def lora_grads(trainer):
 def test_loss_metrics_and_gradients_equal_stock_sfttrainers(tiny_model_dir, tmp_path, demos, checkpointing):
     """On a right-padded batch of three demonstrations, the loss, TRL's metrics (entropy, token accuracy) and
     the LoRA gradients equal the stock trainer's. Without gradient checkpointing the shared system prompt
-    runs once, as one row, and every row continues from its cache; with it, every row runs whole."""
+    runs once, as one row, and every row's real tokens continue from its cache; with it, every row runs whole."""
     results = {}
     for cls in (SFTTrainer, SharedPrefixSFTTrainer):
         trainer = make(cls, tiny_model_dir, tmp_path / cls.__name__, demos, gradient_checkpointing=checkpointing)
@@ -91,7 +91,8 @@ def test_loss_metrics_and_gradients_equal_stock_sfttrainers(tiny_model_dir, tmp_
     else:
         first_label = int((batch["labels"] != -100).int().argmax(1).min())
         assert calls[0][0] == 1 and 1000 < calls[0][1] < first_label  # the system prompt, once, as one row
-        assert calls[1] == (3, batch["input_ids"].shape[1] - calls[0][1])
+        # then each row's remainder on its cache, without the row's padding
+        assert calls[1:] == [(1, n - calls[0][1]) for n in batch["attention_mask"].sum(1).tolist()]
 
 
 def test_one_batch_of_n_trains_like_stock_sft_with_n_accumulated_batches_of_one(tiny_model_dir, tmp_path, demos,
@@ -120,3 +121,28 @@ def test_one_batch_of_n_trains_like_stock_sft_with_n_accumulated_batches_of_one(
     assert ours[1] == pytest.approx(stock[1], rel=1e-4)
     for name in stock[0]:
         torch.testing.assert_close(ours[0][name], stock[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_that_is_not_right_padded_runs_every_row_whole(tiny_model_dir, tmp_path, demos):
+    """The shared prefix assumes SFT's right padding (each row's real tokens first). A left-padded batch,
+    whose rows' shared prompt starts at different columns, runs whole, as one call, like ``share=False``."""
+    from pipeline.training.shared_prefix import shared_prefix_lm_output
+
+    trainer = make(SharedPrefixSFTTrainer, tiny_model_dir, tmp_path, demos)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    width = batch["input_ids"].shape[1]
+    pads = (width - batch["attention_mask"].sum(1)).tolist()
+    assert len(set(pads)) == 3
+    left = {key: torch.stack([row.roll(pad) for row, pad in zip(batch[key], pads)]) for key in batch
+            if key in ("input_ids", "attention_mask", "labels")}
+    calls = []
+    decoder = trainer.model.get_base_model().model
+    handle = decoder.register_forward_hook(lambda m, a, kw, out: calls.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    shared = shared_prefix_lm_output(trainer.model, left["input_ids"], left["attention_mask"], left["labels"])
+    plain = shared_prefix_lm_output(trainer.model, left["input_ids"], left["attention_mask"], left["labels"],
+                                    share=False)
+    handle.remove()
+    assert calls == [(3, width), (3, width)]
+    torch.testing.assert_close(shared.loss, plain.loss)
+    assert torch.isfinite(shared.loss)
