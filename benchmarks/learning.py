@@ -2,11 +2,14 @@
 
     turnwise demo --config configs/cpu_full.yaml      # hours on CPU; add --resume after a kill
     python benchmarks/learning.py                     # -> benchmarks/results/learning.json (+ learning_report/)
+    python benchmarks/learning.py --run DIR --name NAME --against benchmarks/results/learning.json
+                                                      # a re-run, with its stage times over the committed ones
 
 Reads the pipeline run's ``summary.json`` (base, SFT-only and SFT+GRPO evaluated on the same tasks and
 seeds, paired-bootstrap intervals over tasks) and writes the numbers, the SFT val curve, the GRPO run's
 health signals, the wall time and the machine. The evaluation report (markdown, JSON, HTML) is copied
-beside it; the per-episode transcripts stay in the run's ``report/trajectories.jsonl``.
+beside it; the per-episode transcripts stay in the run's ``report/trajectories.jsonl``. With ``--against``,
+``stage_time_ratio`` holds each stage's time over that result's (below 1: faster now).
 """
 
 from __future__ import annotations
@@ -51,11 +54,25 @@ def learning_result(summary: dict) -> dict:
     return result
 
 
+def stage_time_ratio(result: dict, before: dict, path: Path) -> dict:
+    """Each stage's time in ``result`` over its time in ``before`` (another learning result), for the stages
+    both ran."""
+    now, then = result["stage_times_s"], before.get("stage_times_s", {})
+    ratio = {stage: round(now[stage] / then[stage], 3) for stage in now if then.get(stage)}
+    if not ratio:
+        raise SystemExit(f"{path} has no stage_times_s in common with this run's ({', '.join(now)}).")
+    return {"stage_time_ratio": ratio, "stage_times_before_s": {stage: then[stage] for stage in ratio},
+            "wall_time_ratio": round(result["wall_time_s"] / before["wall_time_s"], 3),
+            "against": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / "outputs" / "cpu_full",
                         help="output_dir of the pipeline run (holds summary.json and report/)")
     parser.add_argument("--name", default="learning", help="result name under benchmarks/results/")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="an earlier learning result (JSON) to compare this run's stage times with")
     args = parser.parse_args()
     summary_path = args.run / "summary.json"
     if not summary_path.is_file():
@@ -68,6 +85,8 @@ def main() -> None:
         if (args.run / "report" / name).is_file():
             shutil.copyfile(args.run / "report" / name, report_dir / name)
     result["report"] = str(report_dir.relative_to(ROOT))
+    if args.against:
+        result.update(stage_time_ratio(result, json.loads(args.against.read_text()), args.against))
     path = write_result(args.name, result)
     print(f"{path}: {result['statement']}")
 

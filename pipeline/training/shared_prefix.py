@@ -2,8 +2,8 @@
 
 Every episode of a customer-service batch opens with the same system prompt: about 1,700 of an
 order-status episode's ~2,300 tokens. TRL's forward runs it once per row and projects every position
-onto the vocabulary. `shared_prefix_logps` runs the shared prefix once per chunk of rows, repeats its
-KV cache over the rows and runs each row's remainder on top; then it projects only the scored positions
+onto the vocabulary. `shared_prefix_logps` runs the shared prefix once per chunk of rows and each row's
+remainder on its KV cache (:func:`remainders_on_prefix`); then it projects only the scored positions
 (the assistant tokens) through the LM head, in chunks (:mod:`pipeline.training.lm_head`). The per-token
 log-probs and their gradients equal the full forward's, so the trainer switches both on without changing
 the loss (``RolloutConfig.share_prefix`` for the first; the second always, on one process).
@@ -20,6 +20,7 @@ from pipeline.training.lm_head import IGNORE_INDEX, scored_log_probs
 
 MIN_SHARED_PREFIX = 16  # tokens; below this the loss runs every row whole
 GQA_ATTENTION = "turnwise_masked_gqa_sdpa"
+PER_ROW_DEVICES = frozenset({"cpu"})  # where each row's remainder runs alone (:func:`remainders_on_prefix`)
 
 
 def masked_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -78,8 +79,8 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     whose log-probs are wanted (default: every real completion token); the others are 0, as are positions
     past a row's last token. With ``prefix`` > 0 (0: every row runs whole), which must be shorter than every prompt
     (:func:`pipeline.rollout.backends.kv_cache.shared_prefix_length` of the prompts' real tokens), the prefix
-    goes through the decoder once with a KV cache; the cache is repeated over the rows and every row's
-    remainder runs on top of it. Gradients reach the LoRA weights through the cached keys and values, so the
+    goes through the decoder once with a KV cache and every row's remainder runs on top of it
+    (:func:`remainders_on_prefix`). Gradients reach the LoRA weights through the cached keys and values, so the
     result and its gradient equal the full forward's (positions differ by each row's left padding, which
     rotary embeddings do not see). Returns (B, C) log-probs and, with ``compute_entropy``, (B, C) entropies.
     """
@@ -101,25 +102,19 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     ends = width - (~real).long().flip(1).cumprod(1).sum(1)  # one past each row's last real token
     cache = returned_cache(decoder(input_ids=input_ids[0, pads[0]: pads[0] + prefix].unsqueeze(0),
                                    attention_mask=attention_mask.new_ones(1, prefix), use_cache=True))
-    cache.batch_repeat_interleave(rows)
     suffix_lens = ends - pads - prefix
     length = int(suffix_lens.max())
     suffix = input_ids.new_zeros(rows, length)
     labels = torch.full_like(suffix, IGNORE_INDEX)
-    mask = attention_mask.new_zeros(rows, prefix + length)
-    mask[:, :prefix] = 1
     # completion token k of row i sits at suffix index prompt_len_i - prefix + k, scored at one less
     index = (prompt_lens - prefix - 1).unsqueeze(1) + torch.arange(logits_to_keep, device=input_ids.device)
     valid = (index < (suffix_lens - 1).unsqueeze(1)) & scored
     for i in range(rows):
         n = int(suffix_lens[i])
         suffix[i, :n] = input_ids[i, pads[i] + prefix: ends[i]]
-        mask[i, prefix: prefix + n] = 1
         at = index[i][valid[i]]
         labels[i, at] = suffix[i, at + 1]
-    with cpu_gqa_attention(model):
-        hidden = decoder(input_ids=suffix, attention_mask=mask, use_cache=False,
-                         **{cache_argument(model): cache}).last_hidden_state
+    hidden = remainders_on_prefix(model, cache, prefix, suffix, suffix_lens.tolist())
     logps, entropies, _ = scored_log_probs(model, hidden, labels, temperature=temperature,
                                            with_entropy=compute_entropy)
     index = index.clamp(max=length - 1)
@@ -174,15 +169,28 @@ def shared_prefix_lm_output(model, input_ids: torch.Tensor, attention_mask: torc
 
 def remainders_on_prefix(model, cache, prefix: int, remainders: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """The decoder's hidden states of each row's remainder run on top of the prefix's KV ``cache`` (batch 1,
-    ``prefix`` tokens), one row at a time: row ``i``'s first ``lengths[i]`` tokens of ``remainders`` (B, R),
-    its padding never computed. Returns (B, R, hidden), zeros at the padding.
+    ``prefix`` tokens): row ``i``'s first ``lengths[i]`` tokens of ``remainders`` (B, R). Returns (B, R, hidden);
+    what it holds at a row's padding is undefined.
 
-    A batched call would run every row to the longest one's length, and demonstrations of one batch differ
-    by hundreds of tokens: at four oracle demonstrations, 58% more positions than the real ones. Every row
-    reads the same prefix keys and values, so their gradients gather there, as in the full forward."""
+    On the devices in :data:`PER_ROW_DEVICES` (the CPU) the rows run one at a time, their padding never
+    computed: a batched call runs every row to the longest one's length, and the rows of a batch differ by
+    hundreds of tokens (at four oracle demonstrations, 40% more positions than the real ones), and a CPU
+    gains little from the wider call (``benchmarks/sft_step.py``: 1.31x stock SFT batched, 2.24x per row).
+    Elsewhere the cache is repeated over the rows and they run as one batch. Every row reads the same prefix
+    keys and values, so their gradients gather there, as in the full forward. ``cache`` is consumed."""
     from transformers import DynamicCache
 
     decoder = decoder_of(model)
+    rows, width = remainders.shape
+    if remainders.device.type not in PER_ROW_DEVICES:
+        cache.batch_repeat_interleave(rows)
+        mask = remainders.new_zeros(rows, prefix + width)
+        mask[:, :prefix] = 1
+        for i, n in enumerate(lengths):
+            mask[i, prefix: prefix + n] = 1
+        with cpu_gqa_attention(model):
+            return decoder(input_ids=remainders, attention_mask=mask, use_cache=False,
+                           **{cache_argument(model): cache}).last_hidden_state
     past = [(layer.keys, layer.values) for layer in cache.layers]
     hidden = []
     for row, n in zip(remainders, lengths):
@@ -190,5 +198,5 @@ def remainders_on_prefix(model, cache, prefix: int, remainders: torch.Tensor, le
         with cpu_gqa_attention(model):
             out = decoder(input_ids=row[None, :n], attention_mask=row.new_ones(1, prefix + n), use_cache=False,
                           **{cache_argument(model): own}).last_hidden_state
-        hidden.append(torch.nn.functional.pad(out, (0, 0, 0, remainders.shape[1] - n)))
+        hidden.append(torch.nn.functional.pad(out, (0, 0, 0, width - n)))
     return torch.cat(hidden)

@@ -55,11 +55,17 @@ def lora_grads(trainer):
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_loss_metrics_and_gradients_equal_stock_sfttrainers(tiny_model_dir, tmp_path, demos, checkpointing):
+@pytest.mark.parametrize("checkpointing,per_row", [(False, True), (False, False), (True, True)],
+                         ids=["rows_one_at_a_time", "rows_batched", "checkpointing"])
+def test_loss_metrics_and_gradients_equal_stock_sfttrainers(tiny_model_dir, tmp_path, demos, checkpointing, per_row,
+                                                          monkeypatch):
     """On a right-padded batch of three demonstrations, the loss, TRL's metrics (entropy, token accuracy) and
     the LoRA gradients equal the stock trainer's. Without gradient checkpointing the shared system prompt
-    runs once, as one row, and every row's real tokens continue from its cache; with it, every row runs whole."""
+    runs once, as one row, and the rows continue from its cache: one at a time, their real tokens only (the
+    CPU's way), or as one padded batch (other devices'); with it, every row runs whole."""
+    import pipeline.training.shared_prefix as shared_prefix
+
+    monkeypatch.setattr(shared_prefix, "PER_ROW_DEVICES", frozenset({"cpu"}) if per_row else frozenset())
     results = {}
     for cls in (SFTTrainer, SharedPrefixSFTTrainer):
         trainer = make(cls, tiny_model_dir, tmp_path / cls.__name__, demos, gradient_checkpointing=checkpointing)
@@ -91,8 +97,11 @@ def test_loss_metrics_and_gradients_equal_stock_sfttrainers(tiny_model_dir, tmp_
     else:
         first_label = int((batch["labels"] != -100).int().argmax(1).min())
         assert calls[0][0] == 1 and 1000 < calls[0][1] < first_label  # the system prompt, once, as one row
-        # then each row's remainder on its cache, without the row's padding
-        assert calls[1:] == [(1, n - calls[0][1]) for n in batch["attention_mask"].sum(1).tolist()]
+        lengths = batch["attention_mask"].sum(1).tolist()
+        if per_row:  # then each row's remainder on its cache, without the row's padding
+            assert calls[1:] == [(1, n - calls[0][1]) for n in lengths]
+        else:
+            assert calls[1:] == [(3, max(lengths) - calls[0][1])]
 
 
 def test_one_batch_of_n_trains_like_stock_sft_with_n_accumulated_batches_of_one(tiny_model_dir, tmp_path, demos,

@@ -11,6 +11,7 @@ import torch
 from trl import GRPOTrainer
 
 import pipeline.training.lm_head as lm_head
+import pipeline.training.shared_prefix as shared_prefix
 
 
 @pytest.fixture
@@ -32,11 +33,15 @@ def trl_forward(trainer):
     return functools.partial(GRPOTrainer._get_per_token_logps_and_entropies, trainer)
 
 
-def test_shared_and_plain_forwards_give_trls_logps_entropies_and_gradients_at_the_scored_positions(batch):
+@pytest.mark.parametrize("per_row", [True, False], ids=["rows_one_at_a_time", "rows_batched"])
+def test_shared_and_plain_forwards_give_trls_logps_entropies_and_gradients_at_the_scored_positions(
+        batch, per_row, monkeypatch):
     """With the prefix shared or not, and only the trained positions (assistant tokens) projected through
     the LM head, the log-probs, entropies and LoRA gradients equal TRL's fused forward over every position,
     wherever the loss looks; elsewhere the values are 0. The prefix (the system prompt) runs once per chunk
-    of rows, and the LM head sees exactly the scored tokens."""
+    of rows, and the LM head sees exactly the scored tokens. The remainders run one row at a time, without
+    their padding (the CPU's way), or as one padded batch on the repeated cache (other devices')."""
+    monkeypatch.setattr(shared_prefix, "PER_ROW_DEVICES", frozenset({"cpu"}) if per_row else frozenset())
     trainer, inputs = batch
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
@@ -72,8 +77,12 @@ def test_shared_and_plain_forwards_give_trls_logps_entropies_and_gradients_at_th
 
     prefix = calls[0][1]
     assert calls[0][0] == 1 and prefix > 1000  # the system prompt ran once, as one row
-    assert [c[0] for c in calls] == [1, 3, 1, 1]  # then the rest: a chunk of 3 rows and one of 1
-    assert all(c[1] < ids.size(1) - prefix + 1 for c in calls[1:] if c[0] > 1)
+    if per_row:  # then each row of the chunk of 3 on the prefix, its real tokens only; then the chunk of 1
+        assert [c[0] for c in calls] == [1] * 6
+        assert [c[1] for c in calls[1:4]] == [int(n) - prefix for n in mask[:3].sum(1)]
+    else:  # then the rest: a chunk of 3 rows and one of 1
+        assert [c[0] for c in calls] == [1, 3, 1, 1]
+        assert calls[1][1] == int(mask[:3].sum(1).max()) - prefix
     assert sum(projected) == int(scored.sum())  # the LM head saw the trained tokens and nothing else
     for ours in (shared, plain):
         torch.testing.assert_close(ours[0][scored], reference[0][scored], rtol=1e-4, atol=1e-5)
