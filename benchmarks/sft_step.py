@@ -152,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--demos", type=int, default=4, help="demonstrations per optimiser step (8 in one batch "
-                        "exceed 24 GB on turnwise's side: see the README's Benchmarks section)")
+                        "peaked at 13.9 GB on turnwise's side: see the README's Benchmarks section)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--profile", action="store_true", help="profile one step of each side instead of timing "
