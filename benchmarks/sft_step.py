@@ -94,12 +94,17 @@ def build_side(side: str, args):
     return trainer, batches, info
 
 
+def built_in_worker(side: str, args):
+    """:func:`build_side` inside a worker process, with the run's threads."""
+    set_threads(args.threads)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return build_side(side, args)
+
+
 def worker(side: str, args, conn) -> None:
     """One side in its own process: build, then time a step on each ``"step"`` (the first also sends its loss
     and LoRA gradients) until ``"stop"``."""
-    set_threads(args.threads)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    trainer, batches, info = build_side(side, args)
+    trainer, batches, info = built_in_worker(side, args)
     give_back_memory()
     conn.send(info)
     first = True
@@ -118,9 +123,7 @@ def profile_worker(side: str, args, conn) -> None:
     """One side in its own process: a warm-up step, then one step under torch's profiler; sends its breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
-    set_threads(args.threads)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    trainer, batches, info = build_side(side, args)
+    trainer, batches, info = built_in_worker(side, args)
     step(trainer, batches, info["items"])
     trainer.model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -132,7 +135,7 @@ def profile_worker(side: str, args, conn) -> None:
                                                                  "aten::bmm")),
              "lm_head": sum(e.cpu_time_total / 1e6 for e in events if e.key.startswith("ChunkedLogProb"))}
     top = sorted(self_s.items(), key=lambda kv: -kv[1])[:12]
-    print(f"{side}: {seconds:.1f} s\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"{side}: {seconds:.1f} s\n" + events.table(sort_by="self_cpu_time_total", row_limit=12))
     conn.send({"step_s": round(seconds, 2), "profiled_s": round(sum(self_s.values()), 2),
                "by_kind_s": {k: round(v, 2) for k, v in kinds.items()},
                "top_self_s": {k: round(v, 2) for k, v in top}, "lengths": info["lengths"]})

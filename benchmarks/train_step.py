@@ -160,7 +160,8 @@ def main() -> None:
     ours, ours_conn = start_worker(worker, "ours", args)
     ours_info = receive(ours_conn, "turnwise")
     # stock completions carry as many trained tokens per episode as turnwise's episodes have on average
-    stock, stock_conn = start_worker(worker, "stock", args, stock_tokens=max(1, round(ours_info["trained_tokens"] / args.episodes)))
+    stock, stock_conn = start_worker(worker, "stock", args,
+                                     stock_tokens=max(1, round(ours_info["trained_tokens"] / args.episodes)))
     stock_info = receive(stock_conn, "stock TRL")
     if args.warmup:
         for conn, side in ((ours_conn, "turnwise"), (stock_conn, "stock TRL")):

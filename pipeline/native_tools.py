@@ -63,6 +63,7 @@ def check_tool_calling(value: str, name: str = "tool_calling") -> str:
         raise ValueError(f"{name} must be one of {', '.join(TOOL_CALLING)}, got {value!r}.")
     return value
 
+
 _PROBE_NAME = "turnwise_probe_tool"
 _PROBE = {"type": "function", "function": {
     "name": _PROBE_NAME, "description": "A probe.",

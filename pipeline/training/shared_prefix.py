@@ -145,9 +145,7 @@ def shared_prefix_lm_output(model, input_ids: torch.Tensor, attention_mask: torc
     scored = shifted != IGNORE_INDEX
     prefix = 0
     lengths = attention_mask.sum(1)
-    columns = torch.arange(width, device=lengths.device)
-    right_padded = bool((attention_mask.bool() == (columns < lengths[:, None])).all())
-    if share and rows > 1 and right_padded and scored.any():
+    if share and rows > 1 and scored.any() and _right_padded(attention_mask, lengths):
         first = int(scored.any(0).nonzero()[0])  # output position t needs the hidden state of token t
         prefix = min(shared_prefix_length([row[:n].tolist() for row, n in zip(input_ids, lengths.tolist())]), first)
         prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
@@ -167,6 +165,12 @@ def shared_prefix_lm_output(model, input_ids: torch.Tensor, attention_mask: torc
     return FusedCausalLMOutput(loss=loss, log_probs=logps, entropy=entropy, is_top1=top1, label_mask=scored)
 
 
+def _right_padded(attention_mask: torch.Tensor, lengths: torch.Tensor) -> bool:
+    """Whether every row's real tokens (``lengths`` of them) come first, as SFT's collator lays them out."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return bool((attention_mask.bool() == (columns < lengths[:, None])).all())
+
+
 def remainders_on_prefix(model, cache, prefix: int, remainders: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """The decoder's hidden states of each row's remainder run on top of the prefix's KV ``cache`` (batch 1,
     ``prefix`` tokens): row ``i``'s first ``lengths[i]`` tokens of ``remainders`` (B, R). Returns (B, R, hidden);
@@ -180,23 +184,22 @@ def remainders_on_prefix(model, cache, prefix: int, remainders: torch.Tensor, le
     keys and values, so their gradients gather there, as in the full forward. ``cache`` is consumed."""
     from transformers import DynamicCache
 
-    decoder = decoder_of(model)
+    decoder, argument = decoder_of(model), cache_argument(model)
     rows, width = remainders.shape
-    if remainders.device.type not in PER_ROW_DEVICES:
-        cache.batch_repeat_interleave(rows)
-        mask = remainders.new_zeros(rows, prefix + width)
-        mask[:, :prefix] = 1
-        for i, n in enumerate(lengths):
-            mask[i, prefix: prefix + n] = 1
-        with cpu_gqa_attention(model):
+    with cpu_gqa_attention(model):
+        if remainders.device.type not in PER_ROW_DEVICES:
+            cache.batch_repeat_interleave(rows)
+            mask = remainders.new_zeros(rows, prefix + width)
+            mask[:, :prefix] = 1
+            for i, n in enumerate(lengths):
+                mask[i, prefix: prefix + n] = 1
             return decoder(input_ids=remainders, attention_mask=mask, use_cache=False,
-                           **{cache_argument(model): cache}).last_hidden_state
-    past = [(layer.keys, layer.values) for layer in cache.layers]
-    hidden = []
-    for row, n in zip(remainders, lengths):
-        own = DynamicCache(ddp_cache_data=past)  # its own layers over the shared tensors: the row's keys append there
-        with cpu_gqa_attention(model):
+                           **{argument: cache}).last_hidden_state
+        past = [(layer.keys, layer.values) for layer in cache.layers]
+        hidden = []
+        for row, n in zip(remainders, lengths):
+            own = DynamicCache(ddp_cache_data=past)  # its own layers over the shared tensors: the row's keys go there
             out = decoder(input_ids=row[None, :n], attention_mask=row.new_ones(1, prefix + n), use_cache=False,
-                          **{cache_argument(model): own}).last_hidden_state
-        hidden.append(torch.nn.functional.pad(out, (0, 0, 0, width - n)))
+                          **{argument: own}).last_hidden_state
+            hidden.append(torch.nn.functional.pad(out, (0, 0, 0, width - n)))
     return torch.cat(hidden)
