@@ -1,7 +1,8 @@
 """The whole pipeline in one run: prepare the model, SFT warm start, multi-turn GRPO, held-out evaluation.
 
-``turnwise demo`` (the README's ``make demo``) runs ``configs/demo.yaml``, shrunk to about ten minutes on
-a 2-core CPU; ``turnwise demo --config configs/cpu_full.yaml`` is the run that shows learning. A
+``turnwise demo`` (the README's ``make demo``) runs ``configs/demo.yaml``: narrowed to one intent, it shows
+learning (SFT+GRPO against the base model on held-out tasks) in about 14 minutes on a 2-core CPU;
+``turnwise demo --config configs/cpu_full.yaml`` is the longer run that measures GRPO against SFT. A
 *pipeline recipe* is a YAML mapping with shared keys and one section per stage:
 
 ```yaml
@@ -10,6 +11,7 @@ output_dir: outputs/demo           # stages write to <output_dir>/sft, /grpo, /r
 seed: 0
 tasks: ...                         # a domain spec, directory or .jsonl (default: the default domain)
 customer: llm:hf:smollm2-135m      # optional: the simulated customer of every stage (default: scripted)
+description: ...                   # optional: what the run shows and where it is narrowed; printed with its result
 sft:  {...}   # `turnwise sft` options (pipeline.sft.SFTArguments, TRL SFTConfig, ModelConfig); omit to skip
 grpo: {...}   # `turnwise train` options; starts from the SFT adapter when SFT ran; omit to skip
 eval: {...}   # EvalStageArguments (`turnwise eval`'s EvalArguments, plus tasks, oracle, base): the held-out
@@ -19,8 +21,9 @@ eval: {...}   # EvalStageArguments (`turnwise eval`'s EvalArguments, plus tasks,
 Every stage section is parsed by the stage's own typed configs (`pipeline.config.parse_options`, as the
 stage's command parses its flags) before anything runs, so a typo fails in a second, naming the section
 and the key, not after the SFT. The evaluation runs every policy on the same tasks and seeds, compares
-SFT+GRPO against SFT-only (and SFT against the base) with paired-bootstrap 95% intervals, and writes the
-report and ``summary.json`` (the numbers, the SFT val curve, the GRPO health signals, wall time, machine).
+SFT+GRPO against SFT-only and the base (and SFT against the base) with paired-bootstrap 95% intervals, and
+writes the report, which opens with the training curves (``report/plots/training_curves.png``), and
+``summary.json`` (the numbers, the SFT val curve, the GRPO health signals, wall time, machine).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
-SHARED_KEYS = ("model_name_or_path", "output_dir", "seed", "tasks", "customer")
+SHARED_KEYS = ("model_name_or_path", "output_dir", "seed", "tasks", "customer", "description")
 STAGES = ("sft", "grpo", "eval")
 
 
@@ -54,6 +57,9 @@ class EvalStageArguments(EvalArguments):
                                                               "tasks), e.g. a fresh held-out set from another seed."})
     oracle: bool = field(default=True, metadata={"help": "Also evaluate the scripted oracle (what solved looks like)."})
     base: bool = field(default=True, metadata={"help": "Also evaluate the starting model without any adapter."})
+    sft_only: bool = field(default=True, metadata={
+        "help": "Also evaluate the SFT adapter alone when GRPO trained on top of it (the SFT+GRPO vs SFT-only "
+                "comparison); without GRPO the SFT adapter is the trained policy and is always evaluated."})
 
 
 def load_recipe(path: Path | str) -> dict[str, Any]:
@@ -69,7 +75,7 @@ def load_recipe(path: Path | str) -> dict[str, Any]:
         raise ValueError(f"Pipeline recipe {path}: unknown top-level key(s) {', '.join(unknown)}. Allowed: "
                          f"{', '.join(SHARED_KEYS)} and the stage sections {', '.join(STAGES)}; put stage options "
                          "inside their section.")
-    for key in ("model_name_or_path", "output_dir", "tasks"):
+    for key in ("model_name_or_path", "output_dir", "tasks", "description"):
         if recipe.get(key) is not None and not isinstance(recipe[key], str):
             raise ValueError(f"Pipeline recipe {path}: {key} must be text, got {recipe[key]!r}.")
     if "seed" in recipe:
@@ -93,6 +99,7 @@ class Plan:
     grpo_section: dict | None
     eval: EvalStageArguments
     customer: str | None = None  # every stage's simulated customer (None: the domain's scripted one)
+    description: str | None = None  # what the run shows and where it is narrowed (the recipe's own words)
 
 
 def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | None = None,
@@ -122,7 +129,7 @@ def plan(recipe: dict[str, Any], output_dir: Path | None = None, model: str | No
         parse_grpo(grpo_section)  # fail fast on a bad option, before the SFT runs
     [eval_args] = parse_options((EvalStageArguments,), [], prog="turnwise eval", recipe=recipe.get("eval") or {},
                                 where="the recipe's eval: section", recipe_flag=False)
-    return Plan(model, out, seed, tasks, sft, grpo_section, eval_args, customer)
+    return Plan(model, out, seed, tasks, sft, grpo_section, eval_args, customer, recipe.get("description"))
 
 
 def parse_grpo(section: dict[str, Any], adapter: str | None = None):
@@ -160,7 +167,9 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
     reused: dict[str, float | None] = {}  # stage -> wall time of the earlier run that finished it (--resume)
     summary: dict[str, Any] = {"recipe": str(recipe_path), "model": p.model, "output_dir": str(p.output_dir),
                                "seed": p.seed, "tasks": p.tasks, "customer": p.customer or "scripted",
-                               "paths": {"log": str(log_path)}}
+                               "description": p.description, "paths": {"log": str(log_path)}}
+    if p.description:
+        logger.info("%s", p.description)
     try:
         t = time.time()
         if p.model in ALIASES:
@@ -207,7 +216,7 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
                                     grpo_samples=grpo_result["samples"])
 
         t = time.time()
-        summary.update(evaluate_policies(p, sft_adapter, grpo_adapter))
+        summary.update(evaluate_policies(p, sft_adapter, grpo_adapter, training_logs(summary)))
         times["eval"] = round(time.time() - t, 1)
     finally:
         logging.getLogger("pipeline").removeHandler(handler)
@@ -226,17 +235,32 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
     return summary
 
 
-def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None) -> dict[str, Any]:
-    """Evaluate base, SFT-only and SFT+GRPO (those that ran) and the oracle on the same tasks and seeds."""
+def training_logs(summary: dict[str, Any]) -> dict[str, Any]:
+    """The curves of the training stages a run's ``summary`` holds, as `pipeline.report.plot_training_curves`
+    takes them (empty when no stage trained)."""
+    def read(key: str) -> list[dict[str, Any]] | None:
+        path = Path(summary["paths"].get(key, ""))
+        return json.loads(path.read_text()) if key in summary["paths"] and path.is_file() else None
+
+    logs = {"sft_curve": summary.get("sft_val_curve", {}).get("curve"), "sft_logs": read("sft_logs"),
+            "grpo_logs": read("grpo_logs")}
+    return {key: value for key, value in logs.items() if value}
+
+
+def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None,
+                      curves: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate base, SFT-only and SFT+GRPO (those that ran) and the oracle on the same tasks and seeds; the
+    report shows the training ``curves`` (`training_logs`) too."""
     from pipeline.envs import load_tasks, oracle_policy
     from pipeline.evaluation import compare, evaluate
-    from pipeline.report import MissingReportDependency, write_report
+    from pipeline.report import MissingReportDependency, plot_training_curves, write_report
 
     e = p.eval
     tasks = load_tasks(e.tasks or p.tasks, e.split)[: e.limit]
     budgets = dict(k=e.k, n=e.n, seed=p.seed, max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
                    max_total_tokens=e.max_total_tokens, batch_size=e.batch_size, customer=p.customer)
-    policies = [("grpo", grpo_adapter, "SFT+GRPO" if sft_adapter else "GRPO"), ("sft", sft_adapter, "SFT only"),
+    sft_only = sft_adapter if e.sft_only or grpo_adapter is None else None
+    policies = [("grpo", grpo_adapter, "SFT+GRPO" if sft_adapter else "GRPO"), ("sft", sft_only, "SFT only"),
                 ("base", p.model if e.base else None, f"base ({p.model})")]
     reports = {}
     for key, source, label in policies:
@@ -253,7 +277,8 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
     out = p.output_dir / "report"
     ordered = [reports[k] for k in ("grpo", "sft", "base", "oracle") if k in reports]
     try:
-        paths = write_report(out, ordered, headline, html_page=e.html)
+        extra = {"training_curves": plot_training_curves(**curves)} if curves and e.html else None
+        paths = write_report(out, ordered, headline, html_page=e.html, extra_plots=extra)
     except MissingReportDependency as error:
         logger.warning("%s; writing the report without HTML.", error)
         paths = write_report(out, ordered, headline, html_page=False)
@@ -267,8 +292,9 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
                                    "significant": c.significant, "n_pairs": c.n_pairs, "statement": c.statement()}
     result["n_tasks"] = len(tasks)
     result["eval"] = asdict(e)
+    result["eval_tasks"] = e.tasks or p.tasks
     result["report"] = {"html": str(paths.get("html", "")), "markdown": str(paths["markdown"]),
-                        "json": str(paths["json"])}
+                        "json": str(paths["json"]), "training_curves": str(paths.get("plot:training_curves", ""))}
     return result
 
 

@@ -318,6 +318,62 @@ def plot_reward_vs_success(reports: Sequence[EvalReport], rewards: Rewards) -> b
     return _png(fig)
 
 
+def _series(log_history: Sequence[Mapping[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
+    """``(xs, ys)`` of the log records that hold both ``x`` and a finite ``key``."""
+    import math
+
+    pairs = [(float(h[x]), float(h[key])) for h in log_history
+             if isinstance(h.get(x), (int, float)) and isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_training_curves(sft_curve: Sequence[Mapping[str, Any]] | None = None,
+                         sft_logs: Sequence[Mapping[str, Any]] | None = None,
+                         grpo_logs: Sequence[Mapping[str, Any]] | None = None) -> bytes:
+    """The training curves of a pipeline run, one panel per stage that ran.
+
+    SFT: training loss (``sft_logs``, the trainer's log history) and validation success and reward per
+    epoch (``sft_curve``, the records of ``val_curve.json``; epoch 0 is the starting model). GRPO: mean
+    training reward per step and validation success and reward at each validation (``grpo_logs``).
+    Success is on the right axis, from 0 to 1.
+    """
+    panels = [name for name, data in (("SFT", sft_curve or sft_logs), ("GRPO", grpo_logs)) if data]
+    if not panels:
+        raise ValueError("plot_training_curves needs the log of at least one training stage.")
+    fig = _figure(5.2 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    from matplotlib.ticker import MaxNLocator
+
+    def line(on, log, key, x, style, color, label):  # a series the log does not hold gets no legend entry
+        xs, ys = _series(log or [], key, x)
+        if xs:
+            on.plot(xs, ys, style, color=_color(color), label=label)
+
+    for ax, name in zip(axes, panels):
+        success_ax = ax.twinx()
+        success_ax.set_ylim(-0.03, 1.03)
+        success_ax.set_ylabel("val success")
+        if name == "SFT":
+            line(ax, sft_logs, "loss", "epoch", "-", 0, "train loss")
+            line(ax, sft_curve, "val/reward/mean", "epoch", "s--", 2, "val reward (mean)")
+            line(success_ax, sft_curve, "val/success", "epoch", "o-", 1, "val success")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("train loss / val reward" if _series(sft_curve or [], "val/reward/mean", "epoch")[0]
+                          else "train loss")
+        else:
+            line(ax, grpo_logs, "rollout/reward/mean", "step", "o-", 0, "train reward (mean)")
+            line(ax, grpo_logs, "val/reward/mean", "step", "s--", 2, "val reward (mean)")
+            line(success_ax, grpo_logs, "val/success", "step", "o-", 1, "val success")
+            ax.set_xlabel("GRPO step")
+            ax.set_ylabel("reward")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles = [h for a in (ax, success_ax) for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
+        ax.set_title(f"{name} training")
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def make_plots(reports: Sequence[EvalReport], rewards: Rewards | None = None) -> dict[str, bytes]:
     """Every plot the HTML page shows, as PNG bytes by name (``reward_vs_success`` only with rewards)."""
     _check_rewards(reports, rewards)
@@ -474,15 +530,17 @@ def _disagreements_html(comparison: Comparison, intents: Mapping[str, list[str]]
 
 
 def render_html(reports: Sequence[EvalReport], comparison: Comparison | None = None, rewards: Rewards | None = None,
-                *, plots: Mapping[str, bytes] | None = None, max_transcripts: int = 10) -> str:
+                *, plots: Mapping[str, bytes] | None = None, extra_plots: Mapping[str, bytes] | None = None,
+                max_transcripts: int = 10) -> str:
     """The whole report as one self-contained HTML page (plots inline as base64 PNG data URIs).
 
     ``rewards`` (optional) maps a report label to one reward total per trajectory, in
     ``report.trajectories`` order; with it the page shows reward against success. ``plots`` reuses
-    plots already drawn by :func:`make_plots`. At most ``max_transcripts`` disagreements per direction
+    plots already drawn by :func:`make_plots`; ``extra_plots`` (PNG bytes by name, such as
+    :func:`plot_training_curves`) come first. At most ``max_transcripts`` disagreements per direction
     are rendered.
     """
-    plots = dict(plots) if plots is not None else make_plots(reports, rewards)
+    plots = {**(extra_plots or {}), **(dict(plots) if plots is not None else make_plots(reports, rewards))}
     labels = [r.label for r in reports]
     title = html.escape(_heading(reports))
     parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{title}</title><style>{_CSS}</style></head>"
@@ -543,13 +601,15 @@ def save_report(report: EvalReport, out_dir: Path | str) -> dict[str, Path]:
 
 
 def write_report(out_dir: Path | str, reports: Sequence[EvalReport], comparison: Comparison | None = None,
-                 rewards: Rewards | None = None, *, html_page: bool = True) -> dict[str, Path]:
+                 rewards: Rewards | None = None, *, html_page: bool = True,
+                 extra_plots: Mapping[str, bytes] | None = None) -> dict[str, Path]:
     """Write the report for one or more policies into ``out_dir``, as a unit.
 
     ``report.json`` is ``{"policies": [<EvalReport.to_dict()>...], "comparison": {...} or null}``;
     ``report.md`` is :func:`render_markdown`; ``trajectories/<label>.jsonl`` holds each policy's
     episodes. With ``html_page``, ``report.html`` and ``plots/<name>.png`` (the same plots, as files)
-    are written too; that needs matplotlib. Returns the paths by name.
+    are written too; that needs matplotlib. ``extra_plots`` (PNG bytes by name, drawn by the caller, such
+    as :func:`plot_training_curves`) join them, first. Returns the paths by name.
 
     Every file is written into a staging directory first, and only a complete report replaces the one
     ``out_dir`` held (by renames, which need no space), so a full disk or a failed plot leaves the previous
@@ -569,7 +629,7 @@ def write_report(out_dir: Path | str, reports: Sequence[EvalReport], comparison:
             paths[f"trajectories:{r.label}"] = out / "trajectories" / f"{_slug(r.label)}.jsonl"
             save_jsonl(r.trajectories, paths[f"trajectories:{r.label}"])
         if html_page:
-            plots = make_plots(reports, rewards)
+            plots = {**(extra_plots or {}), **make_plots(reports, rewards)}
             for name, png in plots.items():
                 paths[f"plot:{name}"] = out / "plots" / f"{name}.png"
                 paths[f"plot:{name}"].parent.mkdir(parents=True, exist_ok=True)
@@ -617,5 +677,5 @@ def _write_as_unit(out: Path, write: Callable[[Path], dict[str, Path]]) -> dict[
 
 
 __all__ = ["INSTALL_HINT", "MissingReportDependency", "Rewards", "make_plots", "metric_rows", "plot_reward_vs_success",
-           "plot_success_by_intent", "plot_turns_histogram", "render_html", "render_markdown", "render_text",
-           "md_text", "rewards_from_metadata", "save_report", "transcript_html", "write_report"]
+           "plot_success_by_intent", "plot_training_curves", "plot_turns_histogram", "render_html", "render_markdown",
+           "render_text", "md_text", "rewards_from_metadata", "save_report", "transcript_html", "write_report"]

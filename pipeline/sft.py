@@ -364,6 +364,7 @@ class ValSuccessCallback(TrainerCallback):
         self.best_epoch: int | None = None
         self.stale = 0
         self.stopped_early = False
+        self.reward_fn = None  # built on the first validation
 
     def evaluate(self, epoch: float, step: int) -> dict[str, Any]:
         import torch
@@ -382,12 +383,24 @@ class ValSuccessCallback(TrainerCallback):
         losses = [h["loss"] for h in self.trainer.state.log_history if "loss" in h]
         m = report.metrics
         record = {"epoch": round(epoch), "step": step, "val/success": m["success"], "val/completion": m["completion"],
-                  "val/turns_mean": m["turns_mean"], "val/tool_calls_mean": m["tool_calls_mean"],
-                  "train/loss": losses[-1] if losses else None, "eval_s": round(time.time() - start, 1)}
+                  "val/reward/mean": self.mean_reward(report.trajectories), "val/turns_mean": m["turns_mean"],
+                  "val/tool_calls_mean": m["tool_calls_mean"], "train/loss": losses[-1] if losses else None,
+                  "eval_s": round(time.time() - start, 1)}
         self.curve.append(record)
         logger.info("epoch %d: val success %.3f (completion %.3f, %.1f tool calls/episode) on %d val tasks",
                     record["epoch"], m["success"], m["completion"], m["tool_calls_mean"], len(self.tasks))
         return record
+
+    def mean_reward(self, trajectories: Sequence[Trajectory]) -> float:
+        """The mean episode reward of the validation episodes under GRPO's default reward (``turnwise train``
+        without --reward_config), so that the SFT curve and the GRPO curve read on one scale."""
+        from pipeline.training.adapters import episode_total
+        from pipeline.training.train import default_reward
+
+        if self.reward_fn is None:
+            self.reward_fn = default_reward(None, self.tasks)
+        totals = [episode_total(self.reward_fn(t)) for t in trajectories]
+        return sum(totals) / len(totals) if totals else float("nan")
 
     def save_adapter(self) -> None:
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)

@@ -97,7 +97,10 @@ def test_demo_dispatches_to_pipeline_demo_and_prints_where_its_outputs_are(
         "eval": {"split": "test"}, "base": {**metrics, "label": "base"}, "sft": {**metrics, "label": "SFT only"},
         "grpo": {**metrics, "label": "SFT+GRPO"}, "oracle": {**metrics, "label": "oracle"},
         "delta_grpo_vs_sft": {"statement": "SFT+GRPO vs SFT only: +0.000"},
-        "report": {"html": "out/report/report.html", "markdown": "out/report/report.md"},
+        "delta_grpo_vs_base": {"statement": "SFT+GRPO vs base: +0.500"},
+        "description": "Narrowed to one intent.", "eval_tasks": "customer_service/order_status_holdout2",
+        "report": {"html": "out/report/report.html", "markdown": "out/report/report.md",
+                   "training_curves": "out/report/plots/training_curves.png"},
         "paths": {"log": "out/run.log", "sft_adapter": "out/sft/adapter", "grpo_adapter": "out/grpo/adapter",
                   "grpo_logs": "out/grpo/log_history.json", "summary": "out/summary.json"},
     }
@@ -112,9 +115,11 @@ def test_demo_dispatches_to_pipeline_demo_and_prints_where_its_outputs_are(
     assert kwargs["seed"] == 3 and kwargs["model"] is None and recipe == Path("configs/demo.yaml")
     out = capsys.readouterr().out
     for where in ("report: out/report/report.html", "adapter (SFT+GRPO): out/grpo/adapter",
-                  "adapter (SFT only): out/sft/adapter", "logs: out/run.log", "summary: out/summary.json"):
+                  "adapter (SFT only): out/sft/adapter", "logs: out/run.log", "summary: out/summary.json",
+                  "training curves (PNG): out/report/plots/training_curves.png", "Narrowed to one intent.",
+                  "on 2 test tasks of customer_service/order_status_holdout2"):
         assert where in out
-    assert "SFT+GRPO vs SFT only" in out
+    assert "SFT+GRPO vs SFT only" in out and "SFT+GRPO vs base: +0.500" in out
 
 
 def test_eval_runs_the_oracle_and_writes_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

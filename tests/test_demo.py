@@ -33,7 +33,7 @@ def recipe(tmp_path: Path, tiny_model_dir: Path) -> Path:
 @pytest.fixture
 def stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list]:
     """Record the calls of the SFT, GRPO and evaluation stages instead of running them."""
-    calls: dict[str, list] = {"sft": [], "grpo": [], "eval": []}
+    calls: dict[str, list] = {"sft": [], "grpo": [], "eval": [], "curves": []}
 
     def sft(sft_args, sft_config, model_args):
         calls["sft"].append(sft_config.output_dir)
@@ -47,8 +47,9 @@ def stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list]:
         return {"adapter": str(Path(grpo_args.output_dir) / "adapter"), "log_history": str(log),
                 "samples": str(Path(grpo_args.output_dir) / "samples"), "wall_time_s": 3.0}
 
-    def evaluate(p, sft_adapter, grpo_adapter):
+    def evaluate(p, sft_adapter, grpo_adapter, curves=None):
         calls["eval"].append((sft_adapter, grpo_adapter))
+        calls["curves"] = curves
         return {"n_tasks": 1}
 
     monkeypatch.setattr(pipeline.sft, "run_sft", sft)
@@ -95,6 +96,9 @@ def test_resume_skips_a_finished_grpo_and_only_evaluates(recipe, stages, tmp_pat
     assert stages["eval"] == [(sft_adapter, str(grpo / "adapter"))]
     assert summary["grpo_signals"]["val_success"] == [0.5]
     assert summary["reused_stage_times_s"] == {"sft": 12.0, "grpo": 30.0}
+    # the report's training curves come from the reused stages' logs (finish_sft leaves no SFT log history)
+    assert stages["curves"] == {"sft_curve": [{"epoch": 1, "val/success": 0.4}],
+                                "grpo_logs": [{"rollout/reward/mean": 0.25, "val/success": 0.5}]}
 
 
 def test_without_resume_every_stage_runs_again(recipe, stages, tmp_path):
@@ -134,3 +138,46 @@ def test_the_evaluation_runs_on_its_own_task_set_when_the_recipe_names_one(monke
     expected = load_tasks(eval_tasks or "customer_service/order_status", "test")[:3]
     assert seen == [[t.id for t in expected]]
     assert all(t.id.startswith("cs-s1-") for t in expected) == (eval_tasks is not None)
+
+
+def test_the_report_shows_the_training_curves_of_the_stages_that_ran(tmp_path):
+    """The HTML report of a pipeline run opens with its training curves, also written as a PNG file."""
+    recipe = {"tasks": "customer_service/order_status", "eval": {"limit": 2, "base": False, "oracle": True}}
+    p = demo.plan(recipe, output_dir=tmp_path, model="smollm2-135m")
+    curves = {"sft_curve": [{"epoch": 0, "val/success": 0.0}, {"epoch": 1, "val/success": 0.5}],
+              "sft_logs": [{"loss": 0.9, "epoch": 0.5}, {"loss": 0.4, "epoch": 1.0}],
+              "grpo_logs": [{"rollout/reward/mean": 0.1, "step": 1}, {"val/success": 0.5, "step": 1}]}
+    result = demo.evaluate_policies(p, None, None, curves)
+    png = Path(result["report"]["training_curves"])
+    assert png == tmp_path / "report" / "plots" / "training_curves.png" and png.read_bytes().startswith(b"\x89PNG")
+    page = Path(result["report"]["html"]).read_text()
+    assert page.index('alt="training_curves"') < page.index('alt="success_by_intent"')
+    assert result["eval_tasks"] == "customer_service/order_status" and result["oracle"]["success"] == 1.0
+
+    without = demo.evaluate_policies(p, None, None)  # no stage trained: no curves, and no empty plot
+    assert without["report"]["training_curves"] == ""
+    assert not (tmp_path / "report" / "plots" / "training_curves.png").exists()
+
+
+@pytest.mark.parametrize("sft_only, grpo, expected", [
+    (True, True, ["SFT+GRPO", "SFT only", "base (smollm2-135m)", "oracle"]),
+    (False, True, ["SFT+GRPO", "base (smollm2-135m)", "oracle"]),
+    (False, False, ["SFT only", "base (smollm2-135m)", "oracle"]),  # without GRPO, SFT is the trained policy
+])
+def test_eval_sft_only_decides_whether_the_sft_adapter_is_evaluated_beside_sft_grpo(
+        monkeypatch, tmp_path, sft_only, grpo, expected):
+    import pipeline.evaluation
+    from pipeline.envs import oracle_policy
+
+    real_evaluate, labels = pipeline.evaluation.evaluate, []
+
+    def evaluate(source, tasks, label, **kwargs):  # every policy plays as the oracle; what is run is recorded
+        labels.append(label)
+        return real_evaluate(oracle_policy, tasks, label=label, max_turns=12)
+
+    monkeypatch.setattr(pipeline.evaluation, "evaluate", evaluate)
+    recipe = {"tasks": "customer_service/order_status", "eval": {"limit": 2, "sft_only": sft_only, "html": False}}
+    p = demo.plan(recipe, output_dir=tmp_path, model="smollm2-135m")
+    result = demo.evaluate_policies(p, "runs/sft/adapter", "runs/grpo/adapter" if grpo else None)
+    assert labels == expected
+    assert ("delta_grpo_vs_sft" in result) == (sft_only and grpo) and ("delta_grpo_vs_base" in result) == grpo

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import struct
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pipeline.report import (
     INSTALL_HINT,
     MissingReportDependency,
     make_plots,
+    plot_training_curves,
     render_html,
     render_markdown,
     render_text,
@@ -173,3 +175,41 @@ def test_missing_matplotlib_names_the_extra_to_install(reports, monkeypatch: pyt
     # JSON and Markdown need no matplotlib
     paths = write_report(tmp_path, [tuned, base], comparison, html_page=False)
     assert "html" not in paths and paths["markdown"].exists()
+
+
+def _png_width(png: bytes) -> int:
+    return struct.unpack(">I", png[16:20])[0]  # the IHDR chunk's width
+
+
+def test_training_curves_draw_one_panel_per_stage_that_ran() -> None:
+    sft_curve = [{"epoch": 0, "val/success": 0.0}, {"epoch": 1, "val/success": 0.4}]
+    sft_logs = [{"loss": 0.9, "epoch": 0.5, "step": 2}, {"loss": 0.3, "epoch": 1.0, "step": 4}]
+    grpo_logs = [{"rollout/reward/mean": 0.2, "step": 1}, {"rollout/reward/mean": 0.5, "step": 2},
+                 {"val/success": 0.5, "val/reward/mean": 0.4, "step": 2}]
+    both = plot_training_curves(sft_curve, sft_logs, grpo_logs)
+    grpo_only = plot_training_curves(grpo_logs=grpo_logs)
+    sft_only = plot_training_curves(sft_curve, sft_logs)
+    assert both.startswith(PNG_MAGIC) and grpo_only.startswith(PNG_MAGIC)
+    assert _png_width(both) == 2 * _png_width(grpo_only) == 2 * _png_width(sft_only)
+    assert sft_only != grpo_only
+    with pytest.raises(ValueError, match="at least one training stage"):
+        plot_training_curves(None, [], [])
+
+
+def test_training_curves_plot_only_the_records_that_hold_the_value() -> None:
+    """A log history mixes training, validation and summary records; a NaN (no valid rollout) is skipped."""
+    from pipeline.report import _series
+
+    logs = [{"step": 1, "rollout/reward/mean": 0.5}, {"step": 1, "val/success": 0.2},
+            {"step": 2, "rollout/reward/mean": float("nan")}, {"step": 3, "rollout/reward/mean": -0.1},
+            {"rollout/reward/mean": 1.0}, {"step": 4, "rollout/reward/mean": "n/a"}]
+    assert _series(logs, "rollout/reward/mean", "step") == ([1.0, 3.0], [0.5, -0.1])
+    assert _series(logs, "val/success", "step") == ([1.0], [0.2])
+
+
+def test_write_report_puts_extra_plots_first_and_writes_them_as_files(tmp_path: Path, reports) -> None:
+    tuned, base, _, comparison = reports
+    curves = plot_training_curves(grpo_logs=[{"rollout/reward/mean": 0.2, "step": 1}])
+    paths = write_report(tmp_path, [tuned, base], comparison, extra_plots={"training_curves": curves})
+    assert paths["plot:training_curves"].read_bytes() == curves
+    assert _images(paths["html"].read_text())[0] == curves

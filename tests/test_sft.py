@@ -123,6 +123,7 @@ def test_sft_tracks_val_success_per_epoch_stops_early_and_saves_an_adapter(tiny_
     assert [r["epoch"] for r in curve["curve"]] == [0, 1, 2]
     assert curve["stopped_early"] and curve["best_epoch"] == 2 and curve["val_tasks"] == 2
     assert all(r["val/success"] == 0.0 and r["train/loss"] is not None for r in curve["curve"][1:])
+    assert all(isinstance(r["val/reward/mean"], float) for r in curve["curve"])
     assert result["demos"] == 3 and result["epochs"] == [0, 1, 2]
     history = json.loads((tmp_path / "sft" / "log_history.json").read_text())
     assert any("loss" in h for h in history) and any("val/success" in h for h in history)
@@ -208,3 +209,22 @@ def test_an_adapter_records_the_alias_without_asking_a_hub_about_it(tiny_model_d
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["target_modules"]
     assert not list(adapter.glob("*.tmp"))
+
+
+def test_the_val_reward_scores_episodes_with_grpos_default_reward(tmp_path):
+    """The SFT curve's val reward is GRPO's default trajectory reward, averaged: solved episodes score above
+    small talk, on the same scale as GRPO's val/reward/mean."""
+    from pipeline.envs import oracle_policy
+    from pipeline.evaluation import evaluate
+    from pipeline.sft import ValSuccessCallback
+    from pipeline.training.adapters import episode_total
+    from pipeline.training.train import default_reward
+
+    tasks = load_tasks("customer_service", "val")[:4]
+    callback = ValSuccessCallback(None, None, tasks, SFTArguments(), tmp_path / "adapter", tmp_path / "curve.json")
+    solved = evaluate(oracle_policy, tasks, max_turns=12).trajectories
+    chatty = evaluate(lambda task: lambda messages: "Our store was founded in 1998.", tasks, max_turns=4).trajectories
+    reward = default_reward(None, tasks)
+    expected = sum(episode_total(reward(t)) for t in solved) / len(solved)
+    assert callback.mean_reward(solved) == pytest.approx(expected)
+    assert callback.mean_reward(solved) > callback.mean_reward(chatty) + 0.5

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from pipeline.cli.options import ThreadArguments
 
-HELP = "run the whole pipeline: prepare the model, SFT, GRPO, evaluate (default: the ~10-minute CPU demo)"
+HELP = "run the whole pipeline: prepare the model, SFT, GRPO, evaluate (default: the ~14-minute CPU demo)"
 DESCRIPTION = ("Prepare the model, warm-start it by SFT on oracle demonstrations, train it with multi-turn GRPO, then "
                "evaluate base, SFT-only and SFT+GRPO on the same held-out tasks and seeds (paired-bootstrap intervals) "
                "and write the report. Stages and budgets come from a pipeline recipe (pipeline.demo).")
 EPILOG = """examples:
-  turnwise demo                                  # configs/demo.yaml, ~10 min on 2 CPU cores
-  turnwise demo --config configs/cpu_full.yaml    # the run that shows learning (hours on CPU)
+  turnwise demo                                  # configs/demo.yaml: one intent, ~14 min on 2 CPU cores
+  turnwise demo --config configs/cpu_full.yaml    # GRPO against SFT on one intent (~1 hour on CPU)
   turnwise demo --config configs/cpu_full.yaml --resume   # after a kill: skip the finished stages"""
 
 
@@ -57,17 +57,23 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"turnwise demo finished in {summary['wall_time_s']:.0f} s ({recipe}; stages "
           + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_times_s"].items()) + ")")
-    print(f"held-out success on {summary['n_tasks']} {summary['eval']['split']} tasks (same tasks and seeds):")
+    if summary.get("description"):
+        print(summary["description"])
+    tasks = summary.get("eval_tasks") or "the default domain"
+    print(f"held-out success on {summary['n_tasks']} {summary['eval']['split']} tasks of {tasks} (same tasks and "
+          f"seeds):")
     for key in ("base", "sft", "grpo", "oracle"):
         if key in summary:
             m = summary[key]
             print(f"  {m['label']:>24}: success {m['success']:.3f}  completion {m['completion']:.3f}  "
                   f"turns {m['turns_mean']:.1f}  tool calls {m['tool_calls_mean']:.1f}")
-    for name in ("grpo_vs_sft", "sft_vs_base"):
+    for name in ("grpo_vs_sft", "sft_vs_base", "grpo_vs_base"):
         if f"delta_{name}" in summary:
             print(f"  {summary[f'delta_{name}']['statement']}")
     paths = summary["paths"]
     print(f"report: {summary['report']['html'] or summary['report']['markdown']}")
+    if summary["report"].get("training_curves"):
+        print(f"  training curves (PNG): {summary['report']['training_curves']}")
     for key, label in (("grpo_adapter", "adapter (SFT+GRPO)"), ("sft_adapter", "adapter (SFT only)")):
         if key in paths:
             print(f"{label}: {paths[key]}")
