@@ -59,7 +59,8 @@ class TaskArguments:
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training tasks."})
     val_split: str = field(default="val", metadata={"help": "Held-out split for validation."})
-    val_limit: int = field(default=16, metadata={"help": "Validation tasks per validation run."})
+    val_limit: int = field(default=16, metadata={"help": "Validation tasks per validation run, taken in turn from "
+                                                         "each intent (pipeline.envs.tasks.spread_over_intents)."})
     val_every: int = field(default=0, metadata={"help": "Validate every N optimiser steps (0: only at the end)."})
     keep_best_val: bool = field(default=False, metadata={
         "help": "Keep the adapter of the validation with the best val success (ties: the earlier) in "

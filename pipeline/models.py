@@ -575,6 +575,40 @@ def record_adapter_base(path: str | os.PathLike[str], base: str) -> None:
         atomic_write_text(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_adapter(source: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "float16") -> Path:
+    """Copy the adapter in ``source`` to ``out`` with its weights cast to ``dtype``, for committing or shipping.
+
+    ``adapter_config.json`` and the tokenizer files come along unchanged; floating-point weights in
+    ``adapter_model.safetensors`` are cast (LoRA factors in float16 halve the file, and loading casts them back
+    to the model's dtype). The copy is written beside ``out`` and renamed into place, so ``out`` is never half
+    written; an existing ``out`` is replaced.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source, out = Path(source), Path(out)
+    if not is_adapter(source) or not (source / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"{source} is not a saved adapter: it needs {ADAPTER_FILE} and {ADAPTER_WEIGHTS} (what "
+                         "`turnwise sft` and `turnwise train` write in their adapter directories).")
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype; use float16, bfloat16 or float32.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.export-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns(ADAPTER_WEIGHTS, "*.bin", "README.md"))
+    tensors = {name: (t.to(target) if t.is_floating_point() else t).contiguous()
+               for name, t in load_file(source / ADAPTER_WEIGHTS).items()}
+    save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    publish_directory(staging, out)
+    return out
+
+
 def _load_adapter(path: Path, *, dtype=None, device=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The adapter's base model with the adapter merged in, and the tokenizer saved beside the adapter.
 

@@ -367,6 +367,8 @@ def plot_training_curves(sft_curve: Sequence[Mapping[str, Any]] | None = None,
             ax.set_xlabel("GRPO step")
             ax.set_ylabel("reward")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not success_ax.lines:  # no validation in this stage: no empty success axis
+            success_ax.set_axis_off()
         handles = [h for a in (ax, success_ax) for h in a.get_legend_handles_labels()[0]]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
         ax.set_title(f"{name} training")

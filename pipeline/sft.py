@@ -51,6 +51,7 @@ from transformers import TrainerCallback
 from pipeline.budgets import MAX_NEW_TOKENS, MAX_TURNS, check_count
 from pipeline.envs import load_tasks, make_env, oracle_policy
 from pipeline.envs.base import Task
+from pipeline.envs.tasks import spread_over_intents
 from pipeline.rollout import run_policy
 from pipeline.trajectory import Trajectory, atomic_write_text
 
@@ -100,8 +101,8 @@ class SFTArguments:
     demo_seed: int = field(default=0, metadata={"help": "Seed of the task shuffle and first environment seed."})
     demo_max_turns: int = field(default=MAX_TURNS, metadata={"help": "Assistant-turn budget of demonstration episodes."})
     val_split: str = field(default="val", metadata={"help": "Held-out split for the per-epoch val success."})
-    val_limit: int = field(default=16, metadata={"help": "Val tasks per evaluation (0: no validation, keep the last "
-                                                         "epoch's adapter)."})
+    val_limit: int = field(default=16, metadata={"help": "Val tasks per evaluation, taken in turn from each intent "
+                                                         "(0: no validation, keep the last epoch's adapter)."})
     val_max_turns: int = field(default=MAX_TURNS, metadata={"help": "Assistant-turn budget of validation episodes."})
     val_max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "Token budget per validation turn."})
     val_at_start: bool = field(default=True, metadata={
@@ -510,7 +511,8 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     model, tokenizer = load_model(model_name)
     template = ChatTemplate(tokenizer, sft_args.tool_calling)
     protocol = "native" if template.native else "text"
-    val_tasks = load_tasks(sft_args.tasks, sft_args.val_split)[: sft_args.val_limit] if sft_args.val_limit else []
+    val_tasks = spread_over_intents(load_tasks(sft_args.tasks, sft_args.val_split), sft_args.val_limit) \
+        if sft_args.val_limit else []
     screening = None
     if sft_args.demos is not None:
         fmt = None if sft_args.demos_format == "auto" else sft_args.demos_format

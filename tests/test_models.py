@@ -300,3 +300,46 @@ def test_embedded_model_converts_to_a_trainable_checkpoint(embedded_model_dir: P
     optimizer.step()
     assert not torch.equal(lora_b, before_b)
     assert torch.equal(base, before_base)
+
+
+def _lora_adapter(tiny_model_dir: Path, out: Path) -> Path:
+    """A LoRA adapter on the tiny model with non-zero factors (PEFT's default init leaves B at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = models.load_model(tiny_model_dir)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    models.record_adapter_base(out, str(tiny_model_dir))
+    return out
+
+
+def test_an_exported_float16_adapter_has_half_the_bytes_and_loads_to_the_same_model(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.cli import main
+
+    source = _lora_adapter(tiny_model_dir, tmp_path / "adapter")
+    assert main(["model", "export-adapter", "--adapter", str(source), "--output", str(tmp_path / "fp16")]) == 0
+    out = tmp_path / "fp16"
+    weights, original = load_file(out / models.ADAPTER_WEIGHTS), load_file(source / models.ADAPTER_WEIGHTS)
+    assert weights.keys() == original.keys() and {t.dtype for t in weights.values()} == {torch.float16}
+    assert 2 * sum(t.nbytes for t in weights.values()) == sum(t.nbytes for t in original.values())
+    assert json.loads((out / models.ADAPTER_FILE).read_text()) == json.loads((source / models.ADAPTER_FILE).read_text())
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        expected = models.load_model(source)[0](ids).logits
+        got = models.load_model(out)[0](ids).logits
+    assert got.dtype == torch.float32  # cast back to the base model's dtype on load
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    assert not torch.equal(expected, models.load_model(tiny_model_dir)[0](ids).logits)  # the adapter matters
+
+
+def test_exporting_something_that_is_not_an_adapter_names_what_is_missing(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="is not a saved adapter: it needs adapter_config.json"):
+        models.export_adapter(tiny_model_dir, tmp_path / "out")
+    source = _lora_adapter(tiny_model_dir, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="'int8' is not a floating-point torch dtype"):
+        models.export_adapter(source, tmp_path / "out", "int8")
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""``turnwise model prepare|path``: manage the embedded default model's one-time conversion (`pipeline.models`)."""
+"""``turnwise model prepare|path|export-adapter``: the embedded default model's one-time conversion, and adapter
+copies in float16 (`pipeline.models`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ PREPARE = ("Convert the embedded model into a checkpoint in the cache. Does noth
            "(every file's size and SHA-256 match the record); a damaged checkpoint is prepared again. Safe to "
            "interrupt: an unfinished conversion is never loaded.")
 PATH = "Print where the embedded model's checkpoint lives (whether prepared or not)."
+EXPORT = ("Copy a saved LoRA adapter with its weights cast to another dtype (default float16: half the size, for "
+          "committing or shipping); adapter_config.json and the tokenizer files come along. `turnwise eval --model "
+          "OUTPUT` loads the copy as it loads the original.")
 
 
 @dataclass
@@ -35,6 +39,13 @@ class PrepareArguments:
     force: bool = field(default=False, metadata={"help": "Convert again, replacing the checkpoint."})
 
 
+@dataclass
+class ExportArguments:
+    adapter: Path = field(metadata={"help": "The adapter directory (OUTPUT_DIR/adapter of `turnwise sft` or `train`)."})
+    output: Path = field(metadata={"help": "Where the copy goes (replaced if it exists)."})
+    dtype: str = field(default="float16", metadata={"help": "Weight dtype of the copy: float16, bfloat16 or float32."})
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("model", help="prepare and locate the embedded default model",
                                    description=DESCRIPTION)
@@ -43,12 +54,23 @@ def register(subparsers) -> None:
                        "(once; ~30 s)").set_defaults(run=run)
     actions.add_parser("path", add_help=False, help="print the directory of the embedded model's checkpoint"
                        ).set_defaults(run=run)
+    actions.add_parser("export-adapter", add_help=False, help="copy an adapter with float16 weights (for committing "
+                       "or shipping)").set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.config import parse_options
     from pipeline.models import check_prepared, embedded_model_path, is_prepared, prepare_embedded_model
 
+    if args.action == "export-adapter":
+        from pipeline.models import export_adapter
+
+        [export] = parse_options((ExportArguments,), args.options, prog="turnwise model export-adapter",
+                                 description=EXPORT, recipe_flag=False)
+        out = export_adapter(export.adapter, export.output, export.dtype)
+        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        print(f"exported {export.adapter} as {export.dtype} to {out} ({size / 1e6:.1f} MB)")
+        return 0
     if args.action == "path":
         [options] = parse_options((ModelArguments,), args.options, prog="turnwise model path", description=PATH,
                                   recipe_flag=False)

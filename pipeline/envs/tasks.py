@@ -15,9 +15,10 @@ directory.
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline.chat import DuplicateKeyError, unique_keys
 from pipeline.envs.base import Task
@@ -102,6 +103,27 @@ def load_split_files(directory: Path, split: str | None = None) -> list[Task]:
     check_split(split)
     files = [directory / f"{s}.jsonl" for s in ((split,) if split else SPLITS)]
     return [task for f in files for task in read_task_file(f)]
+
+
+MULTI_INTENT = "multi-intent"
+"""The group of every task with more than one intent, in :func:`spread_over_intents`."""
+
+
+def spread_over_intents(tasks: Sequence[Task], limit: int | None) -> list[Task]:
+    """``limit`` of ``tasks``, taken in turn from each intent, so that a small validation subset covers them all.
+
+    Tasks with one intent are grouped by it, and tasks with several form one more group (`MULTI_INTENT`); the
+    groups take turns in the order each first appears, and each keeps its tasks' order. A task set with one
+    intent gives its first ``limit`` tasks, as slicing would; ``None`` or a ``limit`` past the end gives all.
+    """
+    tasks = list(tasks)
+    if limit is None or limit >= len(tasks):
+        return tasks
+    groups: dict[str, list[Task]] = {}
+    for task in tasks:
+        groups.setdefault(task.intents[0] if len(task.intents) == 1 else MULTI_INTENT, []).append(task)
+    spread = [task for row in itertools.zip_longest(*groups.values()) for task in row if task is not None]
+    return spread[:limit]
 
 
 def load_tasks(path_or_name: str | Path | None = None, split: str | None = None) -> list[Task]:

@@ -52,6 +52,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     from trl import get_peft_config
 
     from pipeline.envs import load_tasks
+    from pipeline.envs.tasks import spread_over_intents
     from pipeline.models import DEFAULT_MODEL, adapter_base_model, load_model
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -62,7 +63,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     model, tokenizer = load_model(model_name)
     train_tasks = load_tasks(task_args.tasks, task_args.train_split)[: task_args.train_limit]
     all_val = load_tasks(task_args.tasks, task_args.val_split)
-    val_tasks = all_val[: task_args.val_limit]
+    val_tasks = spread_over_intents(all_val, task_args.val_limit)
     rollout = EpisodeRollout(train_tasks, rollout_config, seed=grpo_args.seed)
     # Bound to the validation tasks too, so that val/reward/mean scores them as training scores its own
     # tasks; a training task keeps its own entry.
@@ -82,8 +83,9 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     checkpoint = latest_complete_checkpoint(grpo_args.output_dir) if task_args.resume else None
     foothold = None
     if task_args.foothold_tasks and checkpoint is None:
-        foothold = check_foothold(model, tokenizer, all_val[: task_args.foothold_tasks], rollout_config.max_turns,
-                                  rollout_config.max_new_tokens, episodes=episode_options(rollout_config))
+        foothold = check_foothold(model, tokenizer, spread_over_intents(all_val, task_args.foothold_tasks),
+                                  rollout_config.max_turns, rollout_config.max_new_tokens,
+                                  episodes=episode_options(rollout_config))
     trainer = TurnwiseGRPOTrainer(model=model, processing_class=tokenizer, args=grpo_args,
                                   train_dataset=task_dataset(train_tasks), peft_config=peft_config, rollout=rollout,
                                   reward=reward, rollout_config=rollout_config)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.envs import Task, TaskFileError, load_tasks
-from pipeline.envs.tasks import DATA_ROOT
+from pipeline.envs.tasks import DATA_ROOT, MULTI_INTENT, spread_over_intents
 
 TASK_DIR = DATA_ROOT / "customer_service" / "tasks"
 
@@ -180,3 +180,22 @@ def test_directory_missing_a_split_file_names_it(tmp_path, good_row):
     assert len(load_tasks(tmp_path, "train")) == 1
     with pytest.raises(TaskFileError, match="val.jsonl"):
         load_tasks(tmp_path)
+
+
+def test_a_validation_subset_takes_every_intent_in_turn():
+    val = load_tasks("customer_service", "val")
+    subset = spread_over_intents(val, 18)
+    group = [t.intents[0] if len(t.intents) == 1 else MULTI_INTENT for t in subset]
+    assert len(set(group)) == 9 and all(group.count(name) == 2 for name in set(group))  # 8 intents + multi-intent
+    assert [t.id for t in val[:18]] != [t.id for t in subset]  # the first 18 cover fewer intents
+    firsts = {}
+    for t in val:
+        firsts.setdefault(t.intents[0] if len(t.intents) == 1 else MULTI_INTENT, t.id)
+    assert {t.id for t in subset[:9]} == set(firsts.values())  # each group's first task, in the file's order
+    assert len(set(t.id for t in subset)) == 18
+
+
+def test_a_single_intent_subset_is_the_first_tasks_and_a_large_limit_keeps_all():
+    tasks = load_tasks("customer_service/order_status", "val")
+    assert spread_over_intents(tasks, 4) == tasks[:4]
+    assert spread_over_intents(tasks, None) == tasks == spread_over_intents(tasks, len(tasks) + 5)
