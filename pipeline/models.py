@@ -576,6 +576,7 @@ def record_adapter_base(path: str | os.PathLike[str], base: str) -> None:
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""The weights file of a PEFT adapter saved with safetensors (PEFT's default)."""
 
 
 def export_adapter(source: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "float16") -> Path:
@@ -601,10 +602,14 @@ def export_adapter(source: str | os.PathLike[str], out: str | os.PathLike[str], 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging, ignore=shutil.ignore_patterns(ADAPTER_WEIGHTS, "*.bin", "README.md"))
-    tensors = {name: (t.to(target) if t.is_floating_point() else t).contiguous()
-               for name, t in load_file(source / ADAPTER_WEIGHTS).items()}
-    save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    try:
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(ADAPTER_WEIGHTS, "*.bin", "README.md"))
+        tensors = {name: (t.to(target) if t.is_floating_point() else t).contiguous()
+                   for name, t in load_file(source / ADAPTER_WEIGHTS).items()}
+        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     publish_directory(staging, out)
     return out
 
