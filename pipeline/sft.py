@@ -511,8 +511,8 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     model, tokenizer = load_model(model_name)
     template = ChatTemplate(tokenizer, sft_args.tool_calling)
     protocol = "native" if template.native else "text"
-    val_tasks = spread_over_intents(load_tasks(sft_args.tasks, sft_args.val_split), sft_args.val_limit) \
-        if sft_args.val_limit else []
+    val_tasks = (spread_over_intents(load_tasks(sft_args.tasks, sft_args.val_split), sft_args.val_limit)
+                 if sft_args.val_limit else [])
     screening = None
     if sft_args.demos is not None:
         fmt = None if sft_args.demos_format == "auto" else sft_args.demos_format
