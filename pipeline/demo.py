@@ -177,6 +177,7 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
         times["prepare"] = round(time.time() - t, 1)
 
         sft_adapter = None
+        curves: dict[str, Any] = {}  # the training curves the report draws (pipeline.report.plot_training_curves)
         if p.sft is not None:
             from pipeline.sft import run_sft
 
@@ -192,6 +193,8 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
             sft_adapter = sft_result["adapter"]
             summary["sft_result"] = sft_result
             summary["sft_val_curve"] = json.loads(Path(sft_result["val_curve"]).read_text())
+            curves.update(sft_curve=summary["sft_val_curve"].get("curve"),
+                          sft_logs=_read_log(sft_result["log_history"]))
             summary["paths"].update(sft_adapter=sft_adapter, sft_logs=sft_result["log_history"],
                                     sft_val_curve=sft_result["val_curve"])
 
@@ -211,12 +214,13 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
                 reused["grpo"] = grpo_result.get("wall_time_s")
             grpo_adapter = grpo_result["adapter"]
             summary["grpo_result"] = {k: v for k, v in grpo_result.items()}
-            summary["grpo_signals"] = training_signals(json.loads(Path(grpo_result["log_history"]).read_text()))
+            curves["grpo_logs"] = json.loads(Path(grpo_result["log_history"]).read_text())
+            summary["grpo_signals"] = training_signals(curves["grpo_logs"])
             summary["paths"].update(grpo_adapter=grpo_adapter, grpo_logs=grpo_result["log_history"],
                                     grpo_samples=grpo_result["samples"])
 
         t = time.time()
-        summary.update(evaluate_policies(p, sft_adapter, grpo_adapter, training_logs(summary)))
+        summary.update(evaluate_policies(p, sft_adapter, grpo_adapter, {k: v for k, v in curves.items() if v}))
         times["eval"] = round(time.time() - t, 1)
     finally:
         logging.getLogger("pipeline").removeHandler(handler)
@@ -235,22 +239,10 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
     return summary
 
 
-def training_logs(summary: dict[str, Any]) -> dict[str, Any]:
-    """The curves of the training stages a run's ``summary`` holds, as `pipeline.report.plot_training_curves`
-    takes them (empty when no stage trained)."""
-    def read(key: str) -> list[dict[str, Any]] | None:
-        path = Path(summary["paths"].get(key, ""))
-        return json.loads(path.read_text()) if key in summary["paths"] and path.is_file() else None
-
-    logs = {"sft_curve": summary.get("sft_val_curve", {}).get("curve"), "sft_logs": read("sft_logs"),
-            "grpo_logs": read("grpo_logs")}
-    return {key: value for key, value in logs.items() if value}
-
-
 def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None,
                       curves: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate base, SFT-only and SFT+GRPO (those that ran) and the oracle on the same tasks and seeds; the
-    report shows the training ``curves`` (`training_logs`) too."""
+    report shows the training ``curves`` too (`pipeline.report.plot_training_curves`'s keyword arguments)."""
     from pipeline.envs import load_tasks, oracle_policy
     from pipeline.evaluation import compare, evaluate
     from pipeline.report import MissingReportDependency, plot_training_curves, write_report
@@ -296,6 +288,11 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
     result["report"] = {"html": str(paths.get("html", "")), "markdown": str(paths["markdown"]),
                         "json": str(paths["json"]), "training_curves": str(paths.get("plot:training_curves", ""))}
     return result
+
+
+def _read_log(path: str) -> list[dict[str, Any]] | None:
+    """The SFT stage's log history (JSON), or None when its file is gone (a reused stage may lack it)."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
 
 
 def _finished(result_file: Path) -> dict[str, Any] | None:

@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 from pipeline.budgets import MAX_NEW_TOKENS, MAX_TOTAL_TOKENS, MAX_TURNS
 from pipeline.envs import make_env
 from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task, field_correct
+from pipeline.envs.tasks import intent_label
 from pipeline.rollout import RolloutEngine, run_policy
 from pipeline.rollout.engine import SCHEDULES
 from pipeline.trajectory import Trajectory
@@ -51,10 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: Runs with at least this many episodes show a progress bar unless told otherwise.
 PROGRESS_MIN_EPISODES = 32
-
-#: The intent label of tasks with more than one intent; keeps the breakdown a partition of episodes.
-MULTI_INTENT = "multi"
-
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from ``n`` samples with ``c`` successes (Chen et al., 2021): ``1 - C(n-c,k)/C(n,k)``.
@@ -121,11 +118,6 @@ class EvalReport:
 # ---------------------------------------------------------------------------------------------------
 # Per-episode results and their aggregation
 # ---------------------------------------------------------------------------------------------------
-
-
-def intent_label(intents: Sequence[str]) -> str:
-    """The breakdown bucket of a task: its intent, or ``"multi"`` for a multi-intent task."""
-    return intents[0] if len(intents) == 1 else MULTI_INTENT
 
 
 def episode_result(trajectory: Trajectory, intents: Sequence[str]) -> dict[str, Any]:

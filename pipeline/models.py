@@ -358,7 +358,7 @@ def _remove_abandoned(final: Path) -> None:
     for entry in final.parent.iterdir():
         match = pattern.match(entry.name)
         if match and not _pid_alive(int(match.group(1))):
-            logger.info("Removing %s, left by an interrupted prepare", entry)
+            logger.info("Removing %s, left by an interrupted write", entry)
             _remove_scratch(entry)
 
 
@@ -584,11 +584,10 @@ def export_adapter(source: str | os.PathLike[str], out: str | os.PathLike[str], 
 
     ``adapter_config.json`` and the tokenizer files come along unchanged; floating-point weights in
     ``adapter_model.safetensors`` are cast (LoRA factors in float16 halve the file, and loading casts them back
-    to the model's dtype). The copy is written beside ``out`` and renamed into place, so ``out`` is never half
-    written; an existing ``out`` is replaced.
+    to the model's dtype). The copy is written into a scratch directory beside ``out`` and renamed into place
+    (`publish_directory`), so ``out`` is never half written; an existing ``out`` is replaced, and scratch
+    directories of killed exports are removed.
     """
-    import shutil
-
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -600,15 +599,16 @@ def export_adapter(source: str | os.PathLike[str], out: str | os.PathLike[str], 
     if not isinstance(target, torch.dtype) or not target.is_floating_point:
         raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype; use float16, bfloat16 or float32.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.export-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove_abandoned(out)
+    staging = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out, "tmp"), dir=out.parent))
     try:
-        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(ADAPTER_WEIGHTS, "*.bin", "README.md"))
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(ADAPTER_WEIGHTS, "*.bin", "README.md"),
+                        dirs_exist_ok=True)
         tensors = {name: (t.to(target) if t.is_floating_point() else t).contiguous()
                    for name, t in load_file(source / ADAPTER_WEIGHTS).items()}
         save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_scratch(staging)
         raise
     publish_directory(staging, out)
     return out

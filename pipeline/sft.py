@@ -395,13 +395,12 @@ class ValSuccessCallback(TrainerCallback):
     def mean_reward(self, trajectories: Sequence[Trajectory]) -> float:
         """The mean episode reward of the validation episodes under GRPO's default reward (``turnwise train``
         without --reward_config), so that the SFT curve and the GRPO curve read on one scale."""
-        from pipeline.training.adapters import episode_total
+        from pipeline.training.adapters import mean_episode_reward
         from pipeline.training.train import default_reward
 
         if self.reward_fn is None:
             self.reward_fn = default_reward(None, self.tasks)
-        totals = [episode_total(self.reward_fn(t)) for t in trajectories]
-        return sum(totals) / len(totals) if totals else float("nan")
+        return mean_episode_reward(self.reward_fn, trajectories)
 
     def save_adapter(self) -> None:
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)

@@ -105,23 +105,28 @@ def load_split_files(directory: Path, split: str | None = None) -> list[Task]:
     return [task for f in files for task in read_task_file(f)]
 
 
-MULTI_INTENT = "multi-intent"
-"""The group of every task with more than one intent, in :func:`spread_over_intents`."""
+#: The intent label of tasks with more than one intent; keeps a breakdown by intent a partition of the tasks.
+MULTI_INTENT = "multi"
+
+
+def intent_label(intents: Sequence[str]) -> str:
+    """The breakdown bucket of a task: its intent, or ``"multi"`` for a multi-intent task."""
+    return intents[0] if len(intents) == 1 else MULTI_INTENT
 
 
 def spread_over_intents(tasks: Sequence[Task], limit: int | None) -> list[Task]:
     """``limit`` of ``tasks``, taken in turn from each intent, so that a small validation subset covers them all.
 
-    Tasks with one intent are grouped by it, and tasks with several form one more group (`MULTI_INTENT`); the
-    groups take turns in the order each first appears, and each keeps its tasks' order. A task set with one
-    intent gives its first ``limit`` tasks, as slicing would; ``None`` or a ``limit`` past the end gives all.
+    Tasks are grouped by :func:`intent_label` (tasks with several intents form one group); the groups take
+    turns in the order each first appears, and each keeps its tasks' order. A task set with one intent gives
+    its first ``limit`` tasks, as slicing would; ``None`` or a ``limit`` past the end gives all.
     """
     tasks = list(tasks)
     if limit is None or limit >= len(tasks):
         return tasks
     groups: dict[str, list[Task]] = {}
     for task in tasks:
-        groups.setdefault(task.intents[0] if len(task.intents) == 1 else MULTI_INTENT, []).append(task)
+        groups.setdefault(intent_label(task.intents), []).append(task)
     spread = [task for row in itertools.zip_longest(*groups.values()) for task in row if task is not None]
     return spread[:limit]
 

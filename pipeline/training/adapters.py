@@ -117,6 +117,12 @@ def episode_total(breakdown: Any) -> float:
     return float(getattr(breakdown, "total", breakdown))
 
 
+def mean_episode_reward(reward_fn: Callable[[Trajectory], Any], trajectories: Sequence[Trajectory]) -> float:
+    """The mean episode reward of ``trajectories`` under ``reward_fn`` (NaN for none): a validation's reward."""
+    totals = [episode_total(reward_fn(t)) for t in trajectories]
+    return sum(totals) / len(totals) if totals else float("nan")
+
+
 class TrajectoryReward:
     """Adapts a trajectory reward (``rewards.build_reward()`` or any ``Trajectory -> float``) to TRL.
 

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pipeline.envs.base import Task
-from pipeline.training.adapters import episode_total
+from pipeline.training.adapters import mean_episode_reward
 from pipeline.training.advantages import ESTIMATOR_STATE_FILE
 from pipeline.trajectory import Trajectory
 
@@ -69,10 +69,9 @@ class ValidationCallback(TrainerCallback):
                               max_new_tokens=self.max_new_tokens, **self.episodes)
             model.train(was_training)
         reward_fn = self.reward_fn or self.trainer.reward.reward_fn
-        totals = [episode_total(reward_fn(t)) for t in report.trajectories]
         return {"val/success": report.metrics["success"], "val/pass@1": report.metrics["pass@1"],
                 "val/completion": report.metrics["completion"],
-                "val/reward/mean": sum(totals) / len(totals) if totals else float("nan")}
+                "val/reward/mean": mean_episode_reward(reward_fn, report.trajectories)}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "rollout/reward/mean" in logs:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.envs import Task, TaskFileError, load_tasks
-from pipeline.envs.tasks import DATA_ROOT, MULTI_INTENT, spread_over_intents
+from pipeline.envs.tasks import DATA_ROOT, intent_label, spread_over_intents
 
 TASK_DIR = DATA_ROOT / "customer_service" / "tasks"
 
@@ -185,12 +185,12 @@ def test_directory_missing_a_split_file_names_it(tmp_path, good_row):
 def test_a_validation_subset_takes_every_intent_in_turn():
     val = load_tasks("customer_service", "val")
     subset = spread_over_intents(val, 18)
-    group = [t.intents[0] if len(t.intents) == 1 else MULTI_INTENT for t in subset]
+    group = [intent_label(t.intents) for t in subset]
     assert len(set(group)) == 9 and all(group.count(name) == 2 for name in set(group))  # 8 intents + multi-intent
     assert [t.id for t in val[:18]] != [t.id for t in subset]  # the first 18 cover fewer intents
     firsts = {}
     for t in val:
-        firsts.setdefault(t.intents[0] if len(t.intents) == 1 else MULTI_INTENT, t.id)
+        firsts.setdefault(intent_label(t.intents), t.id)
     assert {t.id for t in subset[:9]} == set(firsts.values())  # each group's first task, in the file's order
     assert len(set(t.id for t in subset)) == 18
 
