@@ -35,10 +35,13 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.budgets import check_count
 from pipeline.config import EvalArguments, read_recipe
+
+if TYPE_CHECKING:
+    from pipeline.evaluation import Comparison, EvalReport
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +152,8 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
     """Run a pipeline recipe: prepare, SFT, GRPO, evaluate. Returns the summary (also ``summary.json``).
 
     With ``resume``, a stage whose result file a previous run wrote (``sft/sft_result.json``,
-    ``grpo/grpo_result.json``, each written last, atomically) is not run again, and an unfinished GRPO stage
-    continues from its last checkpoint. The evaluation always runs.
+    ``grpo/grpo_result.json``, each written last, atomically) is not run again, and an unfinished SFT or GRPO
+    stage continues from its last checkpoint (SFT's: the last finished epoch). The evaluation always runs.
     """
     from pipeline.models import ALIASES, prepare_embedded_model
     from pipeline.sft import RESULT_FILE as SFT_RESULT
@@ -184,6 +187,7 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
             t = time.time()
             sft_result = _finished(Path(p.sft[1].output_dir) / SFT_RESULT) if resume else None
             if sft_result is None:
+                p.sft[0].resume = p.sft[0].resume or resume  # continue from its last epoch checkpoint
                 logger.info("stage sft: %d oracle demonstrations, up to %s epochs", p.sft[0].num_demos,
                             p.sft[1].num_train_epochs)
                 sft_result = run_sft(*p.sft)
@@ -274,20 +278,27 @@ def evaluate_policies(p: Plan, sft_adapter: str | None, grpo_adapter: str | None
     except MissingReportDependency as error:
         logger.warning("%s; writing the report without HTML.", error)
         paths = write_report(out, ordered, headline, html_page=False)
-    result: dict[str, Any] = {key: {"success": r.metrics["success"], "completion": r.metrics["completion"],
-                                    "turns_mean": r.metrics["turns_mean"], "tool_calls_mean": r.metrics["tool_calls_mean"],
-                                    "max_turns_rate": r.metrics["max_turns_rate"],
-                                    "truncation_rate": r.metrics["truncation_rate"], "label": r.label}
-                              for key, r in reports.items()}
-    for name, c in comparisons.items():
-        result[f"delta_{name}"] = {"mean": c.difference, "ci_low": c.ci_low, "ci_high": c.ci_high,
-                                   "significant": c.significant, "n_pairs": c.n_pairs, "statement": c.statement()}
+    result: dict[str, Any] = {key: policy_summary(r) for key, r in reports.items()}
+    result.update({f"delta_{name}": delta_summary(c) for name, c in comparisons.items()})
     result["n_tasks"] = len(tasks)
     result["eval"] = asdict(e)
     result["eval_tasks"] = e.tasks or p.tasks
     result["report"] = {"html": str(paths.get("html", "")), "markdown": str(paths["markdown"]),
                         "json": str(paths["json"]), "training_curves": str(paths.get("plot:training_curves", ""))}
     return result
+
+
+def policy_summary(report: EvalReport) -> dict[str, Any]:
+    """The headline numbers of one policy's evaluation, as the summary and the learning results keep them."""
+    keys = ("success", "completion", "turns_mean", "tool_calls_mean", "max_turns_rate", "truncation_rate")
+    return {**{key: report.metrics[key] for key in keys}, "label": report.label}
+
+
+def delta_summary(c: Comparison) -> dict[str, Any]:
+    """A side-by-side comparison as the summary and the learning results keep it: the paired difference in
+    success, its interval, and the sentence that says what it means."""
+    return {"mean": c.difference, "ci_low": c.ci_low, "ci_high": c.ci_high, "significant": c.significant,
+            "n_pairs": c.n_pairs, "statement": c.statement()}
 
 
 def _read_log(path: str) -> list[dict[str, Any]] | None:

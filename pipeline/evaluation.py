@@ -436,8 +436,10 @@ class Comparison:
 
     ``difference`` is the candidate's success rate minus the base's on those paired episodes;
     ``ci_low``/``ci_high`` is its paired-bootstrap interval at ``confidence``. The four counts split the
-    pairs by who succeeded. ``disagreements`` holds ``(candidate, base)`` trajectory pairs where exactly
-    one succeeded: the transcripts to read for reward hacking.
+    pairs by who succeeded. ``by_intent`` repeats the paired difference and its interval for each intent
+    label (:func:`~pipeline.envs.tasks.intent_label`), resampling that intent's tasks only, so a gain on
+    one intent is not read as a gain on all. ``disagreements`` holds ``(candidate, base)`` trajectory
+    pairs where exactly one succeeded: the transcripts to read for reward hacking.
     """
 
     candidate: str
@@ -456,6 +458,7 @@ class Comparison:
     candidate_only: int
     base_only: int
     both_fail: int
+    by_intent: dict[str, dict[str, Any]] = field(default_factory=dict)
     disagreements: list[tuple[Trajectory, Trajectory]] = field(default_factory=list, repr=False)
 
     @property
@@ -512,13 +515,34 @@ def compare(candidate: EvalReport, base: EvalReport, *, n_boot: int = 10_000, co
         raise ValueError(f"{candidate.label} and {base.label} share no episode (same task id and seed); run both "
                          "on the same tasks with the same seed.")
     pairs = [(cand[key], ref[key]) for key in keys]
-    tasks = list(dict.fromkeys(key[0] for key in keys))
+    rng = np.random.default_rng(seed)
+    overall = _paired_bootstrap(pairs, rng, n_boot, confidence)
+    intents = {row["task_id"]: row["intents"] for report in (base, candidate) for row in report.per_task}
+    groups: dict[str, list[tuple[Trajectory, Trajectory]]] = defaultdict(list)
+    for c, b in pairs:
+        groups[intent_label(intents.get(c.task_id) or ["unknown"])].append((c, b))
+    by_intent = {label: _paired_bootstrap(groups[label], rng, n_boot, confidence) for label in sorted(groups)}
+    wins = Counter((c.outcome.success, b.outcome.success) for c, b in pairs)
+    return Comparison(
+        candidate=candidate.label, base=base.label, **overall, confidence=confidence, n_boot=n_boot, seed=seed,
+        both_pass=wins[(True, True)], candidate_only=wins[(True, False)], base_only=wins[(False, True)],
+        both_fail=wins[(False, False)], by_intent=by_intent,
+        disagreements=[(c, b) for c, b in pairs if c.outcome.success != b.outcome.success],
+    )
+
+
+def _paired_bootstrap(pairs: Sequence[tuple[Trajectory, Trajectory]], rng: Any, n_boot: int,
+                      confidence: float) -> dict[str, Any]:
+    """The paired difference in success over ``pairs`` and its percentile interval from ``n_boot`` resamples
+    of whole tasks drawn with ``rng`` (see :func:`compare`), with both success rates and the counts."""
+    import numpy as np
+
+    tasks = list(dict.fromkeys(c.task_id for c, _ in pairs))
     index = {tid: i for i, tid in enumerate(tasks)}
     diff_sum, count = np.zeros(len(tasks)), np.zeros(len(tasks))
     for c, b in pairs:
         diff_sum[index[c.task_id]] += int(c.outcome.success) - int(b.outcome.success)
         count[index[c.task_id]] += 1
-    rng = np.random.default_rng(seed)
     boot = np.empty(n_boot)
     for lo in range(0, n_boot, 1000):  # in chunks: memory stays at 1000 x n_tasks
         draw = rng.integers(0, len(tasks), size=(min(1000, n_boot - lo), len(tasks)))
@@ -526,14 +550,7 @@ def compare(candidate: EvalReport, base: EvalReport, *, n_boot: int = 10_000, co
     # Percentile interval, rounded outwards to resampled values (never interpolated between two of them).
     alpha = 1.0 - confidence
     low, high = np.quantile(boot, alpha / 2, method="lower"), np.quantile(boot, 1 - alpha / 2, method="higher")
-    wins = Counter((c.outcome.success, b.outcome.success) for c, b in pairs)
-    return Comparison(
-        candidate=candidate.label, base=base.label, n_pairs=len(pairs), n_tasks=len(tasks),
-        candidate_success=sum(c.outcome.success for c, _ in pairs) / len(pairs),
-        base_success=sum(b.outcome.success for _, b in pairs) / len(pairs),
-        difference=float(diff_sum.sum() / count.sum()), ci_low=float(low), ci_high=float(high),
-        confidence=confidence, n_boot=n_boot, seed=seed,
-        both_pass=wins[(True, True)], candidate_only=wins[(True, False)], base_only=wins[(False, True)],
-        both_fail=wins[(False, False)],
-        disagreements=[(c, b) for c, b in pairs if c.outcome.success != b.outcome.success],
-    )
+    return {"n_pairs": len(pairs), "n_tasks": len(tasks),
+            "candidate_success": sum(c.outcome.success for c, _ in pairs) / len(pairs),
+            "base_success": sum(b.outcome.success for _, b in pairs) / len(pairs),
+            "difference": float(diff_sum.sum() / count.sum()), "ci_low": float(low), "ci_high": float(high)}

@@ -185,9 +185,25 @@ def render_markdown(reports: Sequence[EvalReport], comparison: Comparison | None
 
 def _comparison_table_md(c: Comparison) -> list[str]:
     base, candidate = md_text(c.base), md_text(c.candidate)
-    return [f"| | {base} passes | {base} fails |", "| --- | --- | --- |",
-            f"| {candidate} passes | {c.both_pass} | {c.candidate_only} |",
-            f"| {candidate} fails | {c.base_only} | {c.both_fail} |"]
+    lines = [f"| | {base} passes | {base} fails |", "| --- | --- | --- |",
+             f"| {candidate} passes | {c.both_pass} | {c.candidate_only} |",
+             f"| {candidate} fails | {c.base_only} | {c.both_fail} |"]
+    header, rows = _comparison_intent_rows(c)
+    if len(rows) > 1:
+        lines += ["", "| intent | " + " | ".join(map(md_text, header)) + " |", "| --- |" + " --- |" * len(header)]
+        lines += [f"| {md_text(name)} | " + " | ".join(cells) + " |" for name, cells in rows]
+    return lines
+
+
+def _comparison_intent_rows(c: Comparison) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The paired difference per intent: the column names and one row per intent label. The reports show
+    the table only when there is more than one intent."""
+    pct = round(c.confidence * 100)
+    header = ["tasks", c.candidate, c.base, "difference", f"{pct}% CI"]
+    rows = [(name, [str(row["n_tasks"]), f"{row['candidate_success']:.3f}", f"{row['base_success']:.3f}",
+                    f"{row['difference']:+.3f}", f"{row['ci_low']:+.3f} to {row['ci_high']:+.3f}"])
+            for name, row in c.by_intent.items()]
+    return header, rows
 
 
 def render_text(reports: Sequence[EvalReport], comparison: Comparison | None = None) -> str:
@@ -554,6 +570,9 @@ def render_html(reports: Sequence[EvalReport], comparison: Comparison | None = N
             (f"{comparison.candidate} passes", [str(comparison.both_pass), str(comparison.candidate_only)]),
             (f"{comparison.candidate} fails", [str(comparison.base_only), str(comparison.both_fail)]),
         ]))
+        header, rows = _comparison_intent_rows(comparison)
+        if len(rows) > 1:
+            parts.append("<h3>By intent (paired)</h3>" + _table_html("intent", header, rows))
     sections = _sections(reports)
     parts.append(f"<h2>{sections[0][0]}</h2>" + _table_html(sections[0][1], labels, sections[0][2]))
     parts.append("<h2>Plots</h2>")

@@ -33,7 +33,9 @@ module builds the mask itself (``assistant_masks``) and TRL turns it into labels
 Training stops when validation success stops improving: :class:`ValSuccessCallback` runs the
 external evaluation (:func:`pipeline.evaluation.evaluate`, greedy) on a val sample after every epoch,
 saves the adapter whenever val success reaches its best so far, stops after ``patience`` epochs
-without a strict improvement, and writes the curve to ``<output_dir>/val_curve.json``.
+without a strict improvement, and writes the curve to ``<output_dir>/val_curve.json``. A checkpoint is
+saved after each epoch; ``--resume`` continues a killed run from the newest complete one, with the curve
+and the best adapter of the part before the kill (``wall_time_s`` then counts the resumed part only).
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ SFT_DEFAULTS: dict[str, Any] = {
     "gradient_checkpointing": False,  # checkpointing drops the KV cache the shared system prompt is served from
     "max_length": 4096,
     "logging_steps": 5,
-    "save_strategy": "no",
+    # a checkpoint after each epoch (the newest one kept), so that --resume continues a killed run from there
+    "save_strategy": "epoch",
+    "save_total_limit": 1,
     "report_to": [],
 }
 
@@ -115,6 +119,9 @@ class SFTArguments:
                 "replaying its assistant messages in its task's sandbox (when its task id is in --tasks)."})
     demos_format: str = field(default="auto", metadata={
         "help": "The --demos file's format: auto (detected), turnwise, openai or bedrock."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue a killed run from the newest complete epoch checkpoint in output_dir (save_strategy: "
+                "epoch, the default); the val curve, the best adapter and the patience count carry over."})
     drop_violations: bool = field(default=False, metadata={
         "help": "Leave out the --demos transcripts that break the SOP (they are always listed)."})
     tool_calling: str = field(default="auto", metadata={
@@ -353,7 +360,8 @@ class ValSuccessCallback(TrainerCallback):
     The adapter in ``adapter_dir`` is always the latest epoch whose val success equals the best so far
     (ties go to the later epoch, which has seen more data). Training stops once ``patience`` epochs in a
     row bring no strict improvement. ``curve`` holds one record per evaluation and is written as JSON to
-    ``curve_path`` after each one, so a killed run keeps its curve.
+    ``curve_path`` after each one, so a killed run keeps its curve, and :meth:`restore` takes it up again
+    when the run resumes from an epoch checkpoint.
     """
 
     def __init__(self, trainer, tokenizer, tasks: Sequence[Task], args: SFTArguments, adapter_dir: Path,
@@ -417,18 +425,48 @@ class ValSuccessCallback(TrainerCallback):
             return
         record = self.evaluate(state.epoch or 0, state.global_step)
         self.trainer.log({k: v for k, v in record.items() if k.startswith("val/")})
-        success = record["val/success"]
-        improved = self.best is None or success > self.best
-        if self.best is None or success >= self.best:
-            self.best, self.best_epoch = success, record["epoch"]
+        if self._track(record):
             self.save_adapter()
-        self.stale = 0 if improved else self.stale + 1
         if self.args.patience and self.stale >= self.args.patience:
             logger.info("val success has not improved for %d epochs (best %.3f at epoch %d): stopping.",
                         self.stale, self.best, self.best_epoch)
             self.stopped_early = True
             control.should_training_stop = True
         self._write()
+
+    def _track(self, record: dict[str, Any]) -> bool:
+        """Count one epoch's validation towards the best and the patience; True when that epoch's adapter
+        becomes the one kept (the best so far, or tied with it)."""
+        success = record["val/success"]
+        improved = self.best is None or success > self.best
+        kept = self.best is None or success >= self.best
+        if kept:
+            self.best, self.best_epoch = success, record["epoch"]
+        self.stale = 0 if improved else self.stale + 1
+        return kept
+
+    def restore(self, step: int) -> None:
+        """Take up the curve a killed run wrote, up to the checkpoint at ``step`` that training resumes from.
+
+        Later records (an epoch validated after that checkpoint was saved) are dropped: that epoch trains
+        again. The best, its epoch and the epochs without improvement follow from the records kept; the
+        adapter the earlier part kept in ``adapter_dir`` stays until a better epoch replaces it.
+        """
+        if not self.curve_path.is_file():
+            return
+        try:
+            saved = json.loads(self.curve_path.read_text())["curve"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot resume: {self.curve_path} is not a val curve ({error!r}); move it away to "
+                             "start the curve afresh.") from error
+        for record in saved:
+            if record["step"] > step:
+                continue
+            self.curve.append(record)
+            if record["epoch"] > 0:  # epoch 0 is the starting model: it sets no best (see on_epoch_end)
+                self._track(record)
+        logger.info("resuming the val curve at step %d: %d records, best %s at epoch %s", step, len(self.curve),
+                    self.best, self.best_epoch)
 
     def summary(self) -> dict[str, Any]:
         return {"curve": self.curve, "best_epoch": self.best_epoch, "best_val_success": self.best,
@@ -495,6 +533,7 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     from trl import get_peft_config
 
     from pipeline.models import DEFAULT_MODEL, load_model
+    from pipeline.training.checkpoints import CheckpointMarker, checkpoint_step, latest_complete_checkpoint
     from pipeline.training.sft_trainer import SharedPrefixSFTTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -539,7 +578,15 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     validation = ValSuccessCallback(trainer, tokenizer, val_tasks, sft_args, out / "adapter", out / "val_curve.json",
                                     base_model_name=model_name)
     trainer.add_callback(validation)
-    trainer.train()
+    trainer.add_callback(CheckpointMarker(trainer))  # last: a checkpoint counts once all of it is on disk
+    checkpoint = latest_complete_checkpoint(out) if sft_args.resume else None
+    if sft_args.resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s to resume from (save_strategy must be epoch); "
+                       "starting from scratch.", out)
+    if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
+        validation.restore(checkpoint_step(checkpoint))
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     if not (out / "adapter" / "adapter_config.json").exists():  # e.g. max_steps ended training inside epoch 1
         validation.save_adapter()
     atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=2) + "\n")
@@ -550,7 +597,8 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
               "assistant_tokens": n_trained, "best_val_success": summary["best_val_success"],
               "best_epoch": summary["best_epoch"], "epochs": [r["epoch"] for r in summary["curve"]],
               "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1),
-              "demos_source": sft_args.demos or "oracle", "tool_calling": template.tool_format.name}
+              "demos_source": sft_args.demos or "oracle", "tool_calling": template.tool_format.name,
+              "resumed_from": str(checkpoint) if checkpoint is not None else None}
     if screening is not None:
         result["screening"] = screening.to_dict()
     atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")  # written last: the stage finished

@@ -410,6 +410,17 @@ def test_compare_pairs_episodes_and_counts_who_won() -> None:
     assert len(c.disagreements) == 6
     again = compare(tuned, base, n_boot=2000, seed=1)
     assert (again.ci_low, again.ci_high) == (c.ci_low, c.ci_high)
+    assert again.by_intent == c.by_intent
+    # Per intent, resampling that intent's tasks only: cancel (a, b) loses a; refund (c) and the multi-intent
+    # task d are won on every seed, so their intervals cannot move off +1.
+    assert list(c.by_intent) == ["cancel", "multi", "refund"]
+    cancel = c.by_intent["cancel"]
+    assert (cancel["n_tasks"], cancel["n_pairs"], cancel["candidate_success"], cancel["base_success"]) == (2, 4, 0.5, 1.0)
+    assert cancel["difference"] == -0.5 and cancel["ci_low"] == -1.0 and cancel["ci_high"] == 0.0
+    for label in ("multi", "refund"):
+        assert {k: c.by_intent[label][k] for k in ("n_tasks", "difference", "ci_low", "ci_high")} == {
+            "n_tasks": 1, "difference": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    assert c.to_dict()["by_intent"] == c.by_intent
     assert c.to_dict()["statement"] == c.statement() and "tuned vs base" in c.statement()
 
 

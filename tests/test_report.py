@@ -69,6 +69,12 @@ def test_markdown_puts_every_policy_in_one_table(reports) -> None:
     assert comparison.statement() in text
     assert f"| tuned passes | {comparison.both_pass} | {comparison.candidate_only} |" in text
     assert "## Success by intent" in text and "## Per task" in text
+    # the paired difference per intent, one row for each intent the six val tasks cover
+    assert len(comparison.by_intent) > 1
+    assert "| intent | tasks | tuned | base | difference | 95% CI |" in text
+    for name, row in comparison.by_intent.items():
+        assert (f"| {name} | {row['n_tasks']} | {row['candidate_success']:.3f} | {row['base_success']:.3f} | "
+                f"{row['difference']:+.3f} | {row['ci_low']:+.3f} to {row['ci_high']:+.3f} |") in text
 
 
 def test_text_table_is_aligned_for_a_terminal(reports) -> None:
@@ -90,6 +96,8 @@ def test_html_is_self_contained_with_plots_and_disagreeing_transcripts(reports) 
     assert 'alt="success_by_intent"' in page and 'alt="turns_histogram"' in page
     assert 'alt="reward_vs_success"' not in page  # no rewards given
     assert comparison.statement() in page.replace("&#x27;", "'")
+    assert "<h3>By intent (paired)</h3>" in page
+    assert all(f"<tr><td>{name}</td><td>{row['n_tasks']}</td>" in page for name, row in comparison.by_intent.items())
     failing = [c for c, b in comparison.disagreements if not c.outcome.success]
     assert failing, "the fixture must make the tuned policy fail where the base passes"
     assert f"tuned fails, base passes ({len(failing)})" in page

@@ -103,11 +103,13 @@ def test_non_assistant_tokens_get_label_minus_100(tiny_model_dir, tmp_path):
     torch.testing.assert_close(loss, manual)
 
 
-def tiny_sft(tiny_model_dir, out, epochs=4, patience=1, **overrides):
-    sft_args = SFTArguments(num_demos=3, val_limit=2, val_max_turns=2, val_max_new_tokens=4, patience=patience)
+def tiny_sft(tiny_model_dir, out, epochs=4, patience=1, resume=False, **overrides):
+    sft_args = SFTArguments(num_demos=3, val_limit=2, val_max_turns=2, val_max_new_tokens=4, patience=patience,
+                            resume=resume)
+    overrides = {"save_strategy": "no", **overrides}
     config = SFTConfig(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=1,
                        learning_rate=1e-2,  # large, so a few steps visibly move the LoRA weights
-                       max_length=None, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                       max_length=None, logging_steps=1, report_to=[], use_cpu=True,
                        bf16=False,  # CPU bf16 without native support is ~40x slower than float32
                        gradient_checkpointing=False, **overrides)
     model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
@@ -135,6 +137,43 @@ def test_sft_tracks_val_success_per_epoch_stops_early_and_saves_an_adapter(tiny_
 
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained (lora_B starts at 0)
+
+
+def test_a_killed_sft_run_resumes_from_its_last_epoch_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """Killed in its third epoch, SFT resumed with --resume continues from the epoch-2 checkpoint and ends
+    where an unbroken run ends: the same curve, the same adapter."""
+    from safetensors.torch import load_file
+
+    from pipeline.training.sft_trainer import SharedPrefixSFTTrainer
+
+    epochs = dict(save_strategy="epoch", save_total_limit=1)  # turnwise sft's defaults (SFT_DEFAULTS)
+    whole = tiny_sft(tiny_model_dir, tmp_path / "whole", epochs=3, patience=0, **epochs)
+    assert whole["resumed_from"] is None
+    step = SharedPrefixSFTTrainer.training_step
+
+    def killed_in_epoch_3(self, *args, **kwargs):
+        if self.state.global_step == 6:  # 3 demonstrations, 1 per step: steps 7-9 are epoch 3
+            raise RuntimeError("killed")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SharedPrefixSFTTrainer, "training_step", killed_in_epoch_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        tiny_sft(tiny_model_dir, tmp_path / "broken", epochs=3, patience=0, **epochs)
+    broken = tmp_path / "broken"
+    assert not (broken / "sft_result.json").exists()
+    assert [r["epoch"] for r in json.loads((broken / "val_curve.json").read_text())["curve"]] == [0, 1, 2]
+    assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-6"]  # the newest only
+    monkeypatch.setattr(SharedPrefixSFTTrainer, "training_step", step)
+
+    resumed = tiny_sft(tiny_model_dir, broken, epochs=3, patience=0, resume=True, **epochs)
+    assert resumed["resumed_from"].endswith("checkpoint-6") and resumed["epochs"] == [0, 1, 2, 3]
+    curves = [json.loads((run / "val_curve.json").read_text()) for run in (tmp_path / "whole", broken)]
+    drop_time = [[{k: v for k, v in r.items() if k != "eval_s"} for r in c["curve"]] for c in curves]
+    assert drop_time[0] == drop_time[1] and curves[0]["best_epoch"] == curves[1]["best_epoch"] == 3
+    weights = [load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (tmp_path / "whole", broken)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name])
 
 
 def test_train_starts_from_the_sft_adapter(tiny_model_dir, tmp_path, caplog):

@@ -33,8 +33,8 @@ class DemoArguments:
         "help": "Override the recipe's customer: scripted or llm:BACKEND (llm:hf:MODEL, llm:bedrock:MODEL_ID, "
                 "llm:openai:MODEL@URL), for every stage."})
     resume: bool = field(default=False, metadata={
-        "help": "Reuse the stages a killed run finished (sft/sft_result.json, grpo/grpo_result.json) and continue GRPO "
-                "from its last checkpoint; the evaluation always runs again."})
+        "help": "Reuse the stages a killed run finished (sft/sft_result.json, grpo/grpo_result.json) and continue SFT "
+                "or GRPO from its last checkpoint; the evaluation always runs again."})
 
 
 def register(subparsers) -> None:

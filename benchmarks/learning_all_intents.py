@@ -1,0 +1,243 @@
+"""The learning result on the whole customer-service domain, assembled from pieces that run separately.
+
+Each piece takes between half an hour and a few hours on 2 CPU cores, so each runs (and is re-run) alone:
+
+1. The SFT curve: ``turnwise sft --tasks customer_service --num_demos N --output_dir outputs/all_intents/sft_nN``
+   for N, 2N, and 4N if 2N still improved (the flags are in the README, "Learning on all intents").
+2. GRPO from the best point's adapter on all intents, once per advantage estimator, at the same budget
+   on the same tasks and seeds: ``turnwise train --adapter <best SFT>/adapter --advantage
+   group_based_per_turn ...`` and the same with ``--advantage group_based``.
+3. Every policy on the fresh held-out set, with the same seed and budgets: ``turnwise eval --model X
+   --env customer_service/all_intents_holdout --split test --out outputs/all_intents/eval/<name>``, for the
+   base model, the best SFT adapter, both GRPO adapters and ``--policy oracle``.
+
+Then::
+
+    python benchmarks/learning_all_intents.py \\
+        --sft outputs/all_intents/sft_n64 outputs/all_intents/sft_n128 ... \\
+        --eval base=outputs/all_intents/eval/base sft=... grpo=... grpo_episode=... oracle=... \\
+        --grpo grpo=outputs/all_intents/grpo_turn grpo_episode=outputs/all_intents/grpo_episode
+
+writes ``benchmarks/results/learning_all_intents.json``: the keys of ``learning.json`` (``grpo`` is the
+turn-level arm, the project's default, fixed before any test number was seen), plus ``sft_curve`` (each
+point and which is best, and why), ``per_intent`` (each policy's success per intent and the paired
+differences with their intervals) and ``advantage_comparison`` (turn-level against episode-level, paired
+on the same test episodes). The policies are paired from their logged trajectories
+(``pipeline.evaluation.evaluate_trajectories``), so nothing is re-run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, machine, write_result
+
+ENV = "customer_service/all_intents_holdout"
+POLICIES = ("base", "sft", "grpo", "oracle")
+ARMS = {"grpo": "group_based_per_turn", "grpo_episode": "group_based"}
+COMPARISONS = (("grpo", "sft"), ("sft", "base"), ("grpo", "base"))
+TARGETS = {"grpo_vs_sft": 0.10, "absolute_success": 0.60, "max_turns_rate": 0.20}
+
+
+def sft_point(run: Path) -> dict[str, Any]:
+    """One point of the SFT curve from a ``turnwise sft`` output directory."""
+    result = _read_json(run / "sft_result.json", "run `turnwise sft --output_dir` there first")
+    curve = _read_json(Path(result["val_curve"]) if Path(result["val_curve"]).is_file() else run / "val_curve.json",
+                       "the SFT run writes it after each epoch")
+    best = next(r for r in curve["curve"] if r["epoch"] == result["best_epoch"])
+    return {"n_demos": result["demos"], "output_dir": str(_rel(run)), "best_epoch": result["best_epoch"],
+            "best_val_success": result["best_val_success"], "best_val_reward": best.get("val/reward/mean"),
+            "best_val_completion": best.get("val/completion"), "val_tasks": curve["val_tasks"],
+            "tokens": {"total": result["tokens"], "assistant_trained": result["assistant_tokens"]},
+            "curve": curve["curve"], "wall_time_s": result["wall_time_s"]}
+
+
+def best_point(points: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The baseline: the point with the highest val success; a tie goes to the higher val reward, then to
+    more demonstrations (the tie rule of the epochs: more data at equal success). Returns it and why."""
+    ranked = sorted(points, key=lambda p: (p["best_val_success"], p["best_val_reward"] or 0.0, p["n_demos"]))
+    best = ranked[-1]
+    others = ", ".join(f"N={p['n_demos']}: {p['best_val_success']:.3f}" for p in points if p is not best)
+    why = (f"N={best['n_demos']} has the highest val success, {best['best_val_success']:.3f} at epoch "
+           f"{best['best_epoch']} on {best['val_tasks']} val tasks ({others or 'the only point'}).")
+    ties = [p for p in points if p is not best and p["best_val_success"] == best["best_val_success"]]
+    if ties:
+        why += f" Tied on success with N={', '.join(str(p['n_demos']) for p in ties)}: broken by val reward, then size."
+    return best, why
+
+
+def load_reports(specs: dict[str, Path]) -> dict[str, Any]:
+    """Each policy's report, rebuilt from the trajectories its ``turnwise eval --out`` directory logged."""
+    from pipeline.envs import load_tasks
+    from pipeline.evaluation import evaluate_trajectories
+    from pipeline.trajectory import load_jsonl
+
+    tasks = load_tasks(ENV, "test")
+    reports = {}
+    for name, path in specs.items():
+        files = [path] if path.is_file() else sorted((path / "trajectories").glob("*.jsonl"))
+        if len(files) != 1:
+            raise SystemExit(f"--eval {name}={path}: expected one trajectories/*.jsonl from a single-policy "
+                             f"`turnwise eval --out`, found {len(files)}; give the .jsonl file instead.")
+        report = evaluate_trajectories(load_jsonl(files[0]), tasks, label=name)
+        config = json.loads((path / "report.json").read_text())["policies"][0]["config"] if path.is_dir() else {}
+        report.config.update(source=str(_rel(files[0])), evaluated=config)
+        reports[name] = report
+    return reports
+
+
+def per_intent(reports: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
+    """Per intent: each policy's success (and how many of its episodes ran out of turns), and each paired
+    difference with its interval, resampling that intent's tasks only."""
+    intents = sorted({label for r in reports.values() for label in r.metrics["by_intent"]})
+    table = {}
+    for label in intents:
+        row: dict[str, Any] = {"n_tasks": max(r.metrics["by_intent"].get(label, {}).get("n", 0)
+                                              for r in reports.values())}
+        for name, report in reports.items():
+            episodes = [e for e in report.episodes if _label(e["intents"]) == label]
+            row[name] = {"success": report.metrics["by_intent"].get(label, {}).get("success"),
+                         "max_turns_rate": _rate(episodes, lambda e: e["stop_reason"] == "max_turns")}
+        for name, c in comparisons.items():
+            d = c.by_intent.get(label)
+            row[name] = {k: d[k] for k in ("difference", "ci_low", "ci_high", "n_pairs")} if d else None
+        table[label] = row
+    return table
+
+
+def advantage_comparison(reports: dict[str, Any], runs: dict[str, Path], n_boot: int, seed: int) -> dict[str, Any]:
+    """Turn-level against episode-level advantages: their test success paired episode by episode, and the
+    steps each arm trained for (the same, with the same rollouts per step, for the comparison to mean
+    anything: the commands in ``recipe`` show the rest of each arm's settings)."""
+    from pipeline.demo import delta_summary, policy_summary
+    from pipeline.evaluation import compare
+
+    c = compare(reports["grpo"], reports["grpo_episode"], n_boot=n_boot, seed=seed)
+    arms = {}
+    for name, advantage in ARMS.items():
+        result = _grpo_result(runs, name)
+        arms[name] = {"advantage": advantage, **policy_summary(reports[name]), "steps": result.get("steps"),
+                      "wall_time_s": result.get("wall_time_s"), "best_val": result.get("best_val"),
+                      "output_dir": result.get("output_dir")}
+    steps = {name: arm["steps"] for name, arm in arms.items()}
+    winner = ("group_based_per_turn" if c.ci_low > 0 else "group_based" if c.ci_high < 0
+              else "neither (the interval includes 0)")
+    return {"arms": arms, "delta_turn_vs_episode": delta_summary(c), "winner": winner,
+            "equal_steps": len(set(steps.values())) == 1, "steps": steps,
+            "per_intent": {label: {k: d[k] for k in ("difference", "ci_low", "ci_high", "n_pairs")}
+                           for label, d in c.by_intent.items()}}
+
+
+def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, Path], n_boot: int = 10_000,
+             seed: int = 0) -> dict[str, Any]:
+    from pipeline.demo import delta_summary, policy_summary, training_signals
+    from pipeline.evaluation import compare
+
+    missing = [name for name in POLICIES if name not in evals]
+    if missing:
+        raise SystemExit(f"--eval lacks {', '.join(missing)}: give NAME=DIR for each of {', '.join(POLICIES)}.")
+    points = [sft_point(run) for run in sft_runs]
+    best, why = best_point(points)
+    reports = load_reports(evals)
+    ids = {name: [(e["task_id"], e["seed"]) for e in r.episodes] for name, r in reports.items()}
+    if len({tuple(sorted(v)) for v in ids.values()}) != 1:
+        raise SystemExit("the policies were not evaluated on the same task ids and seeds: " + ", ".join(
+            f"{name} {len(v)} episodes" for name, v in ids.items()) + "; re-run with the same --limit and --seed.")
+    comparisons = {f"{a}_vs_{b}": compare(reports[a], reports[b], n_boot=n_boot, seed=seed) for a, b in COMPARISONS}
+    headline = comparisons["grpo_vs_sft"]
+    grpo = _grpo_result(grpo_runs, "grpo")
+    log = json.loads(Path(grpo["log_history"]).read_text()) if Path(grpo.get("log_history", "")).is_file() else []
+    first = reports["grpo"].metrics
+    result: dict[str, Any] = {name: policy_summary(reports[name]) for name in POLICIES}
+    result.update({f"delta_{name}": delta_summary(c) for name, c in comparisons.items()})
+    result.update({
+        "statement": headline.statement(),
+        "meets_10_points": headline.difference >= TARGETS["grpo_vs_sft"] and headline.ci_low > 0,
+        "targets": {
+            "grpo_vs_sft_at_least_0.10_with_ci_low_above_0": headline.difference >= TARGETS["grpo_vs_sft"]
+            and headline.ci_low > 0,
+            "grpo_success_at_least_0.60": first["success"] >= TARGETS["absolute_success"],
+            "grpo_max_turns_rate_under_0.20": first["max_turns_rate"] < TARGETS["max_turns_rate"],
+        },
+        "n_tasks": first["n_tasks"], "episodes_per_task": first["n"], "split": "test", "eval_tasks": ENV,
+        "eval_settings": {name: r.config["evaluated"] for name, r in reports.items()},
+        "stage_times_s": {"sft_curve": sum(p["wall_time_s"] for p in points), "sft_best": best["wall_time_s"],
+                          "grpo": grpo.get("wall_time_s"),
+                          "eval": {name: r.config["evaluated"].get("wall_time_s") or r.metrics.get("wall_time_s")
+                                   for name, r in reports.items()}},
+        "sft_val_curve": {"n_demos": best["n_demos"], "curve": best["curve"], "best_epoch": best["best_epoch"]},
+        "grpo_signals": training_signals(log),
+        "foothold": grpo.get("foothold"),
+        "sft_curve": {"points": points, "best_n_demos": best["n_demos"], "why": why},
+        "per_intent": per_intent(reports, comparisons),
+        "model": "smollm2-135m",
+        "machine": machine(),
+    })
+    if "grpo_episode" in evals and "grpo_episode" in grpo_runs:
+        result["advantage_comparison"] = advantage_comparison(reports, grpo_runs, n_boot, seed)
+    stages = [result["stage_times_s"]["sft_curve"], result["stage_times_s"]["grpo"] or 0.0,
+              *(v or 0.0 for v in result["stage_times_s"]["eval"].values())]
+    result["wall_time_s"] = round(sum(stages), 1)
+    return result
+
+
+def _grpo_result(runs: dict[str, Path], name: str) -> dict[str, Any]:
+    if name not in runs:
+        raise SystemExit(f"--grpo lacks {name}=DIR (the `turnwise train --output_dir` of that arm).")
+    return _read_json(runs[name] / "grpo_result.json", "the GRPO run writes it when it finishes")
+
+
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: {hint}.")
+    return json.loads(path.read_text())
+
+
+def _label(intents: list[str]) -> str:
+    from pipeline.envs.tasks import intent_label
+
+    return intent_label(intents)
+
+
+def _rate(rows: list[dict], test) -> float | None:
+    return sum(map(test, rows)) / len(rows) if rows else None
+
+
+def _rel(path: Path) -> Path:
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _named(values: list[str], flag: str) -> dict[str, Path]:
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{flag} {value!r}: give NAME=PATH, e.g. {flag} sft=outputs/all_intents/eval/sft.")
+        out[name] = Path(path)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft", type=Path, nargs="+", required=True, help="the SFT curve's output directories")
+    parser.add_argument("--eval", nargs="+", required=True, metavar="NAME=DIR",
+                        help=f"each policy's `turnwise eval --out` directory: {', '.join(POLICIES)}, grpo_episode")
+    parser.add_argument("--grpo", nargs="+", required=True, metavar="NAME=DIR",
+                        help="each GRPO arm's output_dir: grpo (turn-level), grpo_episode (episode-level)")
+    parser.add_argument("--commands", type=Path, default=None,
+                        help="a JSON file mapping each piece to the command that ran it (kept as 'recipe')")
+    parser.add_argument("--name", default="learning_all_intents")
+    parser.add_argument("--bootstrap", type=int, default=10_000)
+    args = parser.parse_args()
+    result = assemble(args.sft, _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
+    result["recipe"] = json.loads(args.commands.read_text()) if args.commands else None
+    path = write_result(args.name, result)
+    print(f"{path}: {result['statement']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""benchmarks/learning_all_intents.py assembles the all-intent learning result from pieces run apart: the SFT
+curve's runs, each policy's `turnwise eval --out` directory and the GRPO arms' output directories. Here the
+pieces are small and made on purpose, so that every number the result states can be checked by hand."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.envs import load_tasks, oracle_policy
+from pipeline.envs.tasks import intent_label, spread_over_intents
+from pipeline.evaluation import evaluate
+from pipeline.report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assembler():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import learning_all_intents
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return learning_all_intents
+
+
+@pytest.fixture(scope="module")
+def oracle_report():
+    """The oracle on one held-out task of each intent label (eight intents and the multi-intent tasks)."""
+    tasks = spread_over_intents(load_tasks("customer_service/all_intents_holdout", "test"), 9)
+    return evaluate(oracle_policy, tasks, max_turns=16, label="oracle")
+
+
+def _variant(report, label: str, fail: set[str]):
+    """The oracle's episodes, failed (out of turns) on the tasks whose intent label is in ``fail``."""
+    out = copy.deepcopy(report)
+    labels = {e["task_id"]: intent_label(e["intents"]) for e in report.episodes}
+    for t in out.trajectories:
+        if labels[t.task_id] in fail:
+            t.outcome.success, t.outcome.completed, t.outcome.stop_reason = False, False, "max_turns"
+    out.config["policy"] = label
+    return out
+
+
+def _sft_run(root: Path, n: int, successes: list[float], rewards: list[float]) -> Path:
+    run = root / f"sft_n{n}"
+    run.mkdir()
+    curve = [{"epoch": i + 1, "val/success": s, "val/reward/mean": r, "val/completion": 1.0}
+             for i, (s, r) in enumerate(zip(successes, rewards))]
+    best = max(range(len(curve)), key=lambda i: (successes[i], i))  # ties to the later epoch, as SFT keeps them
+    (run / "val_curve.json").write_text(json.dumps({"curve": curve, "val_tasks": 18}))
+    (run / "sft_result.json").write_text(json.dumps({
+        "demos": n, "best_epoch": best + 1, "best_val_success": successes[best], "val_curve": str(run / "val_curve.json"),
+        "tokens": 100 * n, "assistant_tokens": 10 * n, "wall_time_s": 60.0 * n}))
+    return run
+
+
+def _grpo_run(root: Path, name: str, steps: int) -> Path:
+    run = root / name
+    run.mkdir()
+    log = [{"step": s, "rollout/reward/mean": 0.1 * s, "rollout/success": 0.2, "rollout/max_turns_frac": 0.5}
+           for s in range(1, steps + 1)]
+    (run / "log_history.json").write_text(json.dumps(log))
+    (run / "grpo_result.json").write_text(json.dumps({
+        "adapter": str(run / "best_adapter"), "output_dir": str(run), "steps": steps, "wall_time_s": 100.0,
+        "log_history": str(run / "log_history.json"), "foothold": {"success": 0.25},
+        "best_val": {"step": 2, "val/success": 0.3}}))
+    return run
+
+
+def test_the_sft_baseline_is_the_best_point_of_the_curve(assembler, tmp_path: Path) -> None:
+    points = [assembler.sft_point(_sft_run(tmp_path, 64, [0.11, 0.22, 0.22], [-0.1, 0.09, 0.06])),
+              assembler.sft_point(_sft_run(tmp_path, 128, [0.22, 0.33], [0.1, 0.2]))]
+    assert [(p["n_demos"], p["best_epoch"], p["best_val_reward"]) for p in points] == [(64, 3, 0.06), (128, 2, 0.2)]
+    best, why = assembler.best_point(points)
+    assert best["n_demos"] == 128 and "N=128 has the highest val success, 0.330 at epoch 2 on 18 val tasks (N=64: 0.220)." == why
+    # a tie on success goes to the higher val reward at the kept epoch, not to the larger count
+    tied = assembler.sft_point(_sft_run(tmp_path, 256, [0.33], [0.15]))
+    best, why = assembler.best_point([*points, tied])
+    assert best["n_demos"] == 128 and "Tied on success with N=256" in why
+
+
+def test_the_result_pairs_every_policy_on_the_same_episodes_per_intent(assembler, oracle_report, tmp_path) -> None:
+    labels = sorted({intent_label(e["intents"]) for e in oracle_report.episodes})
+    assert len(labels) == 9  # eight intents and "multi"
+    fails = {"base": set(labels), "sft": set(labels[:6]), "grpo": set(labels[:2]), "grpo_episode": set(labels[:4]),
+             "oracle": set()}
+    evals = {}
+    for name, failed in fails.items():
+        evals[name] = tmp_path / "eval" / name
+        write_report(evals[name], [_variant(oracle_report, name, failed)], html_page=False)
+    sft = [_sft_run(tmp_path, 64, [0.11, 0.22], [0.0, 0.1]), _sft_run(tmp_path, 128, [0.33], [0.2])]
+    grpo = {"grpo": _grpo_run(tmp_path, "turn", 4), "grpo_episode": _grpo_run(tmp_path, "episode", 4)}
+
+    result = assembler.assemble(sft, evals, grpo, n_boot=500)
+    assert [result[name]["success"] for name in ("base", "sft", "grpo", "oracle")] == [0.0, 3 / 9, 7 / 9, 1.0]
+    assert result["delta_grpo_vs_sft"]["mean"] == pytest.approx(4 / 9) and result["n_tasks"] == 9
+    assert result["grpo"]["max_turns_rate"] == pytest.approx(2 / 9)
+    assert result["targets"] == {"grpo_vs_sft_at_least_0.10_with_ci_low_above_0": True,
+                                 "grpo_success_at_least_0.60": True, "grpo_max_turns_rate_under_0.20": False}
+    assert result["meets_10_points"] is True and result["sft_curve"]["best_n_demos"] == 128
+    # per intent: one task each, so every paired difference is exactly -1, 0 or +1 and so is its interval
+    rows = result["per_intent"]
+    assert list(rows) == labels
+    for i, label in enumerate(labels):
+        row = rows[label]
+        assert row["n_tasks"] == 1 and row["oracle"]["success"] == 1.0 and row["base"]["max_turns_rate"] == 1.0
+        expected = 1.0 if 2 <= i < 6 else 0.0
+        assert row["grpo_vs_sft"] == {"difference": expected, "ci_low": expected, "ci_high": expected, "n_pairs": 1}
+    # turn-level (fails 2 intents) against episode-level (fails 4), at the same number of steps
+    adv = result["advantage_comparison"]
+    assert adv["delta_turn_vs_episode"]["mean"] == pytest.approx(2 / 9) and adv["equal_steps"] is True
+    assert adv["arms"]["grpo"]["advantage"] == "group_based_per_turn" and adv["arms"]["grpo_episode"]["success"] == 5 / 9
+    assert result["grpo_signals"]["reward"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_policies_evaluated_on_different_episodes_are_refused(assembler, oracle_report, tmp_path) -> None:
+    evals = {}
+    for name in ("base", "sft", "grpo", "oracle"):
+        report = _variant(oracle_report, name, set())
+        if name == "sft":  # one task short, as a run with a different --limit would be
+            report.trajectories = report.trajectories[:-1]
+        evals[name] = tmp_path / name
+        write_report(evals[name], [report], html_page=False)
+    sft = [_sft_run(tmp_path, 64, [0.2], [0.0])]
+    with pytest.raises(SystemExit, match="not evaluated on the same task ids and seeds"):
+        assembler.assemble(sft, evals, {"grpo": _grpo_run(tmp_path, "turn", 2)}, n_boot=100)
+    with pytest.raises(SystemExit, match="--eval lacks oracle"):
+        assembler.assemble(sft, {k: v for k, v in evals.items() if k != "oracle"}, {}, n_boot=100)
