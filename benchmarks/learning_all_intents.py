@@ -60,12 +60,17 @@ def best_point(points: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     more demonstrations (the tie rule of the epochs: more data at equal success). Returns it and why."""
     ranked = sorted(points, key=lambda p: (p["best_val_success"], p["best_val_reward"] or 0.0, p["n_demos"]))
     best = ranked[-1]
-    others = ", ".join(f"N={p['n_demos']}: {p['best_val_success']:.3f}" for p in points if p is not best)
-    why = (f"N={best['n_demos']} has the highest val success, {best['best_val_success']:.3f} at epoch "
-           f"{best['best_epoch']} on {best['val_tasks']} val tasks ({others or 'the only point'}).")
+    where = f"{best['best_val_success']:.3f} at epoch {best['best_epoch']} on {best['val_tasks']} val tasks"
     ties = [p for p in points if p is not best and p["best_val_success"] == best["best_val_success"]]
+    others = [p for p in points if p is not best and p not in ties]
     if ties:
-        why += f" Tied on success with N={', '.join(str(p['n_demos']) for p in ties)}: broken by val reward, then size."
+        why = (f"N={best['n_demos']} ties N={', N='.join(str(p['n_demos']) for p in ties)} for the highest val "
+               f"success, {where}; the tie goes to the higher val reward at the kept epoch ("
+               + ", ".join(f"N={p['n_demos']}: {p['best_val_reward']:.3f}" for p in [best, *ties]) + ").")
+    else:
+        why = f"N={best['n_demos']} has the highest val success, {where}."
+    if others:
+        why += " Below it: " + ", ".join(f"N={p['n_demos']}: {p['best_val_success']:.3f}" for p in others) + "."
     return best, why
 
 

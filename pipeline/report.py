@@ -360,10 +360,11 @@ def plot_training_curves(sft_curve: Sequence[Mapping[str, Any]] | None = None,
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     from matplotlib.ticker import MaxNLocator
 
-    def line(on, log, key, x, style, color, label):  # a series the log does not hold gets no legend entry
+    def line(on, log, key, x, style, color, label) -> bool:  # a series the log lacks: no line, no legend entry
         xs, ys = _series(log or [], key, x)
         if xs:
             on.plot(xs, ys, style, color=_color(color), label=label)
+        return bool(xs)
 
     for ax, name in zip(axes, panels):
         success_ax = ax.twinx()
@@ -371,11 +372,10 @@ def plot_training_curves(sft_curve: Sequence[Mapping[str, Any]] | None = None,
         success_ax.set_ylabel("val success")
         if name == "SFT":
             line(ax, sft_logs, "loss", "epoch", "-", 0, "train loss")
-            line(ax, sft_curve, "val/reward/mean", "epoch", "s--", 2, "val reward (mean)")
+            rewards = line(ax, sft_curve, "val/reward/mean", "epoch", "s--", 2, "val reward (mean)")
             line(success_ax, sft_curve, "val/success", "epoch", "o-", 1, "val success")
             ax.set_xlabel("epoch")
-            ax.set_ylabel("train loss / val reward" if _series(sft_curve or [], "val/reward/mean", "epoch")[0]
-                          else "train loss")
+            ax.set_ylabel("train loss / val reward" if rewards else "train loss")
         else:
             line(ax, grpo_logs, "rollout/reward/mean", "step", "o-", 0, "train reward (mean)")
             line(ax, grpo_logs, "val/reward/mean", "step", "s--", 2, "val reward (mean)")
