@@ -88,8 +88,9 @@ def load_reports(specs: dict[str, Path]) -> dict[str, Any]:
             raise SystemExit(f"--eval {name}={path}: expected one trajectories/*.jsonl from a single-policy "
                              f"`turnwise eval --out`, found {len(files)}; give the .jsonl file instead.")
         report = evaluate_trajectories(load_jsonl(files[0]), tasks, label=name)
-        config = json.loads((path / "report.json").read_text())["policies"][0]["config"] if path.is_dir() else {}
-        report.config.update(source=str(_rel(files[0])), evaluated=config)
+        played = json.loads((path / "report.json").read_text())["policies"][0] if path.is_dir() else {}
+        report.config.update(source=str(_rel(files[0])), evaluated=played.get("config", {}),
+                             wall_time_s=played.get("metrics", {}).get("wall_time_s"))
         reports[name] = report
     return reports
 
@@ -171,8 +172,7 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
         "eval_settings": {name: r.config["evaluated"] for name, r in reports.items()},
         "stage_times_s": {"sft_curve": sum(p["wall_time_s"] for p in points), "sft_best": best["wall_time_s"],
                           "grpo": grpo.get("wall_time_s"),
-                          "eval": {name: r.config["evaluated"].get("wall_time_s") or r.metrics.get("wall_time_s")
-                                   for name, r in reports.items()}},
+                          "eval": {name: r.config["wall_time_s"] for name, r in reports.items()}},
         "sft_val_curve": {"n_demos": best["n_demos"], "curve": best["curve"], "best_epoch": best["best_epoch"]},
         "grpo_signals": training_signals(log),
         "foothold": grpo.get("foothold"),

@@ -607,6 +607,7 @@ def export_adapter(source: str | os.PathLike[str], out: str | os.PathLike[str], 
         tensors = {name: (t.to(target) if t.is_floating_point() else t).contiguous()
                    for name, t in load_file(source / ADAPTER_WEIGHTS).items()}
         save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        _finalise_files(staging)  # the usual permissions (mkdtemp and safetensors make owner-only entries), on disk
     except BaseException:
         _remove_scratch(staging)
         raise

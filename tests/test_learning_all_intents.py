@@ -121,6 +121,11 @@ def test_the_result_pairs_every_policy_on_the_same_episodes_per_intent(assembler
     assert adv["delta_turn_vs_episode"]["mean"] == pytest.approx(2 / 9) and adv["equal_steps"] is True
     assert adv["arms"]["grpo"]["advantage"] == "group_based_per_turn" and adv["arms"]["grpo_episode"]["success"] == 5 / 9
     assert result["grpo_signals"]["reward"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    # the cost: every SFT point, the headline GRPO arm and each evaluation, as the pieces recorded them
+    played = oracle_report.metrics["wall_time_s"]
+    assert result["stage_times_s"] == {"sft_curve": 60.0 * 192, "sft_best": 60.0 * 128, "grpo": 100.0,
+                                       "eval": {name: played for name in fails}}
+    assert result["wall_time_s"] == pytest.approx(60.0 * 192 + 100.0 + 5 * played, abs=0.1)
 
 
 def test_policies_evaluated_on_different_episodes_are_refused(assembler, oracle_report, tmp_path) -> None:

@@ -327,6 +327,11 @@ def test_an_exported_float16_adapter_has_half_the_bytes_and_loads_to_the_same_mo
     assert weights.keys() == original.keys() and {t.dtype for t in weights.values()} == {torch.float16}
     assert 2 * sum(t.nbytes for t in weights.values()) == sum(t.nbytes for t in original.values())
     assert json.loads((out / models.ADAPTER_FILE).read_text()) == json.loads((source / models.ADAPTER_FILE).read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    # a copy for sharing: the usual permissions, not the owner-only ones of mkdtemp and safetensors
+    assert {path.name: path.stat().st_mode & 0o777 for path in [out, *out.iterdir()]} == {
+        path.name: (0o777 if path.is_dir() else 0o666) & ~umask for path in [out, *out.iterdir()]}
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     with torch.no_grad():
         expected = models.load_model(source)[0](ids).logits
