@@ -65,7 +65,12 @@ class TaskArguments:
     keep_best_val: bool = field(default=False, metadata={
         "help": "Keep the adapter of the validation with the best val success (ties: the earlier) in "
                 "<output_dir>/best_adapter and make it the run's result adapter, which the pipeline then evaluates; "
-                "the last step's stays in <output_dir>/adapter. Needs val_every."})
+                "the last step's stays in <output_dir>/adapter. Needs val_every. With val_at_start the starting "
+                "adapter competes too: when no step beats it, the run hands on the adapter it started from."})
+    val_at_start: bool = field(default=True, metadata={
+        "help": "With val_every: also validate the starting policy before the first step (step 0 of the val "
+                "curve; a resumed run does not repeat it). false saves one validation, and keep_best_val then "
+                "chooses among the trained steps only."})
     reward_config: str | None = field(default=None, metadata={
         "help": "Reward config: a YAML path or a shipped name (see configs/rewards/); default: the task domain's "
                 "default reward (sop for an SOP folder, else default)."})

@@ -1,8 +1,9 @@
 """What a GRPO run does besides optimising, as ``transformers`` callbacks.
 
 - :class:`ValidationCallback` runs the external evaluation on held-out tasks every ``val_every`` steps
-  (``val/success``, ``val/pass@1``, ``val/completion``, ``val/reward/mean``), warns on the reward-hacking
-  signal (:func:`health_warning`), and with ``keep_best_val`` keeps the best validation's adapter.
+  (``val/success``, ``val/pass@1``, ``val/completion``, ``val/reward/mean``), and on the starting policy
+  at step 0 with ``val_at_start``; warns on the reward-hacking signal (:func:`health_warning`); and with
+  ``keep_best_val`` keeps the best validation's adapter, the starting one included.
 - :class:`SampleWriter` writes the latest trajectories as JSONL at each logging step, for people to read.
 - :class:`EstimatorCheckpoint` saves a stateful advantage estimator (a critic) into every
   checkpoint from ``on_save``, and restores it when a run resumes, so TRL's own checkpointing stays as is.
@@ -41,14 +42,17 @@ class ValidationCallback(TrainerCallback):
     ``val/pass@1``, ``val/completion`` and ``val/reward/mean`` (the run's trajectory reward averaged over
     the validation episodes), and warns when training reward rises while validation success stays flat.
 
-    ``reward_fn`` scores the validation episodes; None uses the reward the trainer trains on.
+    ``reward_fn`` scores the validation episodes; None uses the reward the trainer trains on. With
+    ``at_start``, a fresh run (not a resumed one) also validates the starting policy at step 0: the curve
+    starts from it, and with ``best_dir`` the starting adapter competes too, so a run whose steps all score
+    below it hands on the adapter it started from.
     """
 
     def __init__(self, trainer: "GRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
                  max_new_tokens: int, patience: int = 3, best_dir: Path | None = None,
                  best: dict[str, Any] | None = None, reward_fn: Callable[[Trajectory], Any] | None = None,
-                 episodes: dict[str, Any] | None = None) -> None:
-        self.trainer, self.tasks, self.every = trainer, list(tasks), every
+                 episodes: dict[str, Any] | None = None, at_start: bool = False) -> None:
+        self.trainer, self.tasks, self.every, self.at_start = trainer, list(tasks), every, at_start
         self.episodes = episodes or {}  # how episodes are played (customer, tool_calling), as in training
         self.max_turns, self.max_new_tokens, self.patience = max_turns, max_new_tokens, patience
         self.reward_fn = reward_fn
@@ -81,6 +85,10 @@ class ValidationCallback(TrainerCallback):
                                "same): no learning signal. Raise num_generations or temperature, or use a denser "
                                "reward.", state.global_step, 100 * float(logs["analysis/zero_adv_groups"]))
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.at_start and state.global_step == 0:  # a resumed run's start was validated by its first part
+            self._validate_and_keep(0)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:
             self._run(state)
@@ -90,6 +98,9 @@ class ValidationCallback(TrainerCallback):
         step = self.trainer.state.global_step
         if self.last is not None and self.last[0] == step:
             return self.last[1]
+        return self._validate_and_keep(step)
+
+    def _validate_and_keep(self, step: int) -> dict[str, float]:
         metrics = self.validate()
         self.last = (step, dict(metrics))
         self._keep_if_best(step, metrics)
@@ -97,10 +108,7 @@ class ValidationCallback(TrainerCallback):
         return self.last[1]
 
     def _run(self, state) -> None:
-        metrics = self.validate()
-        self.last = (state.global_step, dict(metrics))
-        self._keep_if_best(state.global_step, metrics)
-        self.trainer.log(metrics)
+        metrics = self._validate_and_keep(state.global_step)
         reward = sum(self._rewards) / len(self._rewards) if self._rewards else float("nan")
         self._rewards = []
         self.history.append((reward, metrics["val/success"]))

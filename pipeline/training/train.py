@@ -95,7 +95,8 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
         best = json.loads((best_dir / BEST_FILE).read_text())
     validation = ValidationCallback(trainer, val_tasks, task_args.val_every, rollout_config.max_turns,
                                     rollout_config.max_new_tokens, best_dir=best_dir, best=best,
-                                    episodes=episode_options(rollout_config))
+                                    episodes=episode_options(rollout_config),
+                                    at_start=task_args.val_at_start and bool(task_args.val_every))
     trainer.add_callback(validation)
     trainer.add_callback(SampleWriter(trainer))
     if task_args.resume and checkpoint is None:

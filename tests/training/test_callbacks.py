@@ -54,6 +54,23 @@ def test_validation_logs_its_metrics_during_training(make_trainer):
     assert len(validated) == 1 and validated[0]["val/reward/mean"] == 0.75 and validated[0]["step"] == 1
 
 
+def test_validation_at_start_validates_the_starting_policy_once(make_trainer):
+    """at_start: step 0 of the val curve is the starting policy's. It stays out of the reward-hacking
+    history (no training reward precedes it), and a resumed run (global_step > 0) does not repeat it."""
+    from pipeline.envs import load_tasks
+
+    trainer = make_trainer(max_steps=1)
+    trainer.reward.reward_fn = lambda trajectory: 0.75
+    validation = ValidationCallback(trainer, load_tasks("customer_service", "val")[:1], every=1, max_turns=2,
+                                    max_new_tokens=4, at_start=True)
+    trainer.add_callback(validation)
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "val/success" in h] == [0, 1]
+    assert len(validation.history) == 1 and validation.last[0] == 1
+    validation.on_train_begin(trainer.args, SimpleNamespace(global_step=1), None)  # as a resumed run begins
+    assert [h["step"] for h in trainer.state.log_history if "val/success" in h] == [0, 1]
+
+
 class Unnamed:
     """A stateful estimator: counts the batches it saw. It names no state file."""
 

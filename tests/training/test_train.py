@@ -3,6 +3,9 @@ builds (a shipped name or a YAML path, bound to the tasks)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,20 +78,25 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     assert all(isinstance(h["val/reward/mean"], float) for h in history if "val/success" in h)
     assert any("rollout/turns/mean" in h and "analysis/zero_adv_groups" in h for h in history)
     final_history = json.loads((tmp_path / "log_history.json").read_text())
-    # val_every=1 validated step 2 already: the final val is that one, not a second evaluation
-    assert [h["step"] for h in final_history if "val/success" in h] == [1, 2]
+    # step 0 is the starting policy (val_at_start); val_every=1 validated step 2 already: the final val is that
+    # one, not a second evaluation
+    assert [h["step"] for h in final_history if "val/success" in h] == [0, 1, 2]
     assert (tmp_path / "grpo_result.json").is_file()
 
     again = train(task_args, rollout_config, grpo_args(3), model_args, reward_fn=token_count_reward)
     assert again["steps"] == 3
+    again_history = json.loads((tmp_path / "log_history.json").read_text())
+    assert [h["step"] for h in again_history if "val/success" in h] == [0, 1, 2, 3]  # the resume did not redo step 0
     assert (tmp_path / "samples" / "step-000003.jsonl").exists()
 
 
 def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_competing(tiny_model_dir, tmp_path,
                                                                                         monkeypatch):
-    """keep_best_val: the adapter of the step with the best val success (ties: the earlier) is kept in
-    best_adapter/ with its step, and is the run's result adapter; the last step's stays in adapter/. A
-    resumed run starts from the kept best; a fresh run in the same directory replaces it."""
+    """keep_best_val: the adapter of the validation with the best val success (ties: the earlier) is kept in
+    best_adapter/ with its step, and is the run's result adapter; the last step's stays in adapter/. The
+    starting adapter is validated at step 0 and competes: when no step beats it, it is the result. A
+    resumed run starts from the kept best and does not validate its start again; a fresh run in the same
+    directory replaces it."""
     import json
 
     from safetensors.torch import load_file
@@ -98,7 +106,8 @@ def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_c
     from pipeline.training import ValidationCallback, train
     from pipeline.training.callbacks import BEST_FILE
 
-    scores = iter([0.25, 0.75, 0.75, 0.5, 0.5])  # steps 1-3, then a resumed step 4, then a fresh run
+    # steps 0-3; a resumed step 4; a fresh run's steps 0-1 from the last adapter; steps 1-2 without val_at_start
+    scores = iter([0.5, 0.25, 0.75, 0.75, 0.5, 0.5, 0.5, 0.25, 0.5])
 
     def validate(self):
         return {"val/success": next(scores), "val/pass@1": 0.0, "val/completion": 0.0,
@@ -109,18 +118,23 @@ def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_c
     model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
                              lora_target_modules=["q_proj", "v_proj"])
 
-    def run(steps, resume):
+    def run(steps, resume, adapter=None, val_at_start=True):
         grpo_args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
                                max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
                                save_strategy="steps", save_steps=1, beta=0.0, learning_rate=1e-2)
         task_args = TaskArguments(train_limit=2, val_limit=1, val_every=1, keep_best_val=True, foothold_tasks=0,
-                                  resume=resume)
+                                  resume=resume, adapter=adapter, val_at_start=val_at_start)
         return train(task_args, rollout_config, grpo_args, model_args, reward_fn=token_count_reward)
 
     def weights(directory):
         return load_file(str(directory / "adapter_model.safetensors"))
 
+    def validated_steps(result):  # of the run that just finished: the next one in tmp_path rewrites the file
+        history = json.loads(Path(result["log_history"]).read_text())
+        return [h["step"] for h in history if "val/success" in h]
+
     result = run(3, resume=False)
+    assert validated_steps(result) == [0, 1, 2, 3]
     best = tmp_path / "best_adapter"
     assert result["adapter"] == str(best) and result["final_adapter"] == str(tmp_path / "adapter")
     assert result["best_val"] == {"step": 2, "val/success": 0.75, "adapter": str(best)}
@@ -134,8 +148,22 @@ def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_c
     resumed = run(4, resume=True)  # step 4 validates 0.5: the step-2 adapter stays the best
     assert resumed["best_val"]["step"] == 2 and all(torch.equal(kept[k], v) for k, v in weights(best).items())
 
-    fresh = run(1, resume=False)  # a new run in the same directory does not compete with the old best
-    assert fresh["best_val"] == {"step": 1, "val/success": 0.5, "adapter": str(best)}
+    assert validated_steps(resumed) == [0, 1, 2, 3, 4]  # the resume did not validate its start again
+
+    # A fresh run in the same directory does not compete with the old best. It starts from the last adapter,
+    # whose step-0 validation (0.5) no step beats (0.5 ties): the kept adapter is the one it started from.
+    start = tmp_path.parent / f"{tmp_path.name}-start"
+    shutil.copytree(tmp_path / "adapter", start)
+    fresh = run(1, resume=False, adapter=str(start))
+    assert fresh["best_val"] == {"step": 0, "val/success": 0.5, "adapter": str(best)}
+    started, trained = weights(start), weights(tmp_path / "adapter")
+    assert all(torch.equal(started[k], v) for k, v in weights(best).items())
+    assert any(not torch.equal(started[k], trained[k]) for k in started)  # step 1 did change the adapter
+
+    # Without val_at_start the trained steps compete among themselves, as before: step 2's 0.5 beats step 1's 0.25
+    without = run(2, resume=False, val_at_start=False)
+    assert validated_steps(without) == [1, 2] and without["best_val"]["step"] == 2
+    assert next(scores, None) is None  # every validation ran, and no other
 
 
 def test_keep_best_val_needs_periodic_validation():
