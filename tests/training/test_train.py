@@ -42,6 +42,14 @@ def test_unknown_reward_name_is_refused_with_the_choices():
         default_reward("nonexistent")
 
 
+def validated_steps(result):
+    """The steps a finished train() run validated at, from its log_history.json."""
+    import json
+
+    history = json.loads(Path(result["log_history"]).read_text())
+    return [h["step"] for h in history if "val/success" in h]
+
+
 def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_model_dir, tmp_path, caplog):
     """``train()`` runs the whole loop: validation through pipeline.evaluation, trajectory samples as
     JSONL at each logging step, and a saved adapter; ``resume`` continues from the last checkpoint."""
@@ -77,16 +85,14 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     assert any("val/success" in h for h in history)  # validation ran during training (val_every=1)
     assert all(isinstance(h["val/reward/mean"], float) for h in history if "val/success" in h)
     assert any("rollout/turns/mean" in h and "analysis/zero_adv_groups" in h for h in history)
-    final_history = json.loads((tmp_path / "log_history.json").read_text())
     # step 0 is the starting policy (val_at_start); val_every=1 validated step 2 already: the final val is that
     # one, not a second evaluation
-    assert [h["step"] for h in final_history if "val/success" in h] == [0, 1, 2]
+    assert validated_steps(result) == [0, 1, 2]
     assert (tmp_path / "grpo_result.json").is_file()
 
     again = train(task_args, rollout_config, grpo_args(3), model_args, reward_fn=token_count_reward)
     assert again["steps"] == 3
-    again_history = json.loads((tmp_path / "log_history.json").read_text())
-    assert [h["step"] for h in again_history if "val/success" in h] == [0, 1, 2, 3]  # the resume did not redo step 0
+    assert validated_steps(again) == [0, 1, 2, 3]  # the resume did not redo step 0
     assert (tmp_path / "samples" / "step-000003.jsonl").exists()
 
 
@@ -129,12 +135,8 @@ def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_c
     def weights(directory):
         return load_file(str(directory / "adapter_model.safetensors"))
 
-    def validated_steps(result):  # of the run that just finished: the next one in tmp_path rewrites the file
-        history = json.loads(Path(result["log_history"]).read_text())
-        return [h["step"] for h in history if "val/success" in h]
-
     result = run(3, resume=False)
-    assert validated_steps(result) == [0, 1, 2, 3]
+    assert validated_steps(result) == [0, 1, 2, 3]  # read now: the next run in tmp_path rewrites the file
     best = tmp_path / "best_adapter"
     assert result["adapter"] == str(best) and result["final_adapter"] == str(tmp_path / "adapter")
     assert result["best_val"] == {"step": 2, "val/success": 0.75, "adapter": str(best)}
