@@ -31,6 +31,7 @@ through the seeded environment (the simulated customer's wording, persona draws)
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -46,7 +47,7 @@ from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task, f
 from pipeline.envs.tasks import intent_label
 from pipeline.rollout import RolloutEngine, run_policy
 from pipeline.rollout.engine import SCHEDULES
-from pipeline.trajectory import Trajectory
+from pipeline.trajectory import Trajectory, append_jsonl, atomic_write_text, drop_torn_line, load_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,8 @@ def evaluate(
     customer: str | None = None,
     tool_calling: str = "auto",
     schedule: str = "continuous",
+    journal: "EpisodeJournal | Path | str | None" = None,
+    resume: bool = False,
 ) -> EvalReport:
     """Play ``n`` episodes per task (default ``n = k``; seeds ``seed .. seed+n-1``) and report strict success.
 
@@ -291,6 +294,11 @@ def evaluate(
     customer (``scripted``, or ``llm:BACKEND`` for the domain's LLM customer; default: the domain's). A model
     calls tools in its chat template's own format when the template has one (``tool_calling="auto"``; or
     ``"native"``, ``"text"``).
+
+    ``journal`` (an :class:`EpisodeJournal` or its path) saves each episode as it ends. With ``resume``, the
+    episodes a journal of the same run already holds are not played again: a killed evaluation continues where
+    it stopped, and its report covers every episode (``config["resumed_episodes"]`` says how many came from the
+    journal; ``wall_time_s`` is this part's time).
     """
     n = k if n is None else n
     k_values(n, k)  # fail fast on a bad k/n
@@ -300,25 +308,41 @@ def evaluate(
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not a rollout schedule; use one of {', '.join(SCHEDULES)}.")
     label = label or _label(policy)
-    engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size, tool_calling)
     episodes = [(task, seed + i) for task in tasks for i in range(n)]
+    saved: dict[tuple[str, int, int], Trajectory] = {}
+    if journal is not None:
+        journal = journal if isinstance(journal, EpisodeJournal) else EpisodeJournal(journal)
+        identity = {"policy": label, "tasks": [t.id for t in tasks], "n": n, "seed": seed, "max_turns": max_turns,
+                    "max_new_tokens": max_new_tokens, "max_total_tokens": max_total_tokens, "customer": customer,
+                    "tool_calling": tool_calling}
+        finished = journal.open(identity, resume=resume)
+        saved = dict(zip(_occurrence_keys((t.task_id, t.seed) for t in finished), finished))
+    keys = _occurrence_keys((task.id, s) for task, s in episodes)
+    todo = [i for i, key in enumerate(keys) if key not in saved]
+    save = (lambda t: None) if journal is None else journal.append
+    engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size, tool_calling)
     env_factory = lambda task: make_env(task, max_turns=max_turns, customer=customer)  # noqa: E731
     start = time.time()
     with _progress(len(episodes), progress) as advance:
-        if engine is not None:
+        advance(len(episodes) - len(todo))
+        played: list[Trajectory] = []
+        if engine is not None and todo:
             done = [0]
 
             def on_turn(active: int, finished: int) -> None:
                 advance(finished - done[0])
                 done[0] = finished
 
-            trajectories = engine.run(env_factory, [t for t, _ in episodes], [s for _, s in episodes], on_turn=on_turn,
-                                      schedule=schedule)
-        else:
-            trajectories = []
-            for task, s in episodes:
-                trajectories.append(run_policy(env_factory(task), task, policy(task), seed=s))
+            played = engine.run(env_factory, [episodes[i][0] for i in todo], [episodes[i][1] for i in todo],
+                                on_turn=on_turn, schedule=schedule, on_episode=lambda _, t: save(t))
+        elif engine is None:
+            for i in todo:
+                task, s = episodes[i]
+                played.append(run_policy(env_factory(task), task, policy(task), seed=s))
+                save(played[-1])
                 advance(1)
+    new = dict(zip((keys[i] for i in todo), played))
+    trajectories = [saved[key] if key in saved else new[key] for key in keys]
     report = _report(trajectories, tasks, k)
     report.metrics["wall_time_s"] = round(time.time() - start, 2)
     report.config = {"policy": label, "source": "model" if engine is not None else "scripted", "k": k, "n": n,
@@ -329,8 +353,76 @@ def evaluate(
     if engine is not None:
         report.config["tool_calling"] = engine.template.tool_format.name
         report.config["schedule"] = schedule
+    if saved:
+        report.config["resumed_episodes"] = len(saved)
     logger.info("evaluated %s on %d tasks x %d: success %.3f", label, len(tasks), n, report.metrics["success"])
     return report
+
+
+def _occurrence_keys(pairs) -> list[tuple[str, int, int]]:
+    """``(task id, seed, i)`` for each ``(task id, seed)``: its ``i``-th occurrence, so a repeated pair keeps each."""
+    seen: Counter = Counter()
+    keys = []
+    for pair in pairs:
+        keys.append((*pair, seen[pair]))
+        seen[pair] += 1
+    return keys
+
+
+class EpisodeJournal:
+    """One policy's finished episodes, saved as each ends, so that a killed evaluation resumes.
+
+    ``path`` holds one trajectory per line (the format of ``trajectories.jsonl``, so ``turnwise eval
+    --trajectories`` reads a journal too). Each line is appended and forced to disk when its episode ends; a
+    kill can tear only the line being written, and a resume drops it (that episode is played again).
+    ``path.with_suffix(".json")`` records which run the episodes belong to (the policy, tasks, seeds and
+    budgets), and a resume with different ones is refused: the report would mix two runs.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.identity_path = self.path.with_suffix(".json")
+
+    def open(self, identity: dict[str, Any], *, resume: bool) -> list[Trajectory]:
+        """Start saving episodes of the run ``identity`` describes; with ``resume``, return those already saved.
+
+        Without ``resume`` (or with nothing saved) the journal starts empty.
+        """
+        if resume and self.path.is_file() and self.identity_path.is_file():
+            self._check(identity)
+            if drop_torn_line(self.path):
+                logger.warning("%s: its last episode was cut off by the interruption; it is played again.", self.path)
+            finished = load_jsonl(self.path)
+            logger.info("resuming from %s: %d episodes already played", self.path, len(finished))
+            return finished
+        if resume:
+            logger.warning("--resume: no saved episodes in %s; the evaluation starts from the beginning.", self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, "")
+        atomic_write_text(self.identity_path, json.dumps(identity, indent=1) + "\n")
+        return []
+
+    def append(self, trajectory: Trajectory) -> None:
+        append_jsonl(trajectory, self.path)
+
+    def _check(self, identity: dict[str, Any]) -> None:
+        try:
+            saved = json.loads(self.identity_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{self.identity_path}: cannot read which run the saved episodes belong to ({exc}); "
+                             "rerun without --resume to start over.") from None
+        for name, value in identity.items():
+            before = saved.get(name) if isinstance(saved, dict) else None
+            if before == value:
+                continue
+            was, now = f"{name} {before!r}", repr(value)
+            if name == "tasks" and isinstance(before, list):
+                i = next((i for i, (a, b) in enumerate(zip(before, value)) if a != b), min(len(before), len(value)))
+                was, now = (f"{len(ids)} tasks (task {i + 1}: {ids[i] if i < len(ids) else 'none'})"
+                            for ids in (before, value))
+            raise ValueError(f"{self.identity_path}: the saved episodes were played with {was}, this run asks for "
+                             f"{now}; resume with the options of the run that saved them, or rerun without --resume "
+                             "to start over.")
 
 
 def evaluate_trajectories(
@@ -502,12 +594,8 @@ def compare(candidate: EvalReport, base: EvalReport, *, n_boot: int = 10_000, co
         raise ValueError(f"confidence must be between 0 and 1 (0.95 for a 95% interval), got {confidence!r}.")
 
     def keyed(report: EvalReport) -> dict[tuple[str, int, int], Trajectory]:
-        seen: Counter = Counter()
-        out = {}
-        for t in report.trajectories:
-            out[(t.task_id, t.seed, seen[(t.task_id, t.seed)])] = t
-            seen[(t.task_id, t.seed)] += 1
-        return out
+        trajectories = report.trajectories
+        return dict(zip(_occurrence_keys((t.task_id, t.seed) for t in trajectories), trajectories))
 
     cand, ref = keyed(candidate), keyed(base)
     keys = [key for key in cand if key in ref]

@@ -179,6 +179,32 @@ def save_jsonl(trajectories: Iterable[Trajectory], path: Path | str) -> None:
     atomic_write_text(path, "".join(json.dumps(t.to_dict()) + "\n" for t in trajectories))
 
 
+def append_jsonl(trajectory: Trajectory, path: Path | str) -> None:
+    """Append one trajectory as a line and force it to disk before returning.
+
+    A kill can tear only the line being written; :func:`drop_torn_line` removes such a line before the
+    file is appended to again.
+    """
+    with Path(path).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(trajectory.to_dict()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def drop_torn_line(path: Path | str) -> bool:
+    """Cut a last line that has no newline (an append a kill interrupted) from ``path``; whether one was cut."""
+    data = Path(path).read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    keep = data[: data.rfind(b"\n") + 1]
+    try:
+        atomic_write_text(path, keep.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {keep[exc.start]:#04x} at offset {exc.start}); it is not a "
+                         "file turnwise wrote: move it away.") from None
+    return True
+
+
 def read_json_lines(path: Path | str) -> Iterator[tuple[int, Any]]:
     """``(line number, decoded JSON)`` for each non-blank line of a JSONL file.
 

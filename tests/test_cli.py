@@ -189,6 +189,55 @@ def test_eval_logged_trajectories_against_a_live_base(tmp_path: Path, capsys: py
     assert (out_dir / "plots" / "reward_vs_success.png").exists()  # the log carried rewards
 
 
+def test_eval_resume_continues_a_killed_run_into_the_same_report(
+    tmp_path: Path, weak_policy_module: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A killed ``turnwise eval --out`` leaves each policy's finished episodes in ``in_progress/``; ``--resume``
+    plays the rest and writes the report a run that was never stopped writes, then clears ``in_progress/``."""
+    from pipeline.evaluation import EpisodeJournal
+
+    command = ["eval", "--policy", weak_policy_module, "--base", "oracle", "--tasks", "val", "--limit", "4", "--n", "2",
+               "--max-turns", "6"]
+    assert main([*command, "--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / "in_progress").exists()
+
+    class Killed(Exception):
+        pass
+
+    saves, real = [], EpisodeJournal.append
+
+    def append(self: EpisodeJournal, trajectory) -> None:
+        if len(saves) == 11:  # the candidate's 8 episodes and 3 of the base's
+            raise Killed
+        saves.append(self.path.name)
+        real(self, trajectory)
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(EpisodeJournal, "append", append)
+        with pytest.raises(Killed):
+            main([*command, "--out", str(out)])
+    assert saves == ["1-candidate.jsonl"] * 8 + ["2-base.jsonl"] * 3
+    assert not (out / "report.json").exists()
+    assert sorted(p.name for p in (out / "in_progress").iterdir()) == [
+        "1-candidate.json", "1-candidate.jsonl", "2-base.json", "2-base.jsonl"]
+
+    capsys.readouterr()
+    assert main([*command, "--out", str(out), "--resume"]) == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    whole, resumed = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "whole", out))
+    assert [p["config"].get("resumed_episodes") for p in resumed["policies"]] == [8, 3]
+    assert [p["episodes"] for p in resumed["policies"]] == [p["episodes"] for p in whole["policies"]]
+    assert resumed["comparison"]["statement"] == whole["comparison"]["statement"]
+    assert not (out / "in_progress").exists()
+
+
+def test_eval_resume_needs_the_out_directory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--policy", "oracle", "--resume"]) == 1
+    assert "--resume continues an evaluation from the episodes it saved in --out; give that --out." in \
+        capsys.readouterr().err
+
+
 def test_eval_runs_a_model_beside_the_oracle(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # shrunk budgets: the tiny random model only has to go through the engine, not solve anything
     assert main(["eval", "--model", str(tiny_model_dir), "--reference", "oracle", "--tasks", "val", "--limit", "2",

@@ -15,6 +15,7 @@ import pytest
 from pipeline.envs import Outcome, Task, load_tasks, oracle_policy
 from pipeline.envs.base import BUDGET_STOPS
 from pipeline.evaluation import (
+    EpisodeJournal,
     EvalReport,
     compare,
     evaluate,
@@ -383,6 +384,144 @@ def test_continuous_and_static_schedules_report_the_same_episodes(tiny_model_dir
     assert [(e["task_id"], e["seed"]) for e in continuous.episodes] == [(t.id, s) for t in tasks[:3] for s in (0, 1)]
     with pytest.raises(ValueError, match="schedule='chunks' is not a rollout schedule"):
         evaluate(model, tasks[:1], schedule="chunks", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming a killed evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    """Stands for the kill that stops an evaluation part-way."""
+
+
+def kill_after(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
+    """Make the journal's ``saves + 1``-th save raise :class:`Killed`, after ``saves`` episodes were saved."""
+    real = EpisodeJournal.append
+    count = [0]
+
+    def append(self: EpisodeJournal, trajectory: Trajectory) -> None:
+        if count[0] == saves:
+            raise Killed
+        count[0] += 1
+        real(self, trajectory)
+
+    monkeypatch.setattr(EpisodeJournal, "append", append)
+
+
+def counted(factory):
+    """``factory`` (task -> policy), counting the episodes it is asked to play in ``.calls``."""
+
+    def make(task: Task):
+        make.calls += 1
+        return factory(task)
+
+    make.calls = 0
+    return make
+
+
+def transcripts(report: EvalReport) -> list:
+    return [(t.task_id, t.seed, t.messages) for t in report.trajectories]
+
+
+def test_a_killed_scripted_evaluation_resumes_where_it_stopped(tasks: list[Task], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal saves each episode as it ends; a resumed run plays only the rest and reports every episode,
+    in the order and with the results of a run that was never stopped."""
+    whole = evaluate(distracted_oracle, tasks[:4], n=2)
+    journal = tmp_path / "journal.jsonl"
+    with monkeypatch.context() as m:
+        kill_after(m, 5)
+        with pytest.raises(Killed):
+            evaluate(distracted_oracle, tasks[:4], n=2, journal=journal)
+    assert len(load_jsonl(journal)) == 5
+
+    policy = counted(distracted_oracle)
+    resumed = evaluate(policy, tasks[:4], n=2, journal=journal, resume=True, label="distracted_oracle")
+    assert policy.calls == 3  # 8 episodes, 5 saved before the kill
+    assert resumed.episodes == whole.episodes and transcripts(resumed) == transcripts(whole)
+    assert resumed.config["resumed_episodes"] == 5
+    assert len(load_jsonl(journal)) == 8  # the journal now holds the whole run
+
+    # Resuming a finished journal plays nothing; without resume the journal starts over and all is played.
+    again = counted(distracted_oracle)
+    assert evaluate(again, tasks[:4], n=2, journal=journal, resume=True, label="distracted_oracle").episodes == \
+        whole.episodes
+    assert again.calls == 0
+    fresh = counted(distracted_oracle)
+    restarted = evaluate(fresh, tasks[:4], n=2, journal=journal, label="distracted_oracle")
+    assert fresh.calls == 8 and "resumed_episodes" not in restarted.config
+    assert restarted.episodes == whole.episodes and len(load_jsonl(journal)) == 8
+
+
+def test_a_killed_model_evaluation_resumes_where_it_stopped(tiny_model_dir: Path, tasks: list[Task], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine hands each episode over as it ends (continuous batching ends them out of task order), so a
+    model's evaluation resumes too, with the same greedy episodes, token data included."""
+    from pipeline.models import load_model
+    from pipeline.rollout import RolloutEngine
+
+    model = load_model(str(tiny_model_dir))
+    kwargs = dict(n=2, max_turns=3, max_new_tokens=4, batch_size=3, label="tiny")  # shrunk: 6 episodes, 3 slots
+    whole = evaluate(model, tasks[:3], **kwargs)
+    journal = tmp_path / "journal.jsonl"
+    with monkeypatch.context() as m:
+        kill_after(m, 2)
+        with pytest.raises(Killed):
+            evaluate(model, tasks[:3], journal=journal, **kwargs)
+
+    played: list[int] = []
+    real_run = RolloutEngine.run
+    monkeypatch.setattr(RolloutEngine, "run", lambda self, f, tasks, seeds, *a, **kw: played.append(len(tasks)) or
+                        real_run(self, f, tasks, seeds, *a, **kw))
+    resumed = evaluate(model, tasks[:3], journal=journal, resume=True, **kwargs)
+    assert played == [4] and resumed.config["resumed_episodes"] == 2
+    assert resumed.episodes == whole.episodes and transcripts(resumed) == transcripts(whole)
+    assert [t.tokens.input_ids for t in resumed.trajectories] == [t.tokens.input_ids for t in whole.trajectories]
+    assert resumed.config["source"] == "model" and resumed.config["tool_calling"] == whole.config["tool_calling"]
+
+
+def test_a_torn_last_episode_is_dropped_and_played_again(tasks: list[Task], tmp_path: Path) -> None:
+    """A kill in the middle of a save leaves a line without its end: the resume cuts it and replays that episode."""
+    whole = evaluate(oracle_policy, tasks[:3], label="oracle")
+    journal = tmp_path / "journal.jsonl"
+    evaluate(oracle_policy, tasks[:3], journal=journal, label="oracle")
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text(lines[0] + lines[1][: len(lines[1]) // 2])
+
+    policy = counted(oracle_policy)
+    resumed = evaluate(policy, tasks[:3], journal=journal, resume=True, label="oracle")
+    assert policy.calls == 2 and resumed.config["resumed_episodes"] == 1
+    assert resumed.episodes == whole.episodes
+    assert len(load_jsonl(journal)) == 3
+
+
+def test_a_resume_with_other_options_is_refused(tasks: list[Task], tmp_path: Path) -> None:
+    """Episodes of one run are never mixed into another's report: the journal records what it was played with."""
+    journal = tmp_path / "journal.jsonl"
+    evaluate(oracle_policy, tasks[:3], n=2, max_turns=12, journal=journal, label="oracle")
+    with pytest.raises(ValueError, match=r"journal\.json: the saved episodes were played with max_turns 12, this run "
+                                         r"asks for 16; resume with the options of the run that saved them"):
+        evaluate(oracle_policy, tasks[:3], n=2, max_turns=16, journal=journal, resume=True, label="oracle")
+    with pytest.raises(ValueError, match=rf"played with 3 tasks \(task 3: {tasks[2].id}\), this run asks for 3 tasks "
+                                         rf"\(task 3: {tasks[3].id}\)"):
+        evaluate(oracle_policy, [*tasks[:2], tasks[3]], n=2, max_turns=12, journal=journal, resume=True,
+                 label="oracle")
+    with pytest.raises(ValueError, match="played with policy 'oracle', this run asks for 'other'"):
+        evaluate(oracle_policy, tasks[:3], n=2, max_turns=12, journal=journal, resume=True, label="other")
+    journal.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ValueError, match="journal.json: cannot read which run the saved episodes belong to"):
+        evaluate(oracle_policy, tasks[:3], n=2, max_turns=12, journal=journal, resume=True, label="oracle")
+
+
+def test_resume_without_a_journal_starts_from_the_beginning(tasks: list[Task], tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    policy = counted(oracle_policy)
+    with caplog.at_level("WARNING", logger="pipeline.evaluation"):
+        report = evaluate(policy, tasks[:2], journal=tmp_path / "new" / "journal.jsonl", resume=True)
+    assert policy.calls == 2 and "resumed_episodes" not in report.config
+    assert "no saved episodes in" in caplog.text
+    assert len(load_jsonl(tmp_path / "new" / "journal.jsonl")) == 2
 
 
 # ---------------------------------------------------------------------------------------------------

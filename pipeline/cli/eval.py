@@ -9,6 +9,7 @@ split, episodes and budgets; a pipeline recipe's ``eval:`` section reads the sam
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +28,15 @@ DESCRIPTION = (
 EPILOG = """examples:
   turnwise eval --policy oracle --split test --limit 20
   turnwise eval --model outputs/tuned --base smollm2-135m --reference oracle --out reports/tuned
+  turnwise eval --model outputs/tuned --base smollm2-135m --reference oracle --out reports/tuned --resume
   turnwise eval --trajectories logs/rollouts.jsonl --base logs/baseline.jsonl --out reports/logged"""
 
 #: Scripted policies ``--policy``, ``--base`` and ``--reference`` know by name (a factory task -> policy
 #: can also be named as ``MODULE:FUNCTION``, if it is declared with ``pipeline.plugins.declare_policy_factory``).
 SCRIPTED_POLICIES = ("oracle",)
+
+#: The directory under ``--out`` where each policy's finished episodes are saved until the report is written.
+IN_PROGRESS = "in_progress"
 
 
 @dataclass
@@ -53,9 +58,15 @@ class PolicyArguments:
         "help": "Reference policy specs shown in the same table, e.g. oracle (repeatable).", "action": "extend"})
     seed: int = field(default=0, metadata={"help": "First environment seed; also seeds the bootstrap."})
     out: Path | None = field(default=None, metadata={
-        "help": "Write report.json, report.md, report.html, plots/ and trajectories/ into this directory."})
+        "help": "Write report.json, report.md, report.html, plots/ and trajectories/ into this directory. Finished "
+                "episodes are saved in its in_progress/ as they end, until the report is written."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue a killed evaluation into the same --out: the episodes its in_progress/ holds are not "
+                "played again. Give the options of the run being resumed."})
 
     def __post_init__(self) -> None:
+        if self.resume and self.out is None:
+            raise ValueError("--resume continues an evaluation from the episodes it saved in --out; give that --out.")
         if self.policy and self.policy not in SCRIPTED_POLICIES and ":" not in self.policy:
             raise ValueError(f"unknown scripted policy {self.policy!r}: use {', '.join(SCRIPTED_POLICIES)} or "
                              "MODULE:FUNCTION (a factory task -> policy); for a model, use --model.")
@@ -100,7 +111,8 @@ def evaluate(who: PolicyArguments, how, task_set: TaskSetArguments, episodes: Ep
     specs += [("reference", spec) for spec in who.reference]
     reports, labels = [], set()
     for role, spec in specs:
-        report = _evaluate_spec(spec, tasks, ids, who, how, task_set, episodes)
+        journal = who.out / IN_PROGRESS / f"{len(reports) + 1}-{role}.jsonl" if who.out else None
+        report = _evaluate_spec(spec, tasks, ids, who, how, task_set, episodes, journal)
         # The same spec twice (say, as base and as reference) still needs its own column and files.
         label = spec if spec not in labels else f"{spec} ({role} {len(reports) + 1})"
         labels.add(label)
@@ -118,9 +130,11 @@ def evaluate(who: PolicyArguments, how, task_set: TaskSetArguments, episodes: Ep
             paths = write_report(who.out, reports, comparison, rewards, html_page=how.html)
         except MissingReportDependency as error:
             paths = write_report(who.out, reports, comparison, html_page=False)
+            shutil.rmtree(who.out / IN_PROGRESS, ignore_errors=True)
             print(f"report: {paths['markdown']} (JSON and Markdown only)")
             print(f"turnwise: error: {error}", file=sys.stderr)
             return 1
+        shutil.rmtree(who.out / IN_PROGRESS, ignore_errors=True)  # the report's trajectories/ hold every episode
         print(f"report: {paths.get('html', paths['markdown'])}")
     return 0
 
@@ -145,8 +159,9 @@ def _eval_tasks(how, task_set: TaskSetArguments, source: str | None, logged: lis
 
 
 def _evaluate_spec(spec: str, tasks: list, ids: list[str], who: PolicyArguments, how, task_set: TaskSetArguments,
-                   episodes: EpisodeArguments):
-    """Evaluate one policy spec: a logged FILE.jsonl, a scripted policy, or a model."""
+                   episodes: EpisodeArguments, journal: Path | None = None):
+    """Evaluate one policy spec: a logged FILE.jsonl, a scripted policy, or a model (played episodes are saved in
+    ``journal`` as they end)."""
     from pipeline.evaluation import evaluate, evaluate_trajectories
     from pipeline.trajectory import load_jsonl
 
@@ -162,7 +177,7 @@ def _evaluate_spec(spec: str, tasks: list, ids: list[str], who: PolicyArguments,
     return evaluate(policy, tasks, k=how.k, seed=who.seed, n=how.n, max_turns=how.max_turns,
                     max_new_tokens=how.max_new_tokens, max_total_tokens=how.max_total_tokens,
                     batch_size=how.batch_size, label=spec, customer=episodes.customer,
-                    tool_calling=episodes.tool_calling)
+                    tool_calling=episodes.tool_calling, journal=journal, resume=who.resume)
 
 
 def scripted_policy(spec: str) -> Callable:

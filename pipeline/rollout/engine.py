@@ -60,6 +60,12 @@ class _Episode:
     stream: int = 0  # the episode's sampling stream: its ordinal among the episodes the engine started
 
 
+def _trajectory(e: _Episode) -> Trajectory:
+    """The record of a finished episode."""
+    return Trajectory(task_id=e.task.id, messages=e.messages, turns=e.turns, outcome=e.env.outcome(), seed=e.seed,
+                      tokens=TokenData(e.ids, e.mask, e.logprobs, e.spans))
+
+
 class RolloutEngine:
     """Batched multi-turn rollouts with exact token bookkeeping.
 
@@ -111,7 +117,8 @@ class RolloutEngine:
                         chat=[dict(m) for m in messages], tools=tools, fmt=fmt, stream=stream)
 
     def run(self, env_factory: Callable[[Task], Environment], tasks: Sequence[Task], seeds: Sequence[int] | int = 0,
-            on_turn: Callable[[int, int], None] | None = None, *, schedule: str = "continuous") -> list[Trajectory]:
+            on_turn: Callable[[int, int], None] | None = None, *, schedule: str = "continuous",
+            on_episode: Callable[[int, Trajectory], None] | None = None) -> list[Trajectory]:
         """Play one episode per task (environment seed ``seeds[i]``, or one seed for all); results in task order.
 
         ``schedule="continuous"`` keeps up to ``batch_size`` episodes live: when one ends, the next waiting
@@ -120,7 +127,8 @@ class RolloutEngine:
         ends (the older scheduling, kept for comparison). Both give the same episodes: each episode's
         tokens depend on its own prompt and, when sampling, on its own random stream (``sampling_seed``:
         its ordinal among the episodes this engine has started), never on which episodes share its
-        batch. ``on_turn(active, finished)`` is called after every batched turn.
+        batch. ``on_turn(active, finished)`` is called after every batched turn, and ``on_episode(i, trajectory)``
+        as soon as the episode of ``tasks[i]`` has ended (so that a caller can save finished work as it comes).
         """
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not a rollout schedule; use one of {', '.join(SCHEDULES)}.")
@@ -131,7 +139,7 @@ class RolloutEngine:
         self._started += len(tasks)
         jobs = [(task, seed, first + i) for i, (task, seed) in enumerate(zip(tasks, seeds))]
         if schedule == "continuous":
-            return self._run_slots(env_factory, jobs, self.batch_size, on_turn)
+            return self._run_slots(env_factory, jobs, self.batch_size, on_turn, on_episode)
         finished = [0]
 
         def chunk_turn(active: int, done: int) -> None:
@@ -141,16 +149,19 @@ class RolloutEngine:
         trajectories: list[Trajectory] = []
         for lo in range(0, len(jobs), self.batch_size):
             chunk = jobs[lo: lo + self.batch_size]
-            trajectories += self._run_slots(env_factory, chunk, len(chunk), chunk_turn)
+            chunk_episode = None if on_episode is None else (lambda i, t, lo=lo: on_episode(lo + i, t))
+            trajectories += self._run_slots(env_factory, chunk, len(chunk), chunk_turn, chunk_episode)
             finished[0] += len(chunk)
         return trajectories
 
     def _run_slots(self, env_factory, jobs: Sequence[tuple[Task, int, int]], slots: int,
-                   on_turn: Callable[[int, int], None] | None) -> list[Trajectory]:
+                   on_turn: Callable[[int, int], None] | None,
+                   on_episode: Callable[[int, Trajectory], None] | None = None) -> list[Trajectory]:
         """Play ``jobs`` (task, environment seed, sampling stream) with at most ``slots`` episodes live at once,
         starting waiting episodes, in order, as live ones end."""
         waiting = collections.deque(range(len(jobs)))
         episodes: list[_Episode | None] = [None] * len(jobs)
+        results: list[Trajectory | None] = [None] * len(jobs)
         keys = [object() for _ in jobs]
         live: list[int] = []
         finished = 0
@@ -171,15 +182,16 @@ class RolloutEngine:
                                                   seed=episode.stream))
             for i, gen in zip(rows, self.backend.generate(requests)):
                 self._advance(episodes[i], keys[i], gen)
+            for i in live:
+                if episodes[i].done:
+                    results[i] = _trajectory(episodes[i])
+                    if on_episode is not None:
+                        on_episode(i, results[i])
             finished += sum(episodes[i].done for i in live)
             live = [i for i in live if not episodes[i].done]
             if on_turn is not None:
                 on_turn(len(live), finished)
-        return [
-            Trajectory(task_id=e.task.id, messages=e.messages, turns=e.turns, outcome=e.env.outcome(), seed=e.seed,
-                       tokens=TokenData(e.ids, e.mask, e.logprobs, e.spans))
-            for e in episodes
-        ]
+        return results
 
     def _advance(self, episode: _Episode, key, gen: Generation) -> None:
         tok = self.tokenizer
