@@ -80,7 +80,9 @@ class TaskArguments:
                 "trained further and its LoRA settings replace lora_r etc. model_name_or_path must be its base."})
     foothold_tasks: int = field(default=8, metadata={
         "help": "Before training, measure the starting policy's greedy success on this many val tasks and warn when "
-                "it is 0 (RL cannot amplify what never happens). 0 disables the check."})
+                "it is 0 (RL cannot amplify what never happens). With val_every and val_at_start, the step-0 "
+                "validation (val_limit tasks) is that check instead, so the start is measured once. 0 disables the "
+                "check."})
 
     def __post_init__(self) -> None:
         if self.train_limit is not None:

@@ -26,11 +26,17 @@ from pipeline.training.advantages import (
     get_estimator,
     register_estimator,
 )
-from pipeline.training.callbacks import EstimatorCheckpoint, SampleWriter, ValidationCallback, health_warning
+from pipeline.training.callbacks import (
+    FOOTHOLD_GUIDANCE,
+    EstimatorCheckpoint,
+    SampleWriter,
+    ValidationCallback,
+    health_warning,
+)
 from pipeline.training.config import RolloutConfig
 from pipeline.training.grpo_trainer import TurnwiseGRPOTrainer
 from pipeline.training.shared_prefix import shared_prefix_logps
-from pipeline.training.train import FOOTHOLD_GUIDANCE, RESULT_FILE, check_foothold, default_reward, train
+from pipeline.training.train import RESULT_FILE, check_foothold, default_reward, train
 from pipeline.training.value_head import ValueHead, boundary_hidden_states
 
 __all__ = [

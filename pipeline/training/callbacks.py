@@ -36,6 +36,29 @@ logger = logging.getLogger(__name__)
 
 BEST_FILE = "best_val.json"  # in <output_dir>/best_adapter (keep_best_val): the step and val success it had
 
+FOOTHOLD_GUIDANCE = (
+    "RL only amplifies what the policy already does some of the time: when no rollout succeeds, the success part "
+    "of the reward is the same for every rollout of a task and GRPO has little to push on. Before spending the "
+    "budget: warm-start with SFT on oracle demonstrations (`turnwise sft --output_dir outputs/sft`, then "
+    "`turnwise train ... --adapter outputs/sft/adapter`); simplify the tasks (train on single-intent tasks "
+    "first, e.g. a filtered tasks .jsonl, or fewer turns to get right); or raise the budget (max_turns, "
+    "max_new_tokens, num_generations, temperature) so that some rollouts can succeed.")
+
+
+def foothold(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The foothold check on the starting policy's greedy evaluation (its report's ``metrics``): the numbers it
+    records, with a warning and guidance (:data:`FOOTHOLD_GUIDANCE`) when not one val task was solved."""
+    m = metrics
+    if m["success"] == 0:
+        logger.warning("foothold check: the starting policy solved 0 of %d val tasks (greedy; completion %.2f, "
+                       "%.1f tool calls per episode, stop reasons %s). %s", m["n_tasks"], m["completion"],
+                       m["tool_calls_mean"], m["stop_reasons"], FOOTHOLD_GUIDANCE)
+    else:
+        logger.info("foothold check: the starting policy solves %.3f of %d val tasks (greedy).", m["success"],
+                    m["n_tasks"])
+    return {"success": m["success"], "n_tasks": m["n_tasks"], "completion": m["completion"],
+            "tool_calls_mean": m["tool_calls_mean"], "stop_reasons": m["stop_reasons"]}
+
 
 class ValidationCallback(TrainerCallback):
     """Runs the external evaluation on held-out tasks every ``every`` steps; logs ``val/success``,
@@ -45,14 +68,19 @@ class ValidationCallback(TrainerCallback):
     ``reward_fn`` scores the validation episodes; None uses the reward the trainer trains on. With
     ``at_start``, a fresh run (not a resumed one) also validates the starting policy at step 0: the curve
     starts from it, and with ``best_dir`` the starting adapter competes too, so a run whose steps all score
-    below it hands on the adapter it started from.
+    below it hands on the adapter it started from. That validation is also the run's foothold check
+    (:func:`foothold`, kept in ``self.foothold``), unless ``check_foothold`` is off; it comes before the first
+    step, so its warning still comes before the budget is spent.
     """
 
     def __init__(self, trainer: "GRPOTrainer", tasks: Sequence[Task], every: int, max_turns: int,
                  max_new_tokens: int, patience: int = 3, best_dir: Path | None = None,
                  best: dict[str, Any] | None = None, reward_fn: Callable[[Trajectory], Any] | None = None,
-                 episodes: dict[str, Any] | None = None, at_start: bool = False) -> None:
+                 episodes: dict[str, Any] | None = None, at_start: bool = False, check_foothold: bool = True) -> None:
         self.trainer, self.tasks, self.every, self.at_start = trainer, list(tasks), every, at_start
+        self.check_foothold = check_foothold
+        self.foothold: dict[str, Any] | None = None  # the step-0 validation's foothold check (at_start)
+        self._report_metrics: dict[str, Any] = {}  # the latest validation's full evaluation metrics
         self.episodes = episodes or {}  # how episodes are played (customer, tool_calling), as in training
         self.max_turns, self.max_new_tokens, self.patience = max_turns, max_new_tokens, patience
         self.reward_fn = reward_fn
@@ -72,6 +100,7 @@ class ValidationCallback(TrainerCallback):
             report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
                               max_new_tokens=self.max_new_tokens, **self.episodes)
             model.train(was_training)
+        self._report_metrics = report.metrics
         reward_fn = self.reward_fn or self.trainer.reward.reward_fn
         return {"val/success": report.metrics["success"], "val/pass@1": report.metrics["pass@1"],
                 "val/completion": report.metrics["completion"],
@@ -88,6 +117,8 @@ class ValidationCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.at_start and state.global_step == 0:  # a resumed run's start was validated by its first part
             self._validate_and_keep(0)
+            if self.check_foothold:
+                self.foothold = foothold(self._report_metrics)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:

@@ -1,7 +1,8 @@
 """``turnwise train`` as one function, :func:`train`: build, train, save.
 
-It loads the policy and the tasks, measures the starting policy's foothold (:func:`check_foothold`: RL
-only amplifies what the policy already does some of the time), builds the reward
+It loads the policy and the tasks, measures the starting policy's foothold (:func:`check_foothold`, or the
+step-0 validation when there is one: RL only amplifies what the policy already does some of the time), builds the
+reward
 (:func:`default_reward`), the TRL adapters and :class:`~pipeline.training.grpo_trainer.TurnwiseGRPOTrainer`,
 adds validation and sample logging, trains (with ``--resume``, from the newest complete checkpoint, the
 advantage estimator's state included; see :mod:`~pipeline.training.checkpoints`), and saves the adapter,
@@ -21,7 +22,7 @@ import torch
 
 from pipeline.envs.base import Task
 from pipeline.training.adapters import EpisodeRollout, TrajectoryReward, task_dataset
-from pipeline.training.callbacks import BEST_FILE, SampleWriter, ValidationCallback
+from pipeline.training.callbacks import BEST_FILE, SampleWriter, ValidationCallback, foothold
 from pipeline.training.checkpoints import latest_complete_checkpoint
 from pipeline.training.config import RolloutConfig, check_run_config
 from pipeline.training.grpo_trainer import TurnwiseGRPOTrainer
@@ -81,11 +82,12 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
                     model.peft_config["default"].r, model_name)
     # The newest *complete* checkpoint: a torn, empty or unmarked newer one is skipped with a warning.
     checkpoint = latest_complete_checkpoint(grpo_args.output_dir) if task_args.resume else None
-    foothold = None
-    if task_args.foothold_tasks and checkpoint is None:
-        foothold = check_foothold(model, tokenizer, spread_over_intents(all_val, task_args.foothold_tasks),
-                                  rollout_config.max_turns, rollout_config.max_new_tokens,
-                                  episodes=episode_options(rollout_config))
+    at_start = task_args.val_at_start and bool(task_args.val_every)
+    start_check = None  # with at_start, the step-0 validation is the foothold check: the start is measured once
+    if task_args.foothold_tasks and checkpoint is None and not at_start:
+        start_check = check_foothold(model, tokenizer, spread_over_intents(all_val, task_args.foothold_tasks),
+                                     rollout_config.max_turns, rollout_config.max_new_tokens,
+                                     episodes=episode_options(rollout_config))
     trainer = TurnwiseGRPOTrainer(model=model, processing_class=tokenizer, args=grpo_args,
                                   train_dataset=task_dataset(train_tasks), peft_config=peft_config, rollout=rollout,
                                   reward=reward, rollout_config=rollout_config)
@@ -95,8 +97,8 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
         best = json.loads((best_dir / BEST_FILE).read_text())
     validation = ValidationCallback(trainer, val_tasks, task_args.val_every, rollout_config.max_turns,
                                     rollout_config.max_new_tokens, best_dir=best_dir, best=best,
-                                    episodes=episode_options(rollout_config),
-                                    at_start=task_args.val_at_start and bool(task_args.val_every))
+                                    episodes=episode_options(rollout_config), at_start=at_start,
+                                    check_foothold=bool(task_args.foothold_tasks))
     trainer.add_callback(validation)
     trainer.add_callback(SampleWriter(trainer))
     if task_args.resume and checkpoint is None:
@@ -121,7 +123,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     out = Path(grpo_args.output_dir)
     atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=2))
     result = {"adapter": str(adapter_dir), "output_dir": grpo_args.output_dir, "samples": str(out / "samples"),
-              "val": final, "steps": trainer.state.global_step, "foothold": foothold,
+              "val": final, "steps": trainer.state.global_step, "foothold": start_check or validation.foothold,
               "log_history": str(out / "log_history.json"), "wall_time_s": round(time.time() - start, 1),
               "resumed_from": str(checkpoint) if checkpoint is not None else None}
     if validation.best is not None:  # keep_best_val: the pipeline goes on with the best validation's adapter
@@ -129,15 +131,6 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     if trainer.args.should_save:
         atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2, default=str) + "\n")  # last: finished
     return result
-
-
-FOOTHOLD_GUIDANCE = (
-    "RL only amplifies what the policy already does some of the time: when no rollout succeeds, the success part "
-    "of the reward is the same for every rollout of a task and GRPO has little to push on. Before spending the "
-    "budget: warm-start with SFT on oracle demonstrations (`turnwise sft --output_dir outputs/sft`, then "
-    "`turnwise train ... --adapter outputs/sft/adapter`); simplify the tasks (train on single-intent tasks "
-    "first, e.g. a filtered tasks .jsonl, or fewer turns to get right); or raise the budget (max_turns, "
-    "max_new_tokens, num_generations, temperature) so that some rollouts can succeed.")
 
 
 def episode_options(config: RolloutConfig) -> dict[str, Any]:
@@ -148,8 +141,8 @@ def episode_options(config: RolloutConfig) -> dict[str, Any]:
 def check_foothold(model, tokenizer, tasks: Sequence[Task], max_turns: int, max_new_tokens: int,
                    episodes: dict[str, Any] | None = None) -> dict[str, Any]:
     """The foothold check: the starting policy's greedy success on ``tasks`` (a val sample), with the training
-    budgets (and ``episodes``: :func:`episode_options`). Warns, with guidance (:data:`FOOTHOLD_GUIDANCE`), when it
-    is 0. Returns the numbers."""
+    budgets (and ``episodes``: :func:`episode_options`). Warns, with guidance, when it is 0
+    (:func:`~pipeline.training.callbacks.foothold`). Returns the numbers."""
     from pipeline.evaluation import evaluate
 
     was_training = model.training
@@ -158,14 +151,4 @@ def check_foothold(model, tokenizer, tasks: Sequence[Task], max_turns: int, max_
         report = evaluate((model, tokenizer), tasks, max_turns=max_turns, max_new_tokens=max_new_tokens,
                           label="starting policy", **(episodes or {}))
     model.train(was_training)
-    m = report.metrics
-    result = {"success": m["success"], "n_tasks": m["n_tasks"], "completion": m["completion"],
-              "tool_calls_mean": m["tool_calls_mean"], "stop_reasons": m["stop_reasons"]}
-    if m["success"] == 0:
-        logger.warning("foothold check: the starting policy solved 0 of %d val tasks (greedy; completion %.2f, "
-                       "%.1f tool calls per episode, stop reasons %s). %s", m["n_tasks"], m["completion"],
-                       m["tool_calls_mean"], m["stop_reasons"], FOOTHOLD_GUIDANCE)
-    else:
-        logger.info("foothold check: the starting policy solves %.3f of %d val tasks (greedy).", m["success"],
-                    m["n_tasks"])
-    return result
+    return foothold(report.metrics)

@@ -54,21 +54,41 @@ def test_validation_logs_its_metrics_during_training(make_trainer):
     assert len(validated) == 1 and validated[0]["val/reward/mean"] == 0.75 and validated[0]["step"] == 1
 
 
-def test_validation_at_start_validates_the_starting_policy_once(make_trainer):
+def test_validation_at_start_validates_the_starting_policy_once(make_trainer, caplog):
     """at_start: step 0 of the val curve is the starting policy's. It stays out of the reward-hacking
-    history (no training reward precedes it), and a resumed run (global_step > 0) does not repeat it."""
+    history (no training reward precedes it), and a resumed run (global_step > 0) does not repeat it. It is
+    the foothold check too: the untrained tiny model solves nothing, which is warned about before step 1."""
+    from pipeline.envs import load_tasks
+
+    trainer = make_trainer(max_steps=1)
+    trainer.reward.reward_fn = lambda trajectory: 0.75
+    validation = ValidationCallback(trainer, load_tasks("customer_service", "val")[:2], every=1, max_turns=2,
+                                    max_new_tokens=4, at_start=True)
+    trainer.add_callback(validation)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "val/success" in h] == [0, 1]
+    assert len(validation.history) == 1 and validation.last[0] == 1
+    assert validation.foothold["success"] == 0.0 and validation.foothold["n_tasks"] == 2
+    assert validation.foothold["stop_reasons"] == {"max_turns": 2}
+    [warning] = [r.getMessage() for r in caplog.records if "foothold check" in r.getMessage()]
+    assert "solved 0 of 2 val tasks" in warning and "turnwise sft" in warning
+    validation.on_train_begin(trainer.args, SimpleNamespace(global_step=1), None)  # as a resumed run begins
+    assert [h["step"] for h in trainer.state.log_history if "val/success" in h] == [0, 1]
+
+
+def test_validation_at_start_without_the_foothold_check(make_trainer, caplog):
     from pipeline.envs import load_tasks
 
     trainer = make_trainer(max_steps=1)
     trainer.reward.reward_fn = lambda trajectory: 0.75
     validation = ValidationCallback(trainer, load_tasks("customer_service", "val")[:1], every=1, max_turns=2,
-                                    max_new_tokens=4, at_start=True)
+                                    max_new_tokens=4, at_start=True, check_foothold=False)
     trainer.add_callback(validation)
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        trainer.train()
     assert [h["step"] for h in trainer.state.log_history if "val/success" in h] == [0, 1]
-    assert len(validation.history) == 1 and validation.last[0] == 1
-    validation.on_train_begin(trainer.args, SimpleNamespace(global_step=1), None)  # as a resumed run begins
-    assert [h["step"] for h in trainer.state.log_history if "val/success" in h] == [0, 1]
+    assert validation.foothold is None and "foothold check" not in caplog.text
 
 
 class Unnamed:

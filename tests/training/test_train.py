@@ -72,7 +72,7 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
                           logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="steps", save_steps=1, beta=0.0,
                           learning_rate=1e-2)
 
-    with caplog.at_level("WARNING", logger="pipeline.training.train"):
+    with caplog.at_level("WARNING", logger="pipeline.training"):
         result = train(task_args, rollout_config, grpo_args(2), model_args, reward_fn=token_count_reward)
     assert "--resume: no checkpoint in" in caplog.text
     assert result["steps"] == 2 and set(result["val"]) == {"val/success", "val/pass@1", "val/completion", "val/reward/mean"}
@@ -89,10 +89,15 @@ def test_train_entry_point_validates_writes_samples_and_saves_the_adapter(tiny_m
     # one, not a second evaluation
     assert validated_steps(result) == [0, 1, 2]
     assert (tmp_path / "grpo_result.json").is_file()
+    # The step-0 validation is the foothold check (its 2 val tasks, not foothold_tasks=8 more): measured once.
+    assert result["foothold"]["n_tasks"] == 2 and result["foothold"]["success"] == 0.0
+    assert sum("foothold check: the starting policy solved 0 of 2 val tasks" in r.getMessage()
+               for r in caplog.records) == 1
 
     again = train(task_args, rollout_config, grpo_args(3), model_args, reward_fn=token_count_reward)
     assert again["steps"] == 3
     assert validated_steps(again) == [0, 1, 2, 3]  # the resume did not redo step 0
+    assert again["foothold"] is None  # nor the foothold check
     assert (tmp_path / "samples" / "step-000003.jsonl").exists()
 
 
