@@ -1,13 +1,12 @@
 """``turnwise train`` as one function, :func:`train`: build, train, save.
 
 It loads the policy and the tasks, measures the starting policy's foothold (:func:`check_foothold`, or the
-step-0 validation when there is one: RL only amplifies what the policy already does some of the time), builds the
-reward
-(:func:`default_reward`), the TRL adapters and :class:`~pipeline.training.grpo_trainer.TurnwiseGRPOTrainer`,
-adds validation and sample logging, trains (with ``--resume``, from the newest complete checkpoint, the
-advantage estimator's state included; see :mod:`~pipeline.training.checkpoints`), and saves the adapter,
-the log history and ``grpo_result.json``, written last so that a finished run can be told from a killed
-one."""
+step-0 validation when there is one: RL only amplifies what the policy already does some of the time),
+builds the reward (:func:`default_reward`), the TRL adapters and
+:class:`~pipeline.training.grpo_trainer.TurnwiseGRPOTrainer`, adds validation and sample logging, trains
+(with ``--resume``, from the newest complete checkpoint, the advantage estimator's state included; see
+:mod:`~pipeline.training.checkpoints`), and saves the adapter, the log history and ``grpo_result.json``,
+written last so that a finished run can be told from a killed one."""
 
 from __future__ import annotations
 
