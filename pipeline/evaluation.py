@@ -319,7 +319,6 @@ def evaluate(
         saved = dict(zip(_occurrence_keys((t.task_id, t.seed) for t in finished), finished))
     keys = _occurrence_keys((task.id, s) for task, s in episodes)
     todo = [i for i, key in enumerate(keys) if key not in saved]
-    save = (lambda t: None) if journal is None else journal.append
     engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size, tool_calling)
     env_factory = lambda task: make_env(task, max_turns=max_turns, customer=customer)  # noqa: E731
     start = time.time()
@@ -333,13 +332,15 @@ def evaluate(
                 advance(finished - done[0])
                 done[0] = finished
 
+            on_episode = None if journal is None else (lambda _, trajectory: journal.append(trajectory))
             played = engine.run(env_factory, [episodes[i][0] for i in todo], [episodes[i][1] for i in todo],
-                                on_turn=on_turn, schedule=schedule, on_episode=lambda _, t: save(t))
-        elif engine is None:
+                                on_turn=on_turn, schedule=schedule, on_episode=on_episode)
+        elif engine is None:  # a scripted policy plays episode by episode
             for i in todo:
                 task, s = episodes[i]
                 played.append(run_policy(env_factory(task), task, policy(task), seed=s))
-                save(played[-1])
+                if journal is not None:
+                    journal.append(played[-1])
                 advance(1)
     new = dict(zip((keys[i] for i in todo), played))
     trajectories = [saved[key] if key in saved else new[key] for key in keys]

@@ -126,15 +126,17 @@ def evaluate(who: PolicyArguments, how, task_set: TaskSetArguments, episodes: Ep
     print(render_text(reports, comparison))
     if who.out:
         rewards = {r.label: v for r in reports if (v := rewards_from_metadata(r.trajectories)) is not None}
+        missing = None
         try:
             paths = write_report(who.out, reports, comparison, rewards, html_page=how.html)
         except MissingReportDependency as error:
+            missing = error
             paths = write_report(who.out, reports, comparison, html_page=False)
-            shutil.rmtree(who.out / IN_PROGRESS, ignore_errors=True)
-            print(f"report: {paths['markdown']} (JSON and Markdown only)")
-            print(f"turnwise: error: {error}", file=sys.stderr)
-            return 1
         shutil.rmtree(who.out / IN_PROGRESS, ignore_errors=True)  # the report's trajectories/ hold every episode
+        if missing is not None:
+            print(f"report: {paths['markdown']} (JSON and Markdown only)")
+            print(f"turnwise: error: {missing}", file=sys.stderr)
+            return 1
         print(f"report: {paths.get('html', paths['markdown'])}")
     return 0
 
