@@ -31,6 +31,7 @@ through the seeded environment (the simulated customer's wording, persona draws)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -315,6 +316,8 @@ def evaluate(
         identity = {"policy": label, "tasks": [t.id for t in tasks], "n": n, "seed": seed, "max_turns": max_turns,
                     "max_new_tokens": max_new_tokens, "max_total_tokens": max_total_tokens, "customer": customer,
                     "tool_calling": tool_calling}
+        if isinstance(policy, (str, Path)) and Path(policy).is_dir():
+            identity["weights"] = weights_fingerprint(Path(policy))  # a directory retrained in place is another model
         finished = journal.open(identity, resume=resume)
         saved = dict(zip(_occurrence_keys((t.task_id, t.seed) for t in finished), finished))
     keys = _occurrence_keys((task.id, s) for task, s in episodes)
@@ -377,7 +380,8 @@ class EpisodeJournal:
     --trajectories`` reads a journal too). Each line is appended and forced to disk when its episode ends; a
     kill can tear only the line being written, and a resume drops it (that episode is played again).
     ``path.with_suffix(".json")`` records which run the episodes belong to (the policy, tasks, seeds and
-    budgets), and a resume with different ones is refused: the report would mix two runs.
+    budgets, and for a model directory its :func:`weights_fingerprint`), and a resume with different ones is
+    refused: the report would mix two runs.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -416,6 +420,11 @@ class EpisodeJournal:
             before = saved.get(name) if isinstance(saved, dict) else None
             if before == value:
                 continue
+            if name == "weights":
+                raise ValueError(f"{self.identity_path}: the weights in {identity['policy']} are not those the saved "
+                                 f"episodes were played with (sha256 {before} then, {value} now); rerun without "
+                                 "--resume to start over with these weights, or resume with the weights that saved "
+                                 "them.")
             was, now = f"{name} {before!r}", repr(value)
             if name == "tasks" and isinstance(before, list):
                 i = next((i for i, (a, b) in enumerate(zip(before, value)) if a != b), min(len(before), len(value)))
@@ -424,6 +433,21 @@ class EpisodeJournal:
             raise ValueError(f"{self.identity_path}: the saved episodes were played with {was}, this run asks for "
                              f"{now}; resume with the options of the run that saved them, or rerun without --resume "
                              "to start over.")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """The sha256 (first 16 hex digits) of a model directory's weight files, names and bytes: what a journal
+    records so that a resume plays the same weights, whatever the directory is called."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def evaluate_trajectories(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -512,6 +513,33 @@ def test_a_resume_with_other_options_is_refused(tasks: list[Task], tmp_path: Pat
     journal.with_suffix(".json").write_text("{not json")
     with pytest.raises(ValueError, match="journal.json: cannot read which run the saved episodes belong to"):
         evaluate(oracle_policy, tasks[:3], n=2, max_turns=12, journal=journal, resume=True, label="oracle")
+
+
+def test_a_resume_refuses_a_model_directory_retrained_in_place(tiny_model_dir: Path, tasks: list[Task],
+                                                               tmp_path: Path) -> None:
+    """The journal knows a model directory by its weights, not its name: new weights under the same path would
+    mix two models in one report."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    kwargs = dict(max_turns=2, max_new_tokens=4, batch_size=2)
+    journal = tmp_path / "journal.jsonl"
+    first = evaluate(str(model_dir), tasks[:2], journal=journal, **kwargs)
+    again = evaluate(str(model_dir), tasks[:2], journal=journal, resume=True, **kwargs)
+    assert again.config["resumed_episodes"] == 2 and again.episodes == first.episodes
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match=rf"journal\.json: the weights in {re.escape(str(model_dir))} are not those "
+                                         r"the saved episodes were played with \(sha256 [0-9a-f]{16} then, "
+                                         r"[0-9a-f]{16} now\); rerun without --resume"):
+        evaluate(str(model_dir), tasks[:2], journal=journal, resume=True, **kwargs)
 
 
 def test_resume_without_a_journal_starts_from_the_beginning(tasks: list[Task], tmp_path: Path,
