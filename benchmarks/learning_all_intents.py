@@ -44,6 +44,8 @@ TARGETS = {"grpo_vs_sft": 0.10, "absolute_success": 0.60, "max_turns_rate": 0.20
 
 def sft_point(run: Path) -> dict[str, Any]:
     """One point of the SFT curve from a ``turnwise sft`` output directory."""
+    from pipeline.demo import whole_run_time
+
     result = _read_json(run / "sft_result.json", "run `turnwise sft --output_dir` there first")
     curve = _read_json(Path(result["val_curve"]) if Path(result["val_curve"]).is_file() else run / "val_curve.json",
                        "the SFT run writes it after each epoch")
@@ -52,7 +54,7 @@ def sft_point(run: Path) -> dict[str, Any]:
             "best_val_success": result["best_val_success"], "best_val_reward": best.get("val/reward/mean"),
             "best_val_completion": best.get("val/completion"), "val_tasks": curve["val_tasks"],
             "tokens": {"total": result["tokens"], "assistant_trained": result["assistant_tokens"]},
-            "curve": curve["curve"], "wall_time_s": result["wall_time_s"]}
+            "curve": curve["curve"], "wall_time_s": whole_run_time(result)}
 
 
 def best_point(points: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
@@ -76,6 +78,7 @@ def best_point(points: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
 
 def load_reports(specs: dict[str, Path]) -> dict[str, Any]:
     """Each policy's report, rebuilt from the trajectories its ``turnwise eval --out`` directory logged."""
+    from pipeline.demo import whole_run_time
     from pipeline.envs import load_tasks
     from pipeline.evaluation import evaluate_trajectories
     from pipeline.trajectory import load_jsonl
@@ -90,7 +93,7 @@ def load_reports(specs: dict[str, Path]) -> dict[str, Any]:
         report = evaluate_trajectories(load_jsonl(files[0]), tasks, label=name)
         played = json.loads((path / "report.json").read_text())["policies"][0] if path.is_dir() else {}
         report.config.update(source=str(_rel(files[0])), evaluated=played.get("config", {}),
-                             wall_time_s=played.get("metrics", {}).get("wall_time_s"))
+                             wall_time_s=whole_run_time(played.get("metrics", {})))
         reports[name] = report
     return reports
 
@@ -120,7 +123,7 @@ def advantage_comparison(reports: dict[str, Any], results: dict[str, dict[str, A
     """Turn-level against episode-level advantages: their test success paired episode by episode, and the
     steps each arm trained for (the same, with the same rollouts per step, for the comparison to mean
     anything: the commands in ``recipe`` show the rest of each arm's settings)."""
-    from pipeline.demo import delta_summary, policy_summary
+    from pipeline.demo import delta_summary, policy_summary, whole_run_time
     from pipeline.evaluation import compare
 
     c = compare(reports["grpo"], reports["grpo_episode"], n_boot=n_boot, seed=seed)
@@ -128,7 +131,7 @@ def advantage_comparison(reports: dict[str, Any], results: dict[str, dict[str, A
     for name, advantage in ARMS.items():
         result = results[name]
         arms[name] = {"advantage": advantage, **policy_summary(reports[name]), "steps": result.get("steps"),
-                      "wall_time_s": result.get("wall_time_s"), "best_val": result.get("best_val"),
+                      "wall_time_s": whole_run_time(result), "best_val": result.get("best_val"),
                       "output_dir": result.get("output_dir")}
     steps = {name: arm["steps"] for name, arm in arms.items()}
     winner = ("group_based_per_turn" if c.ci_low > 0 else "group_based" if c.ci_high < 0
@@ -140,7 +143,7 @@ def advantage_comparison(reports: dict[str, Any], results: dict[str, dict[str, A
 
 def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, Path], n_boot: int = 10_000,
              seed: int = 0) -> dict[str, Any]:
-    from pipeline.demo import delta_summary, policy_summary, training_signals
+    from pipeline.demo import delta_summary, policy_summary, training_signals, whole_run_time
     from pipeline.evaluation import compare
 
     missing = [name for name in POLICIES if name not in evals]
@@ -174,7 +177,7 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
         "n_tasks": first["n_tasks"], "episodes_per_task": first["n"], "split": "test", "eval_tasks": ENV,
         "eval_settings": {name: r.config["evaluated"] for name, r in reports.items()},
         "stage_times_s": {"sft_curve": sum(p["wall_time_s"] for p in points), "sft_best": best["wall_time_s"],
-                          "grpo": grpo.get("wall_time_s"),
+                          "grpo": whole_run_time(grpo),
                           "eval": {name: r.config["wall_time_s"] for name, r in reports.items()}},
         "sft_val_curve": {"n_demos": best["n_demos"], "curve": best["curve"], "best_epoch": best["best_epoch"]},
         "grpo_signals": training_signals(log),

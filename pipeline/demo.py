@@ -193,7 +193,7 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
                 sft_result = run_sft(*p.sft)
                 times["sft"] = round(time.time() - t, 1)
             else:
-                reused["sft"] = sft_result.get("wall_time_s")
+                reused["sft"] = whole_run_time(sft_result)
             sft_adapter = sft_result["adapter"]
             summary["sft_result"] = sft_result
             summary["sft_val_curve"] = json.loads(Path(sft_result["val_curve"]).read_text())
@@ -215,7 +215,7 @@ def run(recipe_path: Path | str = DEMO_RECIPE, output_dir: Path | None = None, m
                 grpo_result = train(task_args, rollout_config, grpo_args, model_args)
                 times["grpo"] = round(time.time() - t, 1)
             else:
-                reused["grpo"] = grpo_result.get("wall_time_s")
+                reused["grpo"] = whole_run_time(grpo_result)
             grpo_adapter = grpo_result["adapter"]
             summary["grpo_result"] = {k: v for k, v in grpo_result.items()}
             curves["grpo_logs"] = json.loads(Path(grpo_result["log_history"]).read_text())
@@ -299,6 +299,12 @@ def delta_summary(c: Comparison) -> dict[str, Any]:
     success, its interval, and the sentence that says what it means."""
     return {"mean": c.difference, "ci_low": c.ci_low, "ci_high": c.ci_high, "significant": c.significant,
             "n_pairs": c.n_pairs, "statement": c.statement()}
+
+
+def whole_run_time(record: dict[str, Any]) -> float | None:
+    """A stage's wall time from its result file (or a report's metrics): every part of a run that ``--resume``
+    split (``wall_time_total_s``), or ``wall_time_s`` when it ran in one piece or predates that record."""
+    return record.get("wall_time_total_s", record.get("wall_time_s"))
 
 
 def _read_log(path: str) -> list[dict[str, Any]] | None:

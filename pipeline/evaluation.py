@@ -299,7 +299,7 @@ def evaluate(
     ``journal`` (an :class:`EpisodeJournal` or its path) saves each episode as it ends. With ``resume``, the
     episodes a journal of the same run already holds are not played again: a killed evaluation continues where
     it stopped, and its report covers every episode (``config["resumed_episodes"]`` says how many came from the
-    journal; ``wall_time_s`` is this part's time).
+    journal; ``wall_time_s`` is this part's time, ``wall_time_total_s`` the whole run's).
     """
     n = k if n is None else n
     k_values(n, k)  # fail fast on a bad k/n
@@ -359,6 +359,7 @@ def evaluate(
         report.config["schedule"] = schedule
     if saved:
         report.config["resumed_episodes"] = len(saved)
+        report.metrics["wall_time_total_s"] = round(journal.earlier_s + report.metrics["wall_time_s"], 2)
     logger.info("evaluated %s on %d tasks x %d: success %.3f", label, len(tasks), n, report.metrics["success"])
     return report
 
@@ -381,20 +382,26 @@ class EpisodeJournal:
     kill can tear only the line being written, and a resume drops it (that episode is played again).
     ``path.with_suffix(".json")`` records which run the episodes belong to (the policy, tasks, seeds and
     budgets, and for a model directory its :func:`weights_fingerprint`), and a resume with different ones is
-    refused: the report would mix two runs.
+    refused: the report would mix two runs. It also records, as each episode is saved, how long the run has
+    played so far (``wall_time_s``, every part from its start to its last saved episode): :attr:`earlier_s` is
+    what the parts before a resume took.
     """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.identity_path = self.path.with_suffix(".json")
+        self.identity: dict[str, Any] = {}
+        self.earlier_s = 0.0  # the wall time of the parts before this one, as they recorded it
+        self.started = time.time()
 
     def open(self, identity: dict[str, Any], *, resume: bool) -> list[Trajectory]:
         """Start saving episodes of the run ``identity`` describes; with ``resume``, return those already saved.
 
         Without ``resume`` (or with nothing saved) the journal starts empty.
         """
+        self.identity, self.started, self.earlier_s = dict(identity), time.time(), 0.0
         if resume and self.path.is_file() and self.identity_path.is_file():
-            self._check(identity)
+            self.earlier_s = self._check(identity)
             if drop_torn_line(self.path):
                 logger.warning("%s: its last episode was cut off by the interruption; it is played again.", self.path)
             finished = load_jsonl(self.path)
@@ -407,10 +414,18 @@ class EpisodeJournal:
         atomic_write_text(self.identity_path, json.dumps(identity, indent=1) + "\n")
         return []
 
+    @property
+    def wall_time_s(self) -> float:
+        """The run's wall time so far, the parts before a resume included."""
+        return self.earlier_s + time.time() - self.started
+
     def append(self, trajectory: Trajectory) -> None:
         append_jsonl(trajectory, self.path)
+        atomic_write_text(self.identity_path,
+                          json.dumps({**self.identity, "wall_time_s": round(self.wall_time_s, 1)}, indent=1) + "\n")
 
-    def _check(self, identity: dict[str, Any]) -> None:
+    def _check(self, identity: dict[str, Any]) -> float:
+        """Refuse a resume with a different ``identity``; return the wall time the earlier parts recorded."""
         try:
             saved = json.loads(self.identity_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -433,6 +448,8 @@ class EpisodeJournal:
             raise ValueError(f"{self.identity_path}: the saved episodes were played with {was}, this run asks for "
                              f"{now}; resume with the options of the run that saved them, or rerun without --resume "
                              "to start over.")
+        played = saved.get("wall_time_s")
+        return float(played) if type(played) in (int, float) and math.isfinite(played) and played >= 0 else 0.0
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")

@@ -35,7 +35,8 @@ external evaluation (:func:`pipeline.evaluation.evaluate`, greedy) on a val samp
 saves the adapter whenever val success reaches its best so far, stops after ``patience`` epochs
 without a strict improvement, and writes the curve to ``<output_dir>/val_curve.json``. A checkpoint is
 saved after each epoch; ``--resume`` continues a killed run from the newest complete one, with the curve
-and the best adapter of the part before the kill (``wall_time_s`` then counts the resumed part only).
+and the best adapter of the part before the kill (``wall_time_s`` then counts the resumed part only, and
+``wall_time_total_s`` the whole run: each killed part up to its last checkpoint).
 """
 
 from __future__ import annotations
@@ -386,7 +387,8 @@ class ValSuccessCallback(TrainerCallback):
         start = time.time()
         with torch.no_grad():
             report = evaluate((model, self.tokenizer), self.tasks, max_turns=self.args.val_max_turns,
-                              max_new_tokens=self.args.val_max_new_tokens, label="sft", customer=self.args.customer,
+                              max_new_tokens=self.args.val_max_new_tokens,
+                              label=f"the SFT adapter at epoch {round(epoch)}", customer=self.args.customer,
                               tool_calling=self.args.tool_calling)
         model.train(was_training)
         losses = [h["loss"] for h in self.trainer.state.log_history if "loss" in h]
@@ -578,8 +580,10 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
     validation = ValSuccessCallback(trainer, tokenizer, val_tasks, sft_args, out / "adapter", out / "val_curve.json",
                                     base_model_name=model_name)
     trainer.add_callback(validation)
-    trainer.add_callback(CheckpointMarker(trainer))  # last: a checkpoint counts once all of it is on disk
+    marker = CheckpointMarker(trainer)
+    trainer.add_callback(marker)  # last: a checkpoint counts once all of it is on disk
     checkpoint = latest_complete_checkpoint(out) if sft_args.resume else None
+    marker.start_clock(start, checkpoint)  # checkpoints record the whole run's time
     if sft_args.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s to resume from (save_strategy must be epoch); "
                        "starting from scratch.", out)
@@ -597,7 +601,8 @@ def run_sft(sft_args: SFTArguments, sft_config, model_args) -> dict[str, Any]:
               "assistant_tokens": n_trained, "best_val_success": summary["best_val_success"],
               "best_epoch": summary["best_epoch"], "epochs": [r["epoch"] for r in summary["curve"]],
               "stopped_early": summary["stopped_early"], "wall_time_s": round(time.time() - start, 1),
-              "demos_source": sft_args.demos or "oracle", "tool_calling": template.tool_format.name,
+              "wall_time_total_s": marker.wall_time_s, "demos_source": sft_args.demos or "oracle",
+              "tool_calling": template.tool_format.name,
               "resumed_from": str(checkpoint) if checkpoint is not None else None}
     if screening is not None:
         result["screening"] = screening.to_dict()

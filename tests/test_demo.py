@@ -90,12 +90,14 @@ def test_resume_skips_a_finished_grpo_and_only_evaluates(recipe, stages, tmp_pat
     (grpo / "log_history.json").write_text(json.dumps([{"rollout/reward/mean": 0.25, "val/success": 0.5}]))
     (grpo / pipeline.training.RESULT_FILE).write_text(json.dumps({
         "adapter": str(grpo / "adapter"), "log_history": str(grpo / "log_history.json"),
-        "samples": str(grpo / "samples"), "wall_time_s": 30.0}))
+        "samples": str(grpo / "samples"), "wall_time_s": 30.0, "wall_time_total_s": 75.0}))
     summary = demo.run(recipe, resume=True)
     assert stages["sft"] == [] and stages["grpo"] == []
     assert stages["eval"] == [(sft_adapter, str(grpo / "adapter"))]
     assert summary["grpo_signals"]["val_success"] == [0.5]
-    assert summary["reused_stage_times_s"] == {"sft": 12.0, "grpo": 30.0}
+    # GRPO had itself been resumed: its whole time (75 s over its parts) counts, not its last part's 30 s; the
+    # SFT result predates wall_time_total_s, so its wall_time_s counts
+    assert summary["reused_stage_times_s"] == {"sft": 12.0, "grpo": 75.0}
     # the report's training curves come from the reused stages' logs (finish_sft leaves no SFT log history)
     assert stages["curves"] == {"sft_curve": [{"epoch": 1, "val/success": 0.4}],
                                 "grpo_logs": [{"rollout/reward/mean": 0.25, "val/success": 0.5}]}

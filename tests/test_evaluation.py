@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -437,11 +438,18 @@ def test_a_killed_scripted_evaluation_resumes_where_it_stopped(tasks: list[Task]
             evaluate(distracted_oracle, tasks[:4], n=2, journal=journal)
     assert len(load_jsonl(journal)) == 5
 
+    identity = journal.with_suffix(".json")  # the killed part recorded its time as it saved each episode
+    assert 0 <= json.loads(identity.read_text())["wall_time_s"] < 1000
+    identity.write_text(json.dumps({**json.loads(identity.read_text()), "wall_time_s": 1000.0}))
+
     policy = counted(distracted_oracle)
     resumed = evaluate(policy, tasks[:4], n=2, journal=journal, resume=True, label="distracted_oracle")
     assert policy.calls == 3  # 8 episodes, 5 saved before the kill
     assert resumed.episodes == whole.episodes and transcripts(resumed) == transcripts(whole)
     assert resumed.config["resumed_episodes"] == 5
+    assert resumed.metrics["wall_time_total_s"] == pytest.approx(1000 + resumed.metrics["wall_time_s"], abs=0.2)
+    assert json.loads(identity.read_text())["wall_time_s"] >= 1000  # and the journal counts on from there
+    assert "wall_time_total_s" not in whole.metrics  # a run in one piece: wall_time_s is the whole time
     assert len(load_jsonl(journal)) == 8  # the journal now holds the whole run
 
     # Resuming a finished journal plays nothing; without resume the journal starts over and all is played.

@@ -61,7 +61,7 @@ def _sft_run(root: Path, n: int, successes: list[float], rewards: list[float]) -
     return run
 
 
-def _grpo_run(root: Path, name: str, steps: int) -> Path:
+def _grpo_run(root: Path, name: str, steps: int, **times: float) -> Path:
     run = root / name
     run.mkdir()
     log = [{"step": s, "rollout/reward/mean": 0.1 * s, "rollout/success": 0.2, "rollout/max_turns_frac": 0.5}
@@ -70,7 +70,7 @@ def _grpo_run(root: Path, name: str, steps: int) -> Path:
     (run / "grpo_result.json").write_text(json.dumps({
         "adapter": str(run / "best_adapter"), "output_dir": str(run), "steps": steps, "wall_time_s": 100.0,
         "log_history": str(run / "log_history.json"), "foothold": {"success": 0.25},
-        "best_val": {"step": 2, "val/success": 0.3}}))
+        "best_val": {"step": 2, "val/success": 0.3}, **times}))
     return run
 
 
@@ -99,7 +99,9 @@ def test_the_result_pairs_every_policy_on_the_same_episodes_per_intent(assembler
         evals[name] = tmp_path / "eval" / name
         write_report(evals[name], [_variant(oracle_report, name, failed)], html_page=False)
     sft = [_sft_run(tmp_path, 64, [0.11, 0.22], [0.0, 0.1]), _sft_run(tmp_path, 128, [0.33], [0.2])]
-    grpo = {"grpo": _grpo_run(tmp_path, "turn", 4), "grpo_episode": _grpo_run(tmp_path, "episode", 4)}
+    # the turn-level arm ran in two parts: 100 s in its last, 250 s in all
+    grpo = {"grpo": _grpo_run(tmp_path, "turn", 4, wall_time_total_s=250.0),
+            "grpo_episode": _grpo_run(tmp_path, "episode", 4)}
 
     result = assembler.assemble(sft, evals, grpo, n_boot=500)
     assert [result[name]["success"] for name in ("base", "sft", "grpo", "oracle")] == [0.0, 3 / 9, 7 / 9, 1.0]
@@ -121,11 +123,12 @@ def test_the_result_pairs_every_policy_on_the_same_episodes_per_intent(assembler
     assert adv["delta_turn_vs_episode"]["mean"] == pytest.approx(2 / 9) and adv["equal_steps"] is True
     assert adv["arms"]["grpo"]["advantage"] == "group_based_per_turn" and adv["arms"]["grpo_episode"]["success"] == 5 / 9
     assert result["grpo_signals"]["reward"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
-    # the cost: every SFT point, the headline GRPO arm and each evaluation, as the pieces recorded them
+    # the cost: every SFT point, the headline GRPO arm (all its parts) and each evaluation, as recorded
     played = oracle_report.metrics["wall_time_s"]
-    assert result["stage_times_s"] == {"sft_curve": 60.0 * 192, "sft_best": 60.0 * 128, "grpo": 100.0,
+    assert result["stage_times_s"] == {"sft_curve": 60.0 * 192, "sft_best": 60.0 * 128, "grpo": 250.0,
                                        "eval": {name: played for name in fails}}
-    assert result["wall_time_s"] == pytest.approx(60.0 * 192 + 100.0 + 5 * played, abs=0.1)
+    assert result["wall_time_s"] == pytest.approx(60.0 * 192 + 250.0 + 5 * played, abs=0.1)
+    assert [adv["arms"][name]["wall_time_s"] for name in ("grpo", "grpo_episode")] == [250.0, 100.0]
 
 
 def test_policies_evaluated_on_different_episodes_are_refused(assembler, oracle_report, tmp_path) -> None:

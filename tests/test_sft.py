@@ -20,6 +20,7 @@ from pipeline.rollout import RolloutEngine
 from pipeline.rollout.backends import Generation
 from pipeline.sft import SFTArguments, demonstration_dataset, oracle_demonstrations, run_sft, tokenize_demonstration
 from pipeline.training import RolloutConfig, train
+from pipeline.training.checkpoints import MARKER
 
 
 def token_count_reward(trajectory) -> float:
@@ -164,9 +165,13 @@ def test_a_killed_sft_run_resumes_from_its_last_epoch_checkpoint(tiny_model_dir,
     assert [r["epoch"] for r in json.loads((broken / "val_curve.json").read_text())["curve"]] == [0, 1, 2]
     assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-6"]  # the newest only
     monkeypatch.setattr(SharedPrefixSFTTrainer, "training_step", step)
+    marker = broken / "checkpoint-6" / MARKER  # the killed part had run 1,000 s by its last checkpoint
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "wall_time_s": 1000.0}))
 
     resumed = tiny_sft(tiny_model_dir, broken, epochs=3, patience=0, resume=True, **epochs)
     assert resumed["resumed_from"].endswith("checkpoint-6") and resumed["epochs"] == [0, 1, 2, 3]
+    assert whole["wall_time_total_s"] == pytest.approx(whole["wall_time_s"], abs=0.2)
+    assert resumed["wall_time_total_s"] == pytest.approx(1000 + resumed["wall_time_s"], abs=0.2)
     curves = [json.loads((run / "val_curve.json").read_text()) for run in (tmp_path / "whole", broken)]
     drop_time = [[{k: v for k, v in r.items() if k != "eval_s"} for r in c["curve"]] for c in curves]
     assert drop_time[0] == drop_time[1] and curves[0]["best_epoch"] == curves[1]["best_epoch"] == 3

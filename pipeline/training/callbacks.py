@@ -90,7 +90,8 @@ class ValidationCallback(TrainerCallback):
         # keep_best_val: where the best validation's adapter goes, and that validation ({"step", "val/success"})
         self.best_dir, self.best = best_dir, best
 
-    def validate(self) -> dict[str, float]:
+    def validate(self, step: int | None = None) -> dict[str, float]:
+        """The validation metrics of the policy being trained (``step``, when given, names it in the log)."""
         from pipeline.evaluation import evaluate
 
         from pipeline.training.sharding import generation_model
@@ -98,7 +99,8 @@ class ValidationCallback(TrainerCallback):
         with generation_model(self.trainer) as model:  # parameters gathered under ZeRO-3 / FSDP2
             was_training = model.training
             report = evaluate((model, self.trainer.processing_class), self.tasks, max_turns=self.max_turns,
-                              max_new_tokens=self.max_new_tokens, **self.episodes)
+                              max_new_tokens=self.max_new_tokens,
+                              label=None if step is None else f"the policy at step {step}", **self.episodes)
             model.train(was_training)
         self._report_metrics = report.metrics
         reward_fn = self.reward_fn or self.trainer.reward.reward_fn
@@ -132,7 +134,7 @@ class ValidationCallback(TrainerCallback):
         return self._validate_and_keep(step)
 
     def _validate_and_keep(self, step: int) -> dict[str, float]:
-        metrics = self.validate()
+        metrics = self.validate(step)
         self.last = (step, dict(metrics))
         self._keep_if_best(step, metrics)
         self.trainer.log(metrics)  # TRL's log() adds its pending training metrics to the dict it is given

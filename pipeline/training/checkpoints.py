@@ -11,6 +11,8 @@ So a checkpoint counts only once it is complete:
 - :class:`CheckpointMarker`, the last ``on_save`` callback, waits for every process, then writes
   ``turnwise_checkpoint.json`` (:data:`MARKER`) into the checkpoint: its step and every file in it with
   its size, written to a temporary name, synced, then renamed, so the marker itself is never half there.
+  The marker also records the run's wall time up to that save (``wall_time_s``), earlier parts of a run
+  that kills split included, so that a resumed run reports the whole run's time (:func:`recorded_wall_time`).
 - :func:`latest_complete_checkpoint` walks ``checkpoint-N`` directories from the highest ``N`` down and
   returns the first whose marker matches what is on disk (every listed file present, a regular file
   inside the checkpoint, with the recorded size), whose ``trainer_state.json`` is JSON at step ``N``, and
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -58,9 +62,12 @@ def checkpoint_files(checkpoint: Path) -> dict[str, int]:
     return files
 
 
-def write_marker(checkpoint: Path, step: int) -> Path:
-    """Mark ``checkpoint`` complete: its step and files, written to a temporary name, synced, then renamed."""
+def write_marker(checkpoint: Path, step: int, wall_time_s: float | None = None) -> Path:
+    """Mark ``checkpoint`` complete: its step and files (and the run's wall time so far, when given), written to
+    a temporary name, synced, then renamed."""
     record = {"format": MARKER_FORMAT, "step": int(step), "files": checkpoint_files(checkpoint)}
+    if wall_time_s is not None:
+        record["wall_time_s"] = round(float(wall_time_s), 1)
     tmp = checkpoint / f"{MARKER}.tmp"
     with tmp.open("w") as f:
         json.dump(record, f, indent=1)
@@ -169,16 +176,43 @@ def latest_complete_checkpoint(output_dir: str | Path,
     return None
 
 
+def recorded_wall_time(checkpoint: Path) -> float:
+    """The run's wall time up to ``checkpoint`` as its marker recorded it; 0.0 for a marker without one (written
+    by a turnwise that did not record it)."""
+    try:
+        record = json.loads((Path(checkpoint) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return 0.0
+    value = record.get("wall_time_s") if isinstance(record, dict) else None
+    return float(value) if type(value) in (int, float) and math.isfinite(value) and value >= 0 else 0.0
+
+
 class CheckpointMarker(TrainerCallback):
     """Marks each checkpoint complete once every process has written its part (see :func:`write_marker`).
 
     It must be the last ``on_save`` callback, after anything else that writes into the checkpoint (the
     estimator's state): :class:`~pipeline.training.grpo_trainer.TurnwiseGRPOTrainer` keeps it last when
     callbacks are added after it.
+
+    Each marker records the run's wall time so far: this part's, from ``started`` (when the marker was made,
+    or the part's start as :meth:`start_clock` sets it), plus ``earlier_s``, what the checkpoint this part
+    resumed from recorded. A killed part counts up to its last checkpoint; the time after it is played again.
     """
 
     def __init__(self, trainer: "GRPOTrainer") -> None:
         self.trainer = trainer
+        self.started = time.time()
+        self.earlier_s = 0.0
+
+    def start_clock(self, started: float, resumed_from: Path | str | None = None) -> None:
+        """Count this part's time from ``started``, on top of what the checkpoint ``resumed_from`` recorded."""
+        self.started = started
+        self.earlier_s = recorded_wall_time(Path(resumed_from)) if resumed_from is not None else 0.0
+
+    @property
+    def wall_time_s(self) -> float:
+        """The run's wall time so far, earlier parts included."""
+        return round(self.earlier_s + time.time() - self.started, 1)
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer.accelerator.wait_for_everyone()  # DeepSpeed and FSDP write shards from every process
@@ -186,4 +220,4 @@ class CheckpointMarker(TrainerCallback):
             return
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if checkpoint.is_dir() and not checkpoint.is_symlink():
-            write_marker(checkpoint, state.global_step)
+            write_marker(checkpoint, state.global_step, self.wall_time_s)

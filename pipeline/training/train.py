@@ -106,6 +106,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
         trainer.load_estimator_state(checkpoint)  # a critic continues where the checkpoint left it
+    trainer.checkpoint_marker.start_clock(start, checkpoint)  # checkpoints record the whole run's time
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     final = validation.final()
     adapter_dir = Path(grpo_args.output_dir) / "adapter"
@@ -124,6 +125,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     result = {"adapter": str(adapter_dir), "output_dir": grpo_args.output_dir, "samples": str(out / "samples"),
               "val": final, "steps": trainer.state.global_step, "foothold": start_check or validation.foothold,
               "log_history": str(out / "log_history.json"), "wall_time_s": round(time.time() - start, 1),
+              "wall_time_total_s": trainer.checkpoint_marker.wall_time_s,
               "resumed_from": str(checkpoint) if checkpoint is not None else None}
     if validation.best is not None:  # keep_best_val: the pipeline goes on with the best validation's adapter
         result.update(adapter=validation.best["adapter"], final_adapter=str(adapter_dir), best_val=validation.best)

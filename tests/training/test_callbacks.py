@@ -42,16 +42,18 @@ def test_validation_logs_the_mean_reward_of_the_validation_episodes(make_trainer
     assert default["val/reward/mean"] == (0.5 + 0.0) / 2
 
 
-def test_validation_logs_its_metrics_during_training(make_trainer):
+def test_validation_logs_its_metrics_during_training(make_trainer, caplog):
     from pipeline.envs import load_tasks
 
     trainer = make_trainer(max_steps=1)
     trainer.reward.reward_fn = lambda trajectory: 0.75  # training and validation episodes all score 0.75
     trainer.add_callback(ValidationCallback(trainer, load_tasks("customer_service", "val")[:1], every=1, max_turns=2,
                                             max_new_tokens=4))
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation"):
+        trainer.train()
     validated = [h for h in trainer.state.log_history if "val/success" in h]
     assert len(validated) == 1 and validated[0]["val/reward/mean"] == 0.75 and validated[0]["step"] == 1
+    assert "evaluated the policy at step 1 on 1 tasks" in caplog.text  # the policy trained, not its base's path
 
 
 def test_validation_at_start_validates_the_starting_policy_once(make_trainer, caplog):

@@ -3,6 +3,7 @@ builds (a shipped name or a YAML path, bound to the tasks)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from pipeline.envs import load_tasks, make_env, oracle_policy
 from pipeline.rollout import run_policy
 from pipeline.training import RolloutConfig, default_reward
+from pipeline.training.checkpoints import MARKER
 
 
 def token_count_reward(trajectory) -> float:
@@ -210,10 +212,17 @@ def test_train_resumes_the_critic_and_binds_the_reward_to_the_validation_tasks(t
                                save_strategy="steps", save_steps=1, beta=0.0, learning_rate=1e-2)
         return train_module.train(task_args, rollout_config, grpo_args, model_args)
 
-    run(1)
+    first = run(1)
     assert (tmp_path / "checkpoint-1" / "value_head.pt").is_file() and restored == []
+    assert first["wall_time_total_s"] == pytest.approx(first["wall_time_s"], abs=0.2)  # one part: the same time
+    # The first part of a long run: its checkpoint's marker says it had run 1,000 s.
+    marker = tmp_path / "checkpoint-1" / MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "wall_time_s": 1000.0}))
     with caplog.at_level("WARNING"):
-        assert run(2)["steps"] == 2
+        second = run(2)
+    assert second["steps"] == 2 and second["wall_time_s"] < 1000
+    assert second["wall_time_total_s"] == pytest.approx(1000 + second["wall_time_s"], abs=0.2)
+    assert json.loads((tmp_path / "checkpoint-2" / MARKER).read_text())["wall_time_s"] > 1000  # carried on
     assert restored == [16]  # the tiny model's hidden size: the head saved at step 1 was loaded
     assert "starts again from scratch" not in caplog.text
     train_ids = [t.id for t in load_tasks("customer_service", "train")[:2]]
