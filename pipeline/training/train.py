@@ -93,7 +93,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     best_dir = Path(grpo_args.output_dir) / "best_adapter" if task_args.keep_best_val else None
     best = None  # a resumed run competes with the best its earlier part kept; a fresh run replaces it
     if best_dir is not None and checkpoint is not None and (best_dir / BEST_FILE).is_file():
-        best = json.loads((best_dir / BEST_FILE).read_text())
+        best = {**json.loads((best_dir / BEST_FILE).read_text()), "adapter": str(best_dir)}  # also once moved
     validation = ValidationCallback(trainer, val_tasks, task_args.val_every, rollout_config.max_turns,
                                     rollout_config.max_new_tokens, best_dir=best_dir, best=best,
                                     episodes=episode_options(rollout_config), at_start=at_start,

@@ -122,7 +122,7 @@ def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_c
     # steps 0-3; a resumed step 4; a fresh run's steps 0-1 from the last adapter; steps 1-2 without val_at_start
     scores = iter([0.5, 0.25, 0.75, 0.75, 0.5, 0.5, 0.5, 0.25, 0.5])
 
-    def validate(self):
+    def validate(self, step=None):
         return {"val/success": next(scores), "val/pass@1": 0.0, "val/completion": 0.0,
                 "val/reward/mean": 0.0}
 
@@ -154,8 +154,13 @@ def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_c
     assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
     assert not list(tmp_path.glob(".best_adapter*"))  # no staging left behind
 
+    # As if the run's directory had been moved here (another disk, a sync to another path) before the resume:
+    # the kept best is the one in the directory resumed, whatever path its best_val.json was written under.
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-before-the-move" / "best_adapter"
+    (best / BEST_FILE).write_text(json.dumps({**result["best_val"], "adapter": str(elsewhere)}))
     resumed = run(4, resume=True)  # step 4 validates 0.5: the step-2 adapter stays the best
     assert resumed["best_val"]["step"] == 2 and all(torch.equal(kept[k], v) for k, v in weights(best).items())
+    assert resumed["adapter"] == resumed["best_val"]["adapter"] == str(best)
 
     assert validated_steps(resumed) == [0, 1, 2, 3, 4]  # the resume did not validate its start again
 
