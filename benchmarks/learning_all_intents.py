@@ -22,8 +22,11 @@ writes ``benchmarks/results/learning_all_intents.json``: the keys of ``learning.
 turn-level arm, the project's default, fixed before any test number was seen), plus ``sft_curve`` (each
 point and which is best, and why), ``per_intent`` (each policy's success per intent and the paired
 differences with their intervals) and ``advantage_comparison`` (turn-level against episode-level, paired
-on the same test episodes). The policies are paired from their logged trajectories
-(``pipeline.evaluation.evaluate_trajectories``), so nothing is re-run here.
+on the same test episodes). Any other ``--eval NAME=DIR`` with a ``--grpo NAME=DIR`` of the same name is a
+further GRPO run (a longer one, say) and goes under ``further_arms``: its summary, its training record and its
+paired difference against SFT, overall and per intent; it does not replace the headline. The policies are
+paired from their logged trajectories (``pipeline.evaluation.evaluate_trajectories``), so nothing is re-run
+here.
 """
 
 from __future__ import annotations
@@ -141,6 +144,22 @@ def advantage_comparison(reports: dict[str, Any], results: dict[str, dict[str, A
             "per_intent": {label: _interval(d) for label, d in c.by_intent.items()}}
 
 
+def further_arms(reports: dict[str, Any], grpo_runs: dict[str, Path], n_boot: int, seed: int) -> dict[str, Any]:
+    """The GRPO runs evaluated besides the headline's policies and the two advantage arms: each against SFT."""
+    from pipeline.demo import delta_summary, policy_summary, whole_run_time
+    from pipeline.evaluation import compare
+
+    arms = {}
+    for name in (n for n in reports if n not in POLICIES and n not in ARMS):
+        result = _grpo_result(grpo_runs, name)
+        c = compare(reports[name], reports["sft"], n_boot=n_boot, seed=seed)
+        arms[name] = {**policy_summary(reports[name]), "steps": result.get("steps"),
+                      "wall_time_s": whole_run_time(result), "best_val": result.get("best_val"),
+                      "output_dir": result.get("output_dir"), "delta_vs_sft": delta_summary(c),
+                      "per_intent_vs_sft": {label: _interval(d) for label, d in c.by_intent.items()}}
+    return arms
+
+
 def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, Path], n_boot: int = 10_000,
              seed: int = 0) -> dict[str, Any]:
     from pipeline.demo import delta_summary, policy_summary, training_signals, whole_run_time
@@ -189,6 +208,8 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
     })
     if "grpo_episode" in results:
         result["advantage_comparison"] = advantage_comparison(reports, results, n_boot, seed)
+    if any(name not in POLICIES and name not in ARMS for name in reports):
+        result["further_arms"] = further_arms(reports, grpo_runs, n_boot, seed)
     stages = [result["stage_times_s"]["sft_curve"], result["stage_times_s"]["grpo"] or 0.0,
               *(v or 0.0 for v in result["stage_times_s"]["eval"].values())]
     result["wall_time_s"] = round(sum(stages), 1)
@@ -231,7 +252,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft", type=Path, nargs="+", required=True, help="the SFT curve's output directories")
     parser.add_argument("--eval", nargs="+", required=True, metavar="NAME=DIR",
-                        help=f"each policy's `turnwise eval --out` directory: {', '.join(POLICIES)}, grpo_episode")
+                        help=f"each policy's `turnwise eval --out` directory: {', '.join(POLICIES)}, grpo_episode, "
+                             "and any further GRPO run (with its --grpo of the same name)")
     parser.add_argument("--grpo", nargs="+", required=True, metavar="NAME=DIR",
                         help="each GRPO arm's output_dir: grpo (turn-level), grpo_episode (episode-level)")
     parser.add_argument("--commands", type=Path, default=None,

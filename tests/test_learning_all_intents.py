@@ -131,6 +131,31 @@ def test_the_result_pairs_every_policy_on_the_same_episodes_per_intent(assembler
     assert [adv["arms"][name]["wall_time_s"] for name in ("grpo", "grpo_episode")] == [250.0, 100.0]
 
 
+def test_a_further_grpo_run_is_compared_with_sft_without_replacing_the_headline(assembler, oracle_report,
+                                                                              tmp_path) -> None:
+    labels = sorted({intent_label(e["intents"]) for e in oracle_report.episodes})
+    fails = {"base": set(labels), "sft": set(labels[:6]), "grpo": set(labels[:2]), "longer": set(labels[:1]),
+             "oracle": set()}
+    evals = {}
+    for name, failed in fails.items():
+        evals[name] = tmp_path / "eval" / name
+        write_report(evals[name], [_variant(oracle_report, name, failed)], html_page=False)
+    sft = [_sft_run(tmp_path, 64, [0.33], [0.2])]
+    runs = {"grpo": _grpo_run(tmp_path, "turn", 4), "longer": _grpo_run(tmp_path, "longer", 8, wall_time_total_s=900.0)}
+
+    result = assembler.assemble(sft, evals, runs, n_boot=500)
+    assert result["grpo"]["success"] == 7 / 9 and result["delta_grpo_vs_sft"]["mean"] == pytest.approx(4 / 9)
+    assert "advantage_comparison" not in result  # no episode-level arm was given
+    longer = result["further_arms"]["longer"]
+    assert longer["success"] == 8 / 9 and longer["steps"] == 8 and longer["wall_time_s"] == 900.0
+    assert longer["delta_vs_sft"]["mean"] == pytest.approx(5 / 9)  # SFT fails six intents, this run one
+    assert [longer["per_intent_vs_sft"][label]["difference"] for label in labels] == [0, 1, 1, 1, 1, 1, 0, 0, 0]
+
+    del runs["longer"]
+    with pytest.raises(SystemExit, match="--grpo lacks longer=DIR"):
+        assembler.assemble(sft, evals, runs, n_boot=50)
+
+
 def test_policies_evaluated_on_different_episodes_are_refused(assembler, oracle_report, tmp_path) -> None:
     evals = {}
     for name in ("base", "sft", "grpo", "oracle"):
