@@ -48,6 +48,15 @@ def _variant(report, label: str, fail: set[str]):
     return out
 
 
+def _eval_dirs(oracle_report, fails: dict[str, set[str]], root: Path) -> dict[str, Path]:
+    """One `turnwise eval --out` directory per policy: the oracle's episodes, failed on the given intents."""
+    evals = {}
+    for name, failed in fails.items():
+        evals[name] = root / "eval" / name
+        write_report(evals[name], [_variant(oracle_report, name, failed)], html_page=False)
+    return evals
+
+
 def _sft_run(root: Path, n: int, successes: list[float], rewards: list[float]) -> Path:
     run = root / f"sft_n{n}"
     run.mkdir()
@@ -94,10 +103,7 @@ def test_the_result_pairs_every_policy_on_the_same_episodes_per_intent(assembler
     assert len(labels) == 9  # eight intents and "multi"
     fails = {"base": set(labels), "sft": set(labels[:6]), "grpo": set(labels[:2]), "grpo_episode": set(labels[:4]),
              "oracle": set()}
-    evals = {}
-    for name, failed in fails.items():
-        evals[name] = tmp_path / "eval" / name
-        write_report(evals[name], [_variant(oracle_report, name, failed)], html_page=False)
+    evals = _eval_dirs(oracle_report, fails, tmp_path)
     sft = [_sft_run(tmp_path, 64, [0.11, 0.22], [0.0, 0.1]), _sft_run(tmp_path, 128, [0.33], [0.2])]
     # the turn-level arm ran in two parts: 100 s in its last, 250 s in all
     grpo = {"grpo": _grpo_run(tmp_path, "turn", 4, wall_time_total_s=250.0),
@@ -136,12 +142,10 @@ def test_a_further_grpo_run_is_compared_with_sft_without_replacing_the_headline(
     labels = sorted({intent_label(e["intents"]) for e in oracle_report.episodes})
     fails = {"base": set(labels), "sft": set(labels[:6]), "grpo": set(labels[:2]), "longer": set(labels[:1]),
              "oracle": set()}
-    evals = {}
-    for name, failed in fails.items():
-        evals[name] = tmp_path / "eval" / name
-        write_report(evals[name], [_variant(oracle_report, name, failed)], html_page=False)
+    evals = _eval_dirs(oracle_report, fails, tmp_path)
     sft = [_sft_run(tmp_path, 64, [0.33], [0.2])]
-    runs = {"grpo": _grpo_run(tmp_path, "turn", 4), "longer": _grpo_run(tmp_path, "longer", 8, wall_time_total_s=900.0)}
+    runs = {"grpo": _grpo_run(tmp_path, "turn", 4),
+            "longer": _grpo_run(tmp_path, "longer", 8, wall_time_total_s=900.0)}
 
     result = assembler.assemble(sft, evals, runs, n_boot=500)
     assert result["grpo"]["success"] == 7 / 9 and result["delta_grpo_vs_sft"]["mean"] == pytest.approx(4 / 9)
