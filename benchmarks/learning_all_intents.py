@@ -255,7 +255,8 @@ def main() -> None:
                         help=f"each policy's `turnwise eval --out` directory: {', '.join(POLICIES)}, grpo_episode, "
                              "and any further GRPO run (with its --grpo of the same name)")
     parser.add_argument("--grpo", nargs="+", required=True, metavar="NAME=DIR",
-                        help="each GRPO arm's output_dir: grpo (turn-level), grpo_episode (episode-level)")
+                        help="each GRPO arm's output_dir: grpo (turn-level), grpo_episode (episode-level), and "
+                             "each further run's")
     parser.add_argument("--commands", type=Path, default=None,
                         help="a JSON file mapping each piece to the command that ran it (kept as 'recipe')")
     parser.add_argument("--name", default="learning_all_intents")
