@@ -48,7 +48,8 @@ from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task, f
 from pipeline.envs.tasks import intent_label
 from pipeline.rollout import RolloutEngine, run_policy
 from pipeline.rollout.engine import SCHEDULES
-from pipeline.trajectory import Trajectory, append_jsonl, atomic_write_text, drop_torn_line, load_jsonl
+from pipeline.trajectory import (Trajectory, append_jsonl, atomic_write_text, drop_torn_line, load_jsonl,
+                                 recorded_seconds)
 
 logger = logging.getLogger(__name__)
 
@@ -448,8 +449,7 @@ class EpisodeJournal:
             raise ValueError(f"{self.identity_path}: the saved episodes were played with {was}, this run asks for "
                              f"{now}; resume with the options of the run that saved them, or rerun without --resume "
                              "to start over.")
-        played = saved.get("wall_time_s")
-        return float(played) if type(played) in (int, float) and math.isfinite(played) and played >= 0 else 0.0
+        return recorded_seconds(saved.get("wall_time_s"))
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")

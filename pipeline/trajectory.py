@@ -133,6 +133,11 @@ class Trajectory:
         )
 
 
+def recorded_seconds(value: Any) -> float:
+    """A wall time a file recorded, as seconds: a finite, non-negative number, else 0.0 (absent or not a time)."""
+    return float(value) if type(value) in (int, float) and math.isfinite(value) and value >= 0 else 0.0
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a half-written one."""
     path = Path(path)

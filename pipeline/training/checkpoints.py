@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -35,6 +34,8 @@ from typing import TYPE_CHECKING, Callable
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from pipeline.trajectory import recorded_seconds
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
@@ -183,8 +184,7 @@ def recorded_wall_time(checkpoint: Path) -> float:
         record = json.loads((Path(checkpoint) / MARKER).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return 0.0
-    value = record.get("wall_time_s") if isinstance(record, dict) else None
-    return float(value) if type(value) in (int, float) and math.isfinite(value) and value >= 0 else 0.0
+    return recorded_seconds(record.get("wall_time_s") if isinstance(record, dict) else None)
 
 
 class CheckpointMarker(TrainerCallback):
