@@ -13,8 +13,11 @@ environment seeds ``seed .. seed+n-1``, records one raw result per episode, and 
 - pass@j, the chance that at least one of ``j`` trials succeeds, with the unbiased estimator of Chen et
   al. (2021) over the ``n >= j`` samples, and pass^j, the chance that all ``j`` succeed (tau-bench,
   Yao et al., 2024), for ``j`` in :func:`k_values` (1, k, n and the powers of two up to n);
-- per-field accuracy and per-check pass rates, a per-intent breakdown, turn-budget exhaustion and token
-  truncation rates, mean turns and tokens, tool calls by name, and violations by rule.
+- per-field accuracy and per-check pass rates, turn-budget exhaustion and token truncation rates, mean
+  turns and tokens, the tool calls that ran by tool, the calls that failed by error kind and by tool,
+  violations by rule and stop reasons;
+- the same per intent (``by_intent``): success, completion, the turn-budget rate, and the tool, error,
+  violation, stop-reason and check counts, so that a failure confined to one intent shows.
 
 ``evaluate_trajectories`` computes the same report from logged trajectories (their outcomes were
 recorded when they were played), and :func:`compare` pairs two reports episode by episode for the
@@ -117,6 +120,26 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "metrics": self.metrics, "per_task": self.per_task, "episodes": self.episodes}
 
+    @classmethod
+    def from_dict(cls, row: Any, where: str = "report") -> "EvalReport":
+        """A report read back from :meth:`to_dict`, its metrics computed again from its episode records, so
+        that a report saved by an earlier version gains the metrics added since (the trajectories are not
+        in it). Saved metrics that are not computed from episodes (``wall_time_s``, ``resumed_episodes``)
+        are kept. ``where`` names the source in errors."""
+        episodes = row.get("episodes") if isinstance(row, dict) else None
+        if not isinstance(episodes, list) or not episodes or not all(isinstance(e, dict) for e in episodes):
+            raise ValueError(f"{where}: no 'episodes' list of per-episode records to rebuild the report from; "
+                             "give a report.json that `turnwise eval --out` wrote.")
+        config = row.get("config") if isinstance(row.get("config"), dict) else {}
+        try:
+            metrics, per_task = summarize(episodes, int(config.get("k", 1)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: an episode record lacks what the metrics need ({type(exc).__name__}: "
+                             f"{exc}); give a report.json that `turnwise eval --out` wrote.") from None
+        saved = row.get("metrics") if isinstance(row.get("metrics"), dict) else {}
+        metrics = {**{k: v for k, v in saved.items() if k not in metrics}, **metrics}
+        return cls(metrics=metrics, per_task=per_task, episodes=episodes, config=dict(config))
+
 
 # ---------------------------------------------------------------------------------------------------
 # Per-episode results and their aggregation
@@ -152,6 +175,7 @@ def episode_result(trajectory: Trajectory, intents: Sequence[str]) -> dict[str, 
         "episode_tokens": episode_tokens,
         "tool_calls": dict(Counter(c.get("name", "?") for t in turns for c in t.info.get("tool_calls", []))),
         "tool_errors": dict(Counter(e.get("kind", "error") for t in turns for e in t.info.get("tool_errors", []))),
+        "failed_calls": dict(Counter(e.get("name") or "?" for t in turns for e in t.info.get("tool_errors", []))),
         "violations": list(o.violations),
         "fields": {name: field_correct(value) for name, value in o.fields.items()},
         "checks": _checks(o),
@@ -218,19 +242,16 @@ def summarize(episodes: Sequence[dict[str, Any]], k: int = 1) -> tuple[dict[str,
         "tool_calls_mean": _mean([sum(e["tool_calls"].values()) for e in episodes]),
         "tool_errors_mean": _mean([sum(e["tool_errors"].values()) for e in episodes]),
         "violation_rate": _mean([bool(e["violations"]) for e in episodes]),
-        "tool_calls": _total(e["tool_calls"] for e in episodes),
-        "tool_errors": _total(e["tool_errors"] for e in episodes),
-        "violations": dict(sorted(Counter(_rule(v) for e in episodes for v in e["violations"]).items())),
-        "stop_reasons": dict(sorted(Counter(e["stop_reason"] or "none" for e in episodes).items())),
+        **_how_they_ended(episodes),
         "field_accuracy": _rates(e["fields"] for e in episodes),
-        "checks": _rates(e["checks"] for e in episodes),
     })
     intents: dict[str, list[dict]] = defaultdict(list)
     for e in episodes:
         intents[intent_label(e["intents"])].append(e)
     metrics["by_intent"] = {
         label: {"n": len(rows), "success": _mean([r["success"] for r in rows]),
-                "completion": _mean([r["completed"] for r in rows]), "turns_mean": _mean([r["turns"] for r in rows])}
+                "completion": _mean([r["completed"] for r in rows]), "turns_mean": _mean([r["turns"] for r in rows]),
+                "max_turns_rate": _mean([r["stop_reason"] == STOP_MAX_TURNS for r in rows]), **_how_they_ended(rows)}
         for label, rows in sorted(intents.items())
     }
     per_task = [
@@ -241,6 +262,24 @@ def summarize(episodes: Sequence[dict[str, Any]], k: int = 1) -> tuple[dict[str,
         for tid, runs in by_task.items()
     ]
     return metrics, per_task
+
+
+def _how_they_ended(episodes: Sequence[dict[str, Any]]) -> dict[str, dict]:
+    """The counts that say how episodes went wrong: the tool calls that ran, by tool; the calls that came back
+    as errors, by kind (``tool_errors``) and by the tool they named (``failed_calls``: a made-up name for an
+    unknown tool); violations by rule; stop reasons; and the rate of each success check. The whole report has
+    them, and so does each intent, where they show a failure that the totals hide (a tool one intent needs and
+    the policy never calls)."""
+    counts = {
+        "tool_calls": _total(e["tool_calls"] for e in episodes),
+        "tool_errors": _total(e["tool_errors"] for e in episodes),
+        "violations": dict(sorted(Counter(_rule(v) for e in episodes for v in e["violations"]).items())),
+        "stop_reasons": dict(sorted(Counter(e["stop_reason"] or "none" for e in episodes).items())),
+        "checks": _rates(e["checks"] for e in episodes),
+    }
+    if all("failed_calls" in e for e in episodes):  # records saved before it was kept have no such count
+        counts["failed_calls"] = _total(e["failed_calls"] for e in episodes)
+    return counts
 
 
 def _total(counters) -> dict[str, int]:

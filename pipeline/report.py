@@ -76,8 +76,10 @@ def metric_rows(reports: Sequence[EvalReport]) -> list[tuple[str, list[str]]]:
 
 
 def _count_rows(reports: Sequence[EvalReport], key: str) -> list[tuple[str, list[str]]]:
+    """One row per name: each report's count, ``n/a`` for a report saved before it kept that count."""
     names = sorted({name for r in reports for name in r.metrics.get(key, {})})
-    return [(name, [_fmt(r.metrics.get(key, {}).get(name, 0)) for r in reports]) for name in names]
+    return [(name, [_fmt(r.metrics[key].get(name, 0)) if key in r.metrics else "n/a" for r in reports])
+            for name in names]
 
 
 def _rate_rows(reports: Sequence[EvalReport], key: str) -> list[tuple[str, list[str]]]:
@@ -95,6 +97,23 @@ def _intent_rows(reports: Sequence[EvalReport]) -> list[tuple[str, list[str]]]:
             cells.append(f"{row['success']:.3f} (n={row['n']})" if row else "n/a")
         rows.append((name, cells))
     return rows
+
+
+def _intent_count_rows(reports: Sequence[EvalReport], key: str) -> list[tuple[str, list[str]]]:
+    """One row per intent: each report's ``key`` counts for that intent (``get_order 42, track_shipment 39``),
+    most frequent first; ``none`` when there were none, ``n/a`` when a report lacks the intent or predates the
+    per-intent counts. Empty with one intent, where the whole-report table already says it."""
+    names = sorted({name for r in reports for name in r.metrics["by_intent"]})
+    if len(names) < 2:
+        return []
+
+    def cell(row: dict | None) -> str:
+        if row is None or key not in row:
+            return "n/a"
+        counts = sorted(row[key].items(), key=lambda item: (-item[1], item[0]))
+        return ", ".join(f"{name} {count}" for name, count in counts) or "none"
+
+    return [(name, [cell(r.metrics["by_intent"].get(name)) for r in reports]) for name in names]
 
 
 def _task_rows(reports: Sequence[EvalReport]) -> list[tuple[str, list[str]]]:
@@ -117,9 +136,16 @@ def _sections(reports: Sequence[EvalReport]) -> list[tuple[str, str, list[tuple[
         ("Success checks (each must hold for success)", "check", _rate_rows(reports, "checks")),
         ("Per-field accuracy", "field", _rate_rows(reports, "field_accuracy")),
         ("Violations by rule (count)", "rule", _count_rows(reports, "violations")),
-        ("Tool calls (count)", "tool", _count_rows(reports, "tool_calls")),
+        ("Tool calls that ran (count)", "tool", _count_rows(reports, "tool_calls")),
         ("Tool errors (count)", "kind", _count_rows(reports, "tool_errors")),
+        ("Failed tool calls, by the tool named (count)", "tool", _count_rows(reports, "failed_calls")),
         ("Stop reasons (count)", "stop reason", _count_rows(reports, "stop_reasons")),
+        ("Stop reasons by intent (count)", "intent", _intent_count_rows(reports, "stop_reasons")),
+        ("Tool calls that ran, by intent (count)", "intent", _intent_count_rows(reports, "tool_calls")),
+        ("Failed tool calls by intent, by the tool named (count)", "intent",
+         _intent_count_rows(reports, "failed_calls")),
+        ("Tool errors by intent (count)", "intent", _intent_count_rows(reports, "tool_errors")),
+        ("Violations by intent (count)", "intent", _intent_count_rows(reports, "violations")),
         ("Per task (successes/episodes and stop reasons)", "task", _task_rows(reports)),
     ]
 
@@ -135,7 +161,7 @@ def _runs(reports: Sequence[EvalReport]) -> list[tuple[str, list[str]]]:
             return f"{c['seed']}..{c['seed'] + c.get('n', 1) - 1}"
         return ", ".join(map(str, c.get("seeds", [])[:8]))
 
-    return [
+    rows = [
         ("role", [str(r.config.get("role", "")) for r in reports]),
         ("source", [str(r.config.get("source", "")) for r in reports]),
         ("tasks x samples", [f"{r.metrics['n_tasks']} x {r.metrics['n']}" for r in reports]),
@@ -143,6 +169,7 @@ def _runs(reports: Sequence[EvalReport]) -> list[tuple[str, list[str]]]:
         ("turn / token budgets", [f"{r.config.get('max_turns', 'n/a')} turns, {r.config.get('max_new_tokens', 'n/a')} "
                                   "tokens/turn" for r in reports]),
     ]
+    return [(name, cells) for name, cells in rows if any(cells)]
 
 
 _MD_SPECIAL = re.compile(r"([\\`\[\]|])")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import shutil
 from collections.abc import Iterator
@@ -26,6 +27,22 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Import a script under ``benchmarks/`` as a module: ``benchmark_script("exploration")``. The scripts import
+    their shared ``common`` module as a sibling, so ``benchmarks/`` is on ``sys.path`` while one is imported."""
+    import sys
+
+    def load(name: str):
+        sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(str(REPO_ROOT / "benchmarks"))
+
+    return load
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -212,20 +213,56 @@ def test_every_metric_on_a_hand_computed_set() -> None:
         assert m[key] == pytest.approx(value, **APPROX), key
     assert m["tool_calls"] == {"cancel_order": 1, "get_order": 4, "refund_items": 2, "verify_identity": 8}
     assert m["tool_errors"] == {"rejected": 1}
+    assert m["failed_calls"] == {"refund_items": 1}  # the rejected call, by the tool it named
     assert m["violations"] == {"confirm_before_change": 2, "identity_verification": 1}
     assert m["stop_reasons"] == {"max_tokens": 1, "max_turns": 3, "resolved": 9, "user_left": 3}
     assert m["field_accuracy"] == {"amount": 0.5, "order_id": 1.0}  # over the 4 episodes that have fields
     assert m["checks"] == {"facts_told": 8 / 16, "no_violations": 14 / 16, "state_match": 8 / 16}
     assert m["by_intent"] == {
-        "cancel": {"n": 8, "success": 1 / 8, "completion": 5 / 8, "turns_mean": 23 / 8},
-        "refund": {"n": 4, "success": 2 / 4, "completion": 3 / 4, "turns_mean": 10 / 4},
-        "multi": {"n": 4, "success": 1.0, "completion": 1.0, "turns_mean": 2.0},
+        "cancel": {"n": 8, "success": 1 / 8, "completion": 5 / 8, "turns_mean": 23 / 8, "max_turns_rate": 2 / 8,
+                   "tool_calls": {"cancel_order": 1, "verify_identity": 1}, "tool_errors": {}, "failed_calls": {},
+                   "violations": {"confirm_before_change": 1, "identity_verification": 1},
+                   "stop_reasons": {"max_tokens": 1, "max_turns": 2, "resolved": 2, "user_left": 3},
+                   "checks": {"facts_told": 2 / 8, "no_violations": 7 / 8, "state_match": 2 / 8}},
+        "refund": {"n": 4, "success": 2 / 4, "completion": 3 / 4, "turns_mean": 10 / 4, "max_turns_rate": 1 / 4,
+                   "tool_calls": {"refund_items": 2, "verify_identity": 3}, "tool_errors": {"rejected": 1},
+                   "failed_calls": {"refund_items": 1},
+                   "violations": {"confirm_before_change": 1}, "stop_reasons": {"max_turns": 1, "resolved": 3},
+                   "checks": {"facts_told": 2 / 4, "no_violations": 3 / 4, "state_match": 2 / 4}},
+        "multi": {"n": 4, "success": 1.0, "completion": 1.0, "turns_mean": 2.0, "max_turns_rate": 0.0,
+                  "tool_calls": {"get_order": 4, "verify_identity": 4}, "tool_errors": {}, "failed_calls": {},
+                  "violations": {},
+                  "stop_reasons": {"resolved": 4},
+                  "checks": {"facts_told": 1.0, "no_violations": 1.0, "state_match": 1.0}},
     }
+    # The per-intent counts add up to the report's.
+    for key in ("tool_calls", "tool_errors", "failed_calls", "violations", "stop_reasons"):
+        assert sum((Counter(row[key]) for row in m["by_intent"].values()), Counter()) == Counter(m[key]), key
     assert [(r["task_id"], r["successes"], r["n"]) for r in report.per_task] == [
         ("a", 0, 4), ("b", 1, 4), ("c", 2, 4), ("d", 4, 4)]
     assert report.per_task[0]["stop_reasons"] == ["max_turns", "max_turns", "user_left", "max_tokens"]
     assert report.per_task[1]["violations"] == ["confirm_before_change@2", "identity_verification@0"]
     assert len(report.episodes) == 16 and report.episodes[4]["tool_calls"] == {"verify_identity": 1, "cancel_order": 1}
+
+
+def test_a_saved_report_is_rebuilt_from_its_episode_records() -> None:
+    """A report.json written before a metric existed gains it: the metrics are computed again from the episodes."""
+    report = evaluate_trajectories(hand_set(), HAND_TASKS, k=2, label="hand")
+    saved = json.loads(json.dumps(report.to_dict()))
+    for row in saved["metrics"]["by_intent"].values():
+        del row["tool_calls"], row["stop_reasons"]
+    saved["metrics"].update(wall_time_s=12.5, success=0.99)  # a fact of the run is kept; a metric is recomputed
+    again = EvalReport.from_dict(saved, where="old/report.json")
+    assert again.metrics == {**report.metrics, "wall_time_s": 12.5} and again.per_task == report.per_task
+    for episode in saved["episodes"]:  # saved before failed calls were counted: no count, rather than a zero
+        del episode["failed_calls"]
+    assert "failed_calls" not in EvalReport.from_dict(saved).metrics["by_intent"]["refund"]
+    assert again.label == "hand" and again.metrics["by_intent"]["refund"]["tool_errors"] == {"rejected": 1}
+    with pytest.raises(ValueError, match=r"old/report.json: no 'episodes' list"):
+        EvalReport.from_dict({"config": {}, "metrics": saved["metrics"]}, where="old/report.json")
+    del saved["episodes"][3]["turns"]
+    with pytest.raises(ValueError, match=r"old/report.json: an episode record lacks .*KeyError: 'turns'"):
+        EvalReport.from_dict(saved, where="old/report.json")
 
 
 def test_undefined_ratios_are_none_not_zero() -> None:
@@ -249,9 +286,11 @@ def test_logged_trajectories_keep_intents_from_the_task_set_or_their_metadata(tm
     assert loaded.config["source"] == "logged" and loaded.config["seeds"] == [0, 1, 2, 3]
 
     alone = evaluate_trajectories(load_jsonl(path)[:4])  # no task set: the log's own intents, else "unknown"
-    assert alone.metrics["by_intent"] == {
-        "exchange": {"n": 1, "success": 0.0, "completion": 0.0, "turns_mean": 4.0},
-        "unknown": {"n": 3, "success": 0.0, "completion": 1 / 3, "turns_mean": 3.0},
+    shown = ("n", "success", "completion", "turns_mean", "stop_reasons")
+    assert {label: {key: row[key] for key in shown} for label, row in alone.metrics["by_intent"].items()} == {
+        "exchange": {"n": 1, "success": 0.0, "completion": 0.0, "turns_mean": 4.0, "stop_reasons": {"max_turns": 1}},
+        "unknown": {"n": 3, "success": 0.0, "completion": 1 / 3, "turns_mean": 3.0,
+                    "stop_reasons": {"max_tokens": 1, "max_turns": 1, "user_left": 1}},
     }
 
 

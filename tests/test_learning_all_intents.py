@@ -15,19 +15,10 @@ from pipeline.envs.tasks import intent_label, spread_over_intents
 from pipeline.evaluation import evaluate
 from pipeline.report import write_report
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def assembler():
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import learning_all_intents
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return learning_all_intents
+def assembler(benchmark_script):
+    return benchmark_script("learning_all_intents")
 
 
 @pytest.fixture(scope="module")

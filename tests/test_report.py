@@ -4,6 +4,7 @@ transcripts, and the clear error when matplotlib is missing."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import struct
@@ -75,6 +76,61 @@ def test_markdown_puts_every_policy_in_one_table(reports) -> None:
     for name, row in comparison.by_intent.items():
         assert (f"| {name} | {row['n_tasks']} | {row['candidate_success']:.3f} | {row['base_success']:.3f} | "
                 f"{row['difference']:+.3f} | {row['ci_low']:+.3f} to {row['ci_high']:+.3f} |") in text
+
+
+def _md_section(text: str, title: str) -> dict[str, list[str]]:
+    """A Markdown section's table as ``{first cell: [the other cells]}``."""
+    lines = text.split(f"## {title}\n\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    rows = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+    return {row[0]: row[1:] for row in rows}
+
+
+def _counts(cell: str) -> dict[str, int]:
+    """``"get_order 4, verify_identity 2"`` as a dict, in the cell's order."""
+    return {name: int(n) for name, n in (item.rsplit(" ", 1) for item in cell.split(", "))}
+
+
+def test_markdown_shows_where_each_intent_fails(reports) -> None:
+    """Per intent, the tools each policy called and how its episodes ended: a tool one intent needs and a
+    policy never calls shows there, where the whole-report counts mix it with the other intents."""
+    _, _, reference, _ = reports
+    tasks = load_tasks("customer_service", "val")[:6]
+    silent = evaluate(chatty, tasks, n=1, max_turns=3, label="silent")
+    text = render_markdown([silent, reference])
+    intents = sorted(reference.metrics["by_intent"])
+    assert len(intents) > 1
+    tools = _md_section(text, "Tool calls that ran, by intent (count)")
+    assert sorted(tools) == intents
+    for name, (silent_cell, oracle_cell) in tools.items():
+        assert silent_cell == "none"  # small talk calls no tool
+        assert _counts(oracle_cell) == reference.metrics["by_intent"][name]["tool_calls"]
+        assert list(_counts(oracle_cell).values()) == sorted(_counts(oracle_cell).values(), reverse=True)
+    # A tool the domain does not have fails under the name the policy gave it, escaped like any data.
+    guess = '<tool_call>{"name": "find|order", "arguments": {}}</tool_call>'
+    guesser = evaluate(lambda task: lambda messages: guess, tasks, n=1, max_turns=2, label="guesser")
+    guessed = render_markdown([guesser, reference])
+    failed = _md_section(guessed, "Failed tool calls by intent, by the tool named (count)")
+    for name, (guesser_cell, oracle_cell) in failed.items():
+        assert guesser_cell == f"find\\|order {guesser.metrics['by_intent'][name]['tool_errors']['unknown_tool']}"
+        assert oracle_cell == "none"
+    for name, (silent_cell, oracle_cell) in _md_section(text, "Stop reasons by intent (count)").items():
+        assert _counts(oracle_cell) == {"resolved": reference.metrics["by_intent"][name]["n"]}
+        assert set(_counts(silent_cell)) <= {"max_turns", "user_left"}
+        assert sum(_counts(silent_cell).values()) == silent.metrics["by_intent"][name]["n"]
+    # A report written before the per-intent counts existed shows n/a; one intent alone gets no such table.
+    old = json.loads(json.dumps(reference.metrics))
+    for row in old["by_intent"].values():
+        del row["tool_calls"]
+    del old["failed_calls"]
+    older = dataclasses.replace(reference, metrics=old)
+    text = render_markdown([guesser, older])
+    assert all(row == ["none", "n/a"] for row in _md_section(text, "Tool calls that ran, by intent (count)").values())
+    assert _md_section(text, "Failed tool calls, by the tool named (count)") == {
+        "find\\|order": [str(guesser.metrics["tool_errors"]["unknown_tool"]), "n/a"]}
+    single = evaluate(oracle_policy, load_tasks("customer_service/order_status", "val")[:2], n=1, label="one")
+    text = render_markdown([single])
+    assert "## Tool calls that ran (count)" in text and "## Success by intent" in text
+    assert not re.search(r"^## .*by intent.* \(count\)$", text, re.M)
 
 
 def test_text_table_is_aligned_for_a_terminal(reports) -> None:
