@@ -156,6 +156,18 @@ class SFTArguments:
 # ---------------------------------------------------------------------------------------------------
 
 
+def demonstration_plan(tasks: Sequence[Task], n: int, seed: int = 0) -> list[tuple[Task, int]]:
+    """The ``(task, environment seed)`` of each of :func:`oracle_demonstrations`' ``n`` episodes: tasks from a
+    seeded shuffle of ``tasks``, seed ``seed`` on the first pass over them, ``seed + 1`` on the next, and so on.
+    Analyses that must leave out the tasks an SFT run learned from call it with that run's ``n`` and seed."""
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks to generate demonstrations from.")
+    order = list(range(len(tasks)))
+    random.Random(seed).shuffle(order)
+    return [(tasks[order[i % len(tasks)]], seed + i // len(tasks)) for i in range(n)]
+
+
 def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turns: int = MAX_TURNS,
                           tool_protocol: str = "text", customer: str | None = None) -> list[Trajectory]:
     """``n`` oracle episodes played through the environment, on tasks from a seeded shuffle of ``tasks``.
@@ -166,15 +178,8 @@ def oracle_demonstrations(tasks: Sequence[Task], n: int, seed: int = 0, max_turn
     ``tool_protocol="native"`` the environment leaves its tool list to the chat template, and each
     demonstration keeps the tool specs in ``metadata["tools"]``.
     """
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError("no tasks to generate demonstrations from.")
-    order = list(range(len(tasks)))
-    random.Random(seed).shuffle(order)
     demos, failed = [], []
-    for i in range(n):
-        task = tasks[order[i % len(tasks)]]
-        episode_seed = seed + i // len(tasks)
+    for task, episode_seed in demonstration_plan(tasks, n, seed):
         env = make_env(task, max_turns=max_turns, customer=customer)
         if tool_protocol != "text":
             env.set_tool_protocol(tool_protocol)

@@ -18,7 +18,8 @@ from pipeline.envs import load_tasks, make_env
 from pipeline.models import load_model
 from pipeline.rollout import RolloutEngine
 from pipeline.rollout.backends import Generation
-from pipeline.sft import SFTArguments, demonstration_dataset, oracle_demonstrations, run_sft, tokenize_demonstration
+from pipeline.sft import (SFTArguments, demonstration_dataset, demonstration_plan, oracle_demonstrations, run_sft,
+                          tokenize_demonstration)
 from pipeline.training import RolloutConfig, train
 from pipeline.training.checkpoints import MARKER
 
@@ -50,6 +51,10 @@ def test_demonstrations_are_successful_oracle_episodes_through_the_environment()
     assert len(demos) == 5 and all(d.outcome.success for d in demos)
     assert {d.task_id for d in demos} == {t.id for t in tasks}  # all 3 tasks, then 2 of them again
     assert [d.seed for d in demos] == [7, 7, 7, 8, 8]  # a second pass replays tasks with the next seed
+    # demonstration_plan names those episodes without playing them: what an analysis leaves out
+    assert [(t.id, s) for t, s in demonstration_plan(tasks, 5, seed=7)] == [(d.task_id, d.seed) for d in demos]
+    with pytest.raises(ValueError, match="no tasks"):
+        demonstration_plan([], 1)
     # exactly the environment's messages: its opening, then assistant turns each followed by its replies
     env = make_env(next(t for t in tasks if t.id == demos[0].task_id))
     opening = env.reset(next(t for t in tasks if t.id == demos[0].task_id), seed=7)

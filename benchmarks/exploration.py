@@ -1,0 +1,157 @@
+"""How often a policy's sampled rollouts take the actions a task needs: the exploration GRPO learns from.
+
+GRPO reinforces what some rollout of a group did better than the others, so an action no rollout takes cannot
+be learned, however many steps run. This script samples rollouts as training does (``--temperature``, not
+evaluation's greedy decoding), ``--samples`` per task on ``--per_intent`` tasks of each intent, and reports per
+intent and temperature:
+
+- ``success``: the share of rollouts that succeeded (the strict check of ``turnwise eval``);
+- ``mixed_groups``: the share of tasks whose rollouts did not all end alike (some succeeded, some did not): the
+  groups where a success reward gives a non-zero advantage;
+- ``tools``: for each tool the oracle calls on that intent's tasks, the share of rollouts that tried it (the call
+  ran, or came back as an error naming it), beside the oracle's own share;
+- ``turn_budget``: the share of rollouts that ran out of turns;
+- ``per_task``: each task's successes and how many of its rollouts tried each of those tools.
+
+``--greedy`` adds one greedy episode per task (how ``turnwise eval`` plays) as the reference, and
+``--exclude_sft_demos N`` leaves out the train tasks an SFT run on N oracle demonstrations was shown solved
+(``pipeline.sft.demonstration_plan``), so that a success is not a recalled demonstration. Nothing here is timed.
+Example (the all-intent result's episode-level adapter, on train tasks its SFT never saw)::
+
+    python benchmarks/exploration.py --model benchmarks/results/adapters/sft_grpo_episode_all_intents \\
+        --intents escalation refund_denied address_change multi --per_intent 6 --samples 4 \\
+        --temperature 0.8 1.2 --greedy --exclude_sft_demos 128 --name exploration_all_intents
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Collection, Sequence
+
+from common import add_threads_option, machine, set_threads, write_result
+
+from pipeline.envs import load_tasks, oracle_policy
+from pipeline.envs.base import STOP_MAX_TURNS, Task
+from pipeline.envs.tasks import intent_label
+from pipeline.evaluation import EvalReport, evaluate
+from pipeline.sft import demonstration_plan
+
+
+def pick_tasks(tasks: Sequence[Task], intents: Sequence[str], per_intent: int,
+               leave_out: Collection[str] = ()) -> list[Task]:
+    """The first ``per_intent`` tasks of each intent label in ``intents``, in the task set's order, leaving out
+    the task ids in ``leave_out``."""
+    by_label: dict[str, list[Task]] = defaultdict(list)
+    for task in tasks:
+        if task.id not in leave_out:
+            by_label[intent_label(task.intents)].append(task)
+    missing = [label for label in intents if not by_label.get(label)]
+    if missing:
+        raise SystemExit(f"--intents: no task with intent label {', '.join(missing)}; the task set has "
+                         f"{', '.join(sorted(by_label))}.")
+    return [task for label in intents for task in by_label[label][:per_intent]]
+
+
+def tried(episode: dict[str, Any]) -> set[str]:
+    """The tools an episode tried: the calls that ran and those that came back as errors naming a tool."""
+    return set(episode["tool_calls"]) | set(episode.get("failed_calls", {}))
+
+
+def summarize_exploration(report: EvalReport, oracle: EvalReport) -> dict[str, dict[str, Any]]:
+    """Per intent label: success, mixed groups, the turn-budget share, and how often each oracle tool was tried."""
+    needed: dict[str, set[str]] = defaultdict(set)
+    oracle_share: dict[str, dict[str, float]] = {}
+    for label, rows in _by_label(oracle.episodes).items():
+        needed[label] = set().union(*(set(e["tool_calls"]) for e in rows))
+        oracle_share[label] = {tool: sum(tool in e["tool_calls"] for e in rows) / len(rows) for tool in needed[label]}
+    out = {}
+    for label, rows in _by_label(report.episodes).items():
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for e in rows:
+            groups[e["task_id"]].append(e)
+        out[label] = {
+            "rollouts": len(rows), "tasks": len(groups),
+            "success": sum(e["success"] for e in rows) / len(rows),
+            "mixed_groups": sum(len({bool(e["success"]) for e in g}) > 1 for g in groups.values()) / len(groups),
+            "turn_budget": sum(e["stop_reason"] == STOP_MAX_TURNS for e in rows) / len(rows),
+            "tools": {tool: {"tried": sum(tool in tried(e) for e in rows) / len(rows),
+                             "oracle": oracle_share[label][tool]} for tool in sorted(needed[label])},
+            "per_task": {task_id: {"successes": sum(bool(e["success"]) for e in g), "rollouts": len(g),
+                                   "tried": {tool: sum(tool in tried(e) for e in g) for tool in sorted(needed[label])}}
+                         for task_id, g in groups.items()},
+        }
+    return out
+
+
+def _by_label(episodes: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in episodes:
+        rows[intent_label(e["intents"])].append(e)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a model name, directory or adapter directory")
+    parser.add_argument("--env", default="customer_service", help="the task set (default: customer_service)")
+    parser.add_argument("--split", default="train", help="the split to sample on (default: train, as GRPO does)")
+    parser.add_argument("--intents", nargs="+", required=True, help="intent labels (multi for two-request tasks)")
+    parser.add_argument("--per_intent", type=int, default=6, help="tasks per intent label")
+    parser.add_argument("--samples", type=int, default=4, help="rollouts per task (GRPO's num_generations)")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.8], help="sampling temperatures")
+    parser.add_argument("--greedy", action="store_true", help="also one greedy episode per task, for reference")
+    parser.add_argument("--exclude_sft_demos", type=int, default=0, metavar="N",
+                        help="leave out the train tasks of an SFT run's N oracle demonstrations (`turnwise sft "
+                             "--num_demos N`), so that no sampled task is one the policy was shown solved")
+    parser.add_argument("--demo_seed", type=int, default=0, help="that SFT run's --demo_seed")
+    parser.add_argument("--max_turns", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--batch_size", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="exploration", help="the result's name under benchmarks/results/")
+    add_threads_option(parser)
+    args = parser.parse_args(argv)
+    if args.per_intent < 1 or args.samples < 2 or any(t <= 0 for t in args.temperature):
+        parser.error("--per_intent must be at least 1, --samples at least 2 (a group), and each --temperature "
+                     "above 0 (greedy decoding does not explore).")
+    set_threads(args.threads)
+    shown = {task.id for task, _ in demonstration_plan(load_tasks(args.env, "train"), args.exclude_sft_demos,
+                                                        args.demo_seed)} if args.exclude_sft_demos else set()
+    tasks = pick_tasks(load_tasks(args.env, args.split), args.intents, args.per_intent, leave_out=shown)
+
+    from pipeline.models import load_model
+    from pipeline.rollout import RolloutEngine
+    from pipeline.rollout.backends import build_backend
+
+    oracle = evaluate(oracle_policy, tasks, max_turns=args.max_turns, label="oracle")
+    model, tokenizer = load_model(args.model)
+    runs = {}
+    settings = ([("greedy", 0.0, 1)] if args.greedy else []) + [(str(t), t, args.samples) for t in args.temperature]
+    for name, temperature, samples in settings:
+        engine = RolloutEngine(build_backend("hf", model, tokenizer, temperature=temperature, seed=args.seed),
+                               tokenizer, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        start = time.time()
+        report = evaluate(engine, tasks, n=samples, seed=args.seed, max_turns=args.max_turns,
+                          max_new_tokens=args.max_new_tokens, label=name)
+        runs[name] = {"by_intent": summarize_exploration(report, oracle), "wall_time_s": round(time.time() - start, 1)}
+        print(f"{name}: " + "; ".join(
+            f"{label} success {row['success']:.2f}, mixed groups {row['mixed_groups']:.2f}, tried "
+            + ", ".join(f"{tool} {t['tried']:.2f}" for tool, t in row["tools"].items())
+            for label, row in runs[name]["by_intent"].items()), flush=True)
+    result = {"model": args.model, "env": args.env, "split": args.split, "intents": args.intents,
+              "left_out_sft_demo_tasks": len(shown),
+              "tasks": [t.id for t in tasks], "samples": args.samples, "max_turns": args.max_turns,
+              "max_new_tokens": args.max_new_tokens, "seed": args.seed, "runs": runs,
+              "command": "python benchmarks/exploration.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "machine": machine()}
+    path = write_result(args.name, result)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
