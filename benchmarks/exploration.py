@@ -19,7 +19,7 @@ intent and temperature:
 Example (the all-intent result's episode-level adapter, on train tasks its SFT never saw)::
 
     python benchmarks/exploration.py --model benchmarks/results/adapters/sft_grpo_episode_all_intents \\
-        --intents escalation refund_denied address_change multi --per_intent 6 --samples 4 \\
+        --intents escalation refund_denied address_change --per_intent 6 --samples 4 \\
         --temperature 0.8 1.2 --greedy --exclude_sft_demos 128 --name exploration_all_intents
 """
 
