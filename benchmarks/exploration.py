@@ -29,13 +29,13 @@ import argparse
 import shlex
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Collection, Sequence
 
 from common import add_threads_option, machine, set_threads, write_result
 
 from pipeline.envs import load_tasks, oracle_policy
-from pipeline.envs.base import STOP_MAX_TURNS, Task
+from pipeline.envs.base import Task
 from pipeline.envs.tasks import intent_label
 from pipeline.evaluation import EvalReport, evaluate
 from pipeline.sft import demonstration_plan
@@ -62,36 +62,32 @@ def tried(episode: dict[str, Any]) -> set[str]:
 
 
 def summarize_exploration(report: EvalReport, oracle: EvalReport) -> dict[str, dict[str, Any]]:
-    """Per intent label: success, mixed groups, the turn-budget share, and how often each oracle tool was tried."""
-    needed: dict[str, set[str]] = defaultdict(set)
-    oracle_share: dict[str, dict[str, float]] = {}
-    for label, rows in _by_label(oracle.episodes).items():
-        needed[label] = set().union(*(set(e["tool_calls"]) for e in rows))
-        oracle_share[label] = {tool: sum(tool in e["tool_calls"] for e in rows) / len(rows) for tool in needed[label]}
+    """Per intent label: success, mixed groups, the turn-budget share, and how often each oracle tool was tried.
+
+    Success, the turn-budget share and each task's successes come from the report's own metrics (``by_intent``,
+    ``per_task``); only which tools each rollout tried is counted here."""
+    oracle_used: dict[str, Counter] = defaultdict(Counter)  # per label: oracle episodes that called each tool
+    for e in oracle.episodes:
+        oracle_used[intent_label(e["intents"])].update(set(e["tool_calls"]))
+    tried_in: dict[str, Counter] = defaultdict(Counter)  # per task: rollouts that tried each tool
+    for e in report.episodes:
+        tried_in[e["task_id"]].update(tried(e))
     out = {}
-    for label, rows in _by_label(report.episodes).items():
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for e in rows:
-            groups[e["task_id"]].append(e)
+    for label, own in report.metrics["by_intent"].items():
+        needed = sorted(oracle.metrics["by_intent"][label]["tool_calls"])
+        tasks = [t for t in report.per_task if intent_label(t["intents"]) == label]
+        oracle_n = oracle.metrics["by_intent"][label]["n"]
         out[label] = {
-            "rollouts": len(rows), "tasks": len(groups),
-            "success": sum(e["success"] for e in rows) / len(rows),
-            "mixed_groups": sum(len({bool(e["success"]) for e in g}) > 1 for g in groups.values()) / len(groups),
-            "turn_budget": sum(e["stop_reason"] == STOP_MAX_TURNS for e in rows) / len(rows),
-            "tools": {tool: {"tried": sum(tool in tried(e) for e in rows) / len(rows),
-                             "oracle": oracle_share[label][tool]} for tool in sorted(needed[label])},
-            "per_task": {task_id: {"successes": sum(bool(e["success"]) for e in g), "rollouts": len(g),
-                                   "tried": {tool: sum(tool in tried(e) for e in g) for tool in sorted(needed[label])}}
-                         for task_id, g in groups.items()},
+            "rollouts": own["n"], "tasks": len(tasks), "success": own["success"],
+            "mixed_groups": sum(0 < t["successes"] < t["n"] for t in tasks) / len(tasks),
+            "turn_budget": own["max_turns_rate"],
+            "tools": {tool: {"tried": sum(tried_in[t["task_id"]][tool] for t in tasks) / own["n"],
+                             "oracle": oracle_used[label][tool] / oracle_n} for tool in needed},
+            "per_task": {t["task_id"]: {"successes": t["successes"], "rollouts": t["n"],
+                                        "tried": {tool: tried_in[t["task_id"]][tool] for tool in needed}}
+                         for t in tasks},
         }
     return out
-
-
-def _by_label(episodes: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for e in episodes:
-        rows[intent_label(e["intents"])].append(e)
-    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

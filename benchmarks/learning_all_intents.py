@@ -104,17 +104,14 @@ def load_reports(specs: dict[str, Path]) -> dict[str, Any]:
 def per_intent(reports: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
     """Per intent: each policy's success (and how many of its episodes ran out of turns), and each paired
     difference with its interval, resampling that intent's tasks only."""
-    from pipeline.envs.tasks import intent_label
-
     intents = sorted({label for r in reports.values() for label in r.metrics["by_intent"]})
     table = {}
     for label in intents:
         row: dict[str, Any] = {"n_tasks": max(r.metrics["by_intent"].get(label, {}).get("n", 0)
                                               for r in reports.values())}
         for name, report in reports.items():
-            stops = [e["stop_reason"] for e in report.episodes if intent_label(e["intents"]) == label]
-            row[name] = {"success": report.metrics["by_intent"].get(label, {}).get("success"),
-                         "max_turns_rate": stops.count("max_turns") / len(stops) if stops else None}
+            own = report.metrics["by_intent"].get(label, {})
+            row[name] = {"success": own.get("success"), "max_turns_rate": own.get("max_turns_rate")}
         for name, c in comparisons.items():
             row[name] = _interval(c.by_intent[label]) if label in c.by_intent else None
         table[label] = row
