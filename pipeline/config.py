@@ -58,6 +58,11 @@ class TaskArguments:
                 "command-line flag only (a recipe cannot set it). Accelerate workers inherit exactly this grant."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training tasks."})
+    intent_weights: list[str] | None = field(default=None, metadata={
+        "help": "How often training draws each intent, as INTENT=WEIGHT entries (--intent_weights escalation=3 "
+                "refund_denied=3): a task of weight 3 is drawn three times as often as one of weight 1, weight 0 "
+                "leaves its intent out, and an intent left unnamed keeps weight 1. Intents are the labels of the "
+                "evaluation's per-intent table (multi for a task with several). Validation is not weighted."})
     val_split: str = field(default="val", metadata={"help": "Held-out split for validation."})
     val_limit: int = field(default=16, metadata={"help": "Validation tasks per validation run, taken in turn from "
                                                          "each intent (pipeline.envs.tasks.spread_over_intents)."})
@@ -87,6 +92,8 @@ class TaskArguments:
     def __post_init__(self) -> None:
         if self.train_limit is not None:
             check_count(self.train_limit, "train_limit", hint="leave it out (or null) to train on the whole split")
+        if self.intent_weights is not None:
+            self.intent_weights = parse_intent_weights(self.intent_weights)
         check_count(self.val_limit, "val_limit")
         check_count(self.val_every, "val_every", least=0, hint="0 validates only at the end")
         if self.foothold_tasks < 0:
@@ -106,6 +113,24 @@ class TaskArguments:
             from pipeline.envs.registry import trust_environment
 
             os.environ.update(trust_environment(self.tasks))
+
+
+def parse_intent_weights(entries: Sequence[str]) -> dict[str, int]:
+    """``["escalation=3", ...]`` as ``{"escalation": 3, ...}``; an entry that is not INTENT=WEIGHT with a whole
+    weight of 0 or more, or an intent named twice, fails naming it."""
+    weights: dict[str, int] = {}
+    for entry in entries:
+        name, sep, value = str(entry).partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            raise ValueError(f"intent_weights entry {entry!r} is not INTENT=WEIGHT; write it like escalation=3.")
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError(f"intent_weights: the weight of {name!r} is {value!r}; use a whole number of 0 or more "
+                             "(how many times each of its tasks is drawn per pass over the training tasks).")
+        if name in weights:
+            raise ValueError(f"intent_weights names {name!r} twice; give each intent one weight.")
+        weights[name] = int(value)
+    return weights
 
 
 @dataclass

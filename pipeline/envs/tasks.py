@@ -131,6 +131,27 @@ def spread_over_intents(tasks: Sequence[Task], limit: int | None) -> list[Task]:
     return spread[:limit]
 
 
+def weight_intents(tasks: Sequence[Task], weights: dict[str, int]) -> list[Task]:
+    """``tasks`` with each task of intent label ``L`` (:func:`intent_label`) repeated ``weights[L]`` times.
+
+    Training draws its tasks from a shuffle of this list, so an intent of weight 3 is drawn three times as
+    often as one of weight 1, and weight 0 leaves the intent out. An unnamed intent keeps weight 1, and the
+    tasks keep their order. An intent the tasks do not have is an error that lists those they have, and so
+    is a weighting that leaves no task.
+    """
+    tasks = list(tasks)
+    present = sorted({intent_label(t.intents) for t in tasks})
+    unknown = sorted(set(weights) - set(present))
+    if unknown:
+        raise ValueError(f"intent_weights names {', '.join(map(repr, unknown))}, which no training task has; the "
+                         f"training tasks' intents are: {', '.join(present)}.")
+    weighted = [task for task in tasks for _ in range(weights.get(intent_label(task.intents), 1))]
+    if not weighted:
+        raise ValueError("intent_weights gives every training intent weight 0, which leaves nothing to train on; "
+                         "give at least one intent a weight of 1 or more.")
+    return weighted
+
+
 def load_tasks(path_or_name: str | Path | None = None, split: str | None = None) -> list[Task]:
     """Load tasks by domain spec, directory of split files or JSONL file (see the module docstring).
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,7 +53,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     from trl import get_peft_config
 
     from pipeline.envs import load_tasks
-    from pipeline.envs.tasks import spread_over_intents
+    from pipeline.envs.tasks import intent_label, spread_over_intents, weight_intents
     from pipeline.models import DEFAULT_MODEL, adapter_base_model, load_model
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -60,8 +61,15 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
     start = time.time()
     base = adapter_base_model(task_args.adapter) if task_args.adapter else None
     model_name = model_args.model_name_or_path or base or DEFAULT_MODEL
-    model, tokenizer = load_model(model_name)
+    # The tasks first: a task file or an intent weighting that cannot work fails before the model loads.
     train_tasks = load_tasks(task_args.tasks, task_args.train_split)[: task_args.train_limit]
+    draws = train_tasks  # what the trainer's sampler shuffles: with intent_weights, a task once per unit of weight
+    if task_args.intent_weights is not None:
+        draws = weight_intents(train_tasks, task_args.intent_weights)
+        logger.info("intent_weights %s: training draws from %d rows (%s)", task_args.intent_weights, len(draws),
+                    ", ".join(f"{label} {count}" for label, count in
+                              sorted(Counter(intent_label(t.intents) for t in draws).items())))
+    model, tokenizer = load_model(model_name)
     all_val = load_tasks(task_args.tasks, task_args.val_split)
     val_tasks = spread_over_intents(all_val, task_args.val_limit)
     rollout = EpisodeRollout(train_tasks, rollout_config, seed=grpo_args.seed)
@@ -88,7 +96,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
                                      rollout_config.max_turns, rollout_config.max_new_tokens,
                                      episodes=episode_options(rollout_config))
     trainer = TurnwiseGRPOTrainer(model=model, processing_class=tokenizer, args=grpo_args,
-                                  train_dataset=task_dataset(train_tasks), peft_config=peft_config, rollout=rollout,
+                                  train_dataset=task_dataset(draws), peft_config=peft_config, rollout=rollout,
                                   reward=reward, rollout_config=rollout_config)
     best_dir = Path(grpo_args.output_dir) / "best_adapter" if task_args.keep_best_val else None
     best = None  # a resumed run competes with the best its earlier part kept; a fresh run replaces it

@@ -79,6 +79,30 @@ def test_finding_a_negative_train_limit_in_a_recipe_is_refused(tmp_path, capsys,
             "train_limit", "must be at least 1, got -3")
 
 
+@pytest.mark.parametrize("entries, expected", [
+    (["escalation"], "intent_weights entry 'escalation' is not INTENT=WEIGHT; write it like escalation=3."),
+    (["=2"], "intent_weights entry '=2' is not INTENT=WEIGHT"),
+    (["escalation=-1"], "the weight of 'escalation' is '-1'; use a whole number of 0 or more"),
+    (["escalation=2.5"], "the weight of 'escalation' is '2.5'"),
+    (["escalation=\u00b2"], "the weight of 'escalation' is '\u00b2'"),  # a digit to isdigit, not to int()
+    (["cancel=1", "cancel=2"], "intent_weights names 'cancel' twice"),
+])
+def test_a_bad_intent_weight_is_refused_as_a_flag_and_in_a_recipe(tmp_path, capsys, no_training, entries, expected):
+    refused(capsys, ["train", "--config", QUICK, "--intent_weights", *entries], expected)
+    path = recipe(tmp_path, "intent_weights: " + json.dumps(entries) + "\n")
+    refused(capsys, ["train", "--config", path], expected)
+
+
+def test_an_intent_weight_for_an_intent_the_tasks_lack_is_refused_before_the_model_loads(capsys, monkeypatch):
+    import pipeline.models
+
+    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    refused(capsys, ["train", "--config", QUICK, "--tasks", "customer_service/order_status", "--intent_weights",
+                     "order_status=2", "order_sttus=0"],
+            "intent_weights names 'order_sttus', which no training task has",
+            "intents are: order_status.")
+
+
 def test_finding_a_fractional_turn_budget_in_a_recipe_is_refused(tmp_path, capsys, no_training):
     """``max_turns: 3.7`` used to be accepted: argparse converts only string defaults."""
     path = recipe(tmp_path, "max_turns: 3.7\n")

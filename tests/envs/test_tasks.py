@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from pipeline.envs import Task, TaskFileError, load_tasks
-from pipeline.envs.tasks import DATA_ROOT, intent_label, spread_over_intents
+from pipeline.envs.tasks import DATA_ROOT, intent_label, spread_over_intents, weight_intents
 
 TASK_DIR = DATA_ROOT / "customer_service" / "tasks"
 
@@ -193,6 +194,30 @@ def test_a_validation_subset_takes_every_intent_in_turn():
         firsts.setdefault(intent_label(t.intents), t.id)
     assert {t.id for t in subset[:9]} == set(firsts.values())  # each group's first task, in the file's order
     assert len(set(t.id for t in subset)) == 18
+
+
+def test_intent_weights_repeat_each_tasks_of_an_intent_and_zero_leaves_it_out():
+    train = load_tasks("customer_service", "train")
+    counts = Counter(intent_label(t.intents) for t in train)
+    weighted = weight_intents(train, {"escalation": 3, "cancel": 0, "multi": 1})
+    after = Counter(intent_label(t.intents) for t in weighted)
+    assert after["escalation"] == 3 * counts["escalation"] and "cancel" not in after
+    assert all(after[name] == counts[name] for name in counts if name not in ("escalation", "cancel"))
+    escalations = [t.id for t in train if intent_label(t.intents) == "escalation"]
+    assert [t.id for t in weighted if intent_label(t.intents) == "escalation"] == [i for i in escalations
+                                                                                  for _ in range(3)]
+    kept = [t.id for t in weighted if intent_label(t.intents) != "escalation"]
+    assert kept == [t.id for t in train if intent_label(t.intents) not in ("escalation", "cancel")]  # in order
+    assert weight_intents(train, {}) == train
+
+
+def test_intent_weights_refuse_an_intent_the_tasks_lack_and_a_weighting_that_leaves_nothing():
+    tasks = load_tasks("customer_service/order_status", "train")
+    with pytest.raises(ValueError, match=r"names 'escalaton', which no training task has; the training tasks' "
+                                         r"intents are: order_status\."):
+        weight_intents(tasks, {"escalaton": 2})
+    with pytest.raises(ValueError, match="every training intent weight 0"):
+        weight_intents(tasks, {"order_status": 0})
 
 
 def test_a_single_intent_subset_is_the_first_tasks_and_a_large_limit_keeps_all():

@@ -180,6 +180,33 @@ def test_keep_best_val_returns_the_best_validations_adapter_and_a_resume_keeps_c
     assert next(scores, None) is None  # every validation ran, and no other
 
 
+def test_intent_weights_decide_which_tasks_training_draws(tiny_model_dir, tmp_path, caplog):
+    """Every group of a run whose weights leave one intent is a task of that intent, and the log gives the mix."""
+    from trl import GRPOConfig, ModelConfig
+
+    from pipeline.config import TaskArguments
+    from pipeline.envs.tasks import intent_label
+    from pipeline.training import train
+
+    first = load_tasks("customer_service", "train")[:12]
+    others = sorted({intent_label(t.intents) for t in first} - {"refund_denied"})
+    wanted = {t.id for t in first if intent_label(t.intents) == "refund_denied"}
+    assert others and 0 < len(wanted) < len(first)
+    task_args = TaskArguments(train_limit=12, val_limit=1, foothold_tasks=0,
+                              intent_weights=["refund_denied=2", *(f"{name}=0" for name in others)])
+    grpo_args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=3,
+                           logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no", beta=0.0)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"])
+    with caplog.at_level("INFO", logger="pipeline.training"):
+        train(task_args, RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000), grpo_args, model_args,
+              reward_fn=token_count_reward)
+    drawn = [json.loads(line)["task_id"] for path in sorted((tmp_path / "samples").glob("step-*.jsonl"))
+             for line in path.read_text().splitlines()]
+    assert len(drawn) == 6 and set(drawn) <= wanted
+    assert f"training draws from {2 * len(wanted)} rows (refund_denied {2 * len(wanted)})" in caplog.text
+
+
 def test_keep_best_val_needs_periodic_validation():
     from pipeline.config import TaskArguments
 
