@@ -86,3 +86,28 @@ def receive(conn, side: str):
         return conn.recv()
     except EOFError:
         raise SystemExit(f"the {side} worker exited early; its error is printed above.") from None
+
+
+def read_report(name: str, path: Path):
+    """The one policy in ``path`` (a ``turnwise eval --out`` directory or its ``report.json``), labelled ``name``:
+    an ``EvalReport`` rebuilt from the saved episode records (``EvalReport.from_dict``), without trajectories."""
+    from pipeline.evaluation import EvalReport
+
+    file = path / "report.json" if path.is_dir() else path
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SystemExit(f"{name}={path}: cannot read {file} ({exc}); give a `turnwise eval --out` directory.")
+    policies = saved.get("policies") if isinstance(saved, dict) else None
+    if not isinstance(policies, list) or len(policies) != 1:
+        found = len(policies) if isinstance(policies, list) else "no"
+        raise SystemExit(f"{name}={path}: {file} holds {found} policies; give the report of a single-policy "
+                         "`turnwise eval --out`.")
+    try:
+        report = EvalReport.from_dict(policies[0], where=str(file))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    shown = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file
+    report.config.update(policy=name, source=f"{report.config.get('policy', '?')} (in {shown})")
+    report.config.pop("role", None)  # each was evaluated alone: "candidate" says nothing side by side
+    return report

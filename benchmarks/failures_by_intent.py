@@ -14,36 +14,12 @@ one intent needs and a policy never calls shows there, where the whole-report co
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from common import ROOT
+from common import read_report
 
-from pipeline.evaluation import EvalReport
 from pipeline.report import render_markdown
 from pipeline.trajectory import atomic_write_text
-
-
-def read_report(name: str, path: Path) -> EvalReport:
-    """The one policy in ``path`` (a ``turnwise eval --out`` directory or its ``report.json``), labelled ``name``."""
-    file = path / "report.json" if path.is_dir() else path
-    try:
-        saved = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SystemExit(f"{name}={path}: cannot read {file} ({exc}); give a `turnwise eval --out` directory.")
-    policies = saved.get("policies") if isinstance(saved, dict) else None
-    if not isinstance(policies, list) or len(policies) != 1:
-        found = len(policies) if isinstance(policies, list) else "no"
-        raise SystemExit(f"{name}={path}: {file} holds {found} policies; give the report of a single-policy "
-                         "`turnwise eval --out`.")
-    try:
-        report = EvalReport.from_dict(policies[0], where=str(file))
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    shown = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file
-    report.config.update(policy=name, source=f"{report.config.get('policy', '?')} (in {shown})")
-    report.config.pop("role", None)  # each was evaluated alone: "candidate" says nothing side by side
-    return report
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -27,16 +27,24 @@ further GRPO run (a longer one, say) and goes under ``further_arms``: its summar
 paired difference against SFT, overall and per intent; it does not replace the headline. The policies are
 paired from their logged trajectories (``pipeline.evaluation.evaluate_trajectories``), so nothing is re-run
 here.
+
+A further run made after the result was assembled is added to it with ``--extend``, which needs only SFT's
+evaluation and the new run's pieces, not the earlier runs' output directories::
+
+    python benchmarks/learning_all_intents.py --extend benchmarks/results/learning_all_intents.json \\
+        --eval sft=benchmarks/results/learning_all_intents_eval/sft NAME=outputs/all_intents/eval/NAME \\
+        --grpo NAME=outputs/all_intents/NAME --commands commands.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, machine, write_result
+from common import ROOT, machine, read_report, write_result
 
 ENV = "customer_service/all_intents_holdout"
 POLICIES = ("base", "sft", "grpo", "oracle")
@@ -80,7 +88,9 @@ def best_point(points: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
 
 
 def load_reports(specs: dict[str, Path]) -> dict[str, Any]:
-    """Each policy's report, rebuilt from the trajectories its ``turnwise eval --out`` directory logged."""
+    """Each policy's report, rebuilt from the trajectories its ``turnwise eval --out`` directory logged, or,
+    for a directory that keeps only its ``report.json`` (as the committed ones do), from the episode records
+    in it. The policies must have played the same task ids and seeds, or no pairing holds."""
     from pipeline.demo import whole_run_time
     from pipeline.envs import load_tasks
     from pipeline.evaluation import evaluate_trajectories
@@ -90,14 +100,20 @@ def load_reports(specs: dict[str, Path]) -> dict[str, Any]:
     reports = {}
     for name, path in specs.items():
         files = [path] if path.is_file() else sorted((path / "trajectories").glob("*.jsonl"))
-        if len(files) != 1:
+        saved = path.is_dir() and not files and (path / "report.json").is_file()
+        if len(files) != 1 and not saved:
             raise SystemExit(f"--eval {name}={path}: expected one trajectories/*.jsonl from a single-policy "
                              f"`turnwise eval --out`, found {len(files)}; give the .jsonl file instead.")
-        report = evaluate_trajectories(load_jsonl(files[0]), tasks, label=name)
+        report = read_report(name, path) if saved else evaluate_trajectories(load_jsonl(files[0]), tasks, label=name)
         played = json.loads((path / "report.json").read_text())["policies"][0] if path.is_dir() else {}
-        report.config.update(source=str(_rel(files[0])), evaluated=played.get("config", {}),
+        report.config.update(source=str(_rel(path / "report.json" if saved else files[0])),
+                             evaluated=played.get("config", {}),
                              wall_time_s=whole_run_time(played.get("metrics", {})))
         reports[name] = report
+    ids = {name: [(e["task_id"], e["seed"]) for e in r.episodes] for name, r in reports.items()}
+    if len({tuple(sorted(v)) for v in ids.values()}) != 1:
+        raise SystemExit("the policies were not evaluated on the same task ids and seeds: " + ", ".join(
+            f"{name} {len(v)} episodes" for name, v in ids.items()) + "; re-run with the same --limit and --seed.")
     return reports
 
 
@@ -168,10 +184,6 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
     points = [sft_point(run) for run in sft_runs]
     best, why = best_point(points)
     reports = load_reports(evals)
-    ids = {name: [(e["task_id"], e["seed"]) for e in r.episodes] for name, r in reports.items()}
-    if len({tuple(sorted(v)) for v in ids.values()}) != 1:
-        raise SystemExit("the policies were not evaluated on the same task ids and seeds: " + ", ".join(
-            f"{name} {len(v)} episodes" for name, v in ids.items()) + "; re-run with the same --limit and --seed.")
     comparisons = {f"{a}_vs_{b}": compare(reports[a], reports[b], n_boot=n_boot, seed=seed) for a, b in COMPARISONS}
     headline = comparisons["grpo_vs_sft"]
     meets = headline.difference >= TARGETS["grpo_vs_sft"] and headline.ci_low > 0
@@ -207,10 +219,41 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
         result["advantage_comparison"] = advantage_comparison(reports, results, n_boot, seed)
     if any(name not in POLICIES and name not in ARMS for name in reports):
         result["further_arms"] = further_arms(reports, grpo_runs, n_boot, seed)
-    stages = [result["stage_times_s"]["sft_curve"], result["stage_times_s"]["grpo"] or 0.0,
-              *(v or 0.0 for v in result["stage_times_s"]["eval"].values())]
-    result["wall_time_s"] = round(sum(stages), 1)
+    result["wall_time_s"] = total_time(result["stage_times_s"])
     return result
+
+
+def total_time(stage_times: dict[str, Any]) -> float:
+    """The result's ``wall_time_s``: the SFT curve, the headline GRPO arm and every evaluation."""
+    stages = [stage_times["sft_curve"], stage_times["grpo"] or 0.0, *(v or 0.0 for v in stage_times["eval"].values())]
+    return round(sum(stages), 1)
+
+
+def extend(result: dict[str, Any], evals: dict[str, Path], grpo_runs: dict[str, Path], n_boot: int = 10_000,
+           seed: int = 0) -> dict[str, Any]:
+    """An assembled result with further GRPO runs added under ``further_arms``, each paired with SFT, without
+    the pieces the rest of the result came from (the SFT curve's and the earlier arms' output directories):
+    only SFT's evaluation (``sft=DIR``, the directory committed beside the result will do) and each new run's
+    evaluation and output directory. The new runs' evaluation times join ``stage_times_s``."""
+    if "sft" not in evals:
+        raise SystemExit("--extend pairs each further run with SFT: give --eval sft=DIR too (the SFT policy's "
+                         "`turnwise eval --out` directory).")
+    taken = sorted(set(evals) & (set(POLICIES) | set(ARMS)) - {"sft"})
+    if taken or len(evals) < 2:
+        raise SystemExit(f"--extend adds further runs only; {', '.join(taken) or 'no further run'} "
+                         f"{'is' if len(taken) == 1 else 'are'} not one. Re-assemble without --extend to change the "
+                         "headline's policies, or give --eval NAME=DIR for a further run.")
+    reports = load_reports(evals)
+    if reports["sft"].metrics["success"] != result["sft"]["success"]:
+        raise SystemExit(f"--eval sft={evals['sft']} scores {reports['sft'].metrics['success']:.3f}, but the result's "
+                         f"SFT scores {result['sft']['success']:.3f}: give the SFT evaluation the result was built on.")
+    out = copy.deepcopy(result)
+    out.setdefault("further_arms", {}).update(further_arms(reports, grpo_runs, n_boot, seed))
+    for name in reports:
+        if name != "sft":
+            out["stage_times_s"]["eval"][name] = reports[name].config["wall_time_s"]
+    out["wall_time_s"] = total_time(out["stage_times_s"])
+    return out
 
 
 def _grpo_result(runs: dict[str, Path], name: str) -> dict[str, Any]:
@@ -247,7 +290,10 @@ def _named(values: list[str], flag: str) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sft", type=Path, nargs="+", required=True, help="the SFT curve's output directories")
+    parser.add_argument("--sft", type=Path, nargs="+", help="the SFT curve's output directories (not with --extend)")
+    parser.add_argument("--extend", type=Path, default=None, metavar="RESULT.json",
+                        help="add the further GRPO runs given by --eval/--grpo NAME=DIR to this assembled result "
+                             "(with --eval sft=DIR for the pairing), and write it back under --name")
     parser.add_argument("--eval", nargs="+", required=True, metavar="NAME=DIR",
                         help=f"each policy's `turnwise eval --out` directory: {', '.join(POLICIES)}, grpo_episode, "
                              "and any further GRPO run (with its --grpo of the same name)")
@@ -259,8 +305,18 @@ def main() -> None:
     parser.add_argument("--name", default="learning_all_intents")
     parser.add_argument("--bootstrap", type=int, default=10_000)
     args = parser.parse_args()
-    result = assemble(args.sft, _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
-    result["recipe"] = json.loads(args.commands.read_text()) if args.commands else None
+    commands = json.loads(args.commands.read_text()) if args.commands else None
+    if args.extend is not None:
+        if args.sft:
+            parser.error("--extend keeps the result's SFT curve: leave --sft out.")
+        result = extend(_read_json(args.extend, "give the result file --extend adds to"),
+                        _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
+        result["recipe"] = {**(result.get("recipe") or {}), **(commands or {})}
+    else:
+        if not args.sft:
+            parser.error("--sft is required: the SFT curve's output directories.")
+        result = assemble(args.sft, _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
+        result["recipe"] = commands
     path = write_result(args.name, result)
     print(f"{path}: {result['statement']}")
 

@@ -611,8 +611,9 @@ class Comparison:
     ``ci_low``/``ci_high`` is its paired-bootstrap interval at ``confidence``. The four counts split the
     pairs by who succeeded. ``by_intent`` repeats the paired difference and its interval for each intent
     label (:func:`~pipeline.envs.tasks.intent_label`), resampling that intent's tasks only, so a gain on
-    one intent is not read as a gain on all. ``disagreements`` holds ``(candidate, base)`` trajectory
-    pairs where exactly one succeeded: the transcripts to read for reward hacking.
+    one intent is not read as a gain on all. ``disagreeing`` holds the ``(candidate, base)`` episode records
+    where exactly one succeeded, and ``disagreements`` their trajectories, the transcripts to read for reward
+    hacking, when both reports carry them (a report rebuilt from ``report.json`` has only the records).
     """
 
     candidate: str
@@ -633,6 +634,7 @@ class Comparison:
     both_fail: int
     by_intent: dict[str, dict[str, Any]] = field(default_factory=dict)
     disagreements: list[tuple[Trajectory, Trajectory]] = field(default_factory=list, repr=False)
+    disagreeing: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list, repr=False)
 
     @property
     def significant(self) -> bool:
@@ -650,11 +652,11 @@ class Comparison:
                 f"{self.n_pairs} paired episodes on {self.n_tasks} tasks); {verdict}.")
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in vars(self).items() if k != "disagreements"}
+        d = {k: v for k, v in vars(self).items() if k not in ("disagreements", "disagreeing")}
         d["significant"] = self.significant
         d["statement"] = self.statement()
-        d["disagreements"] = [{"task_id": c.task_id, "seed": c.seed, "candidate_success": c.outcome.success,
-                               "base_success": b.outcome.success} for c, b in self.disagreements]
+        d["disagreements"] = [{"task_id": c["task_id"], "seed": c["seed"], "candidate_success": c["success"],
+                               "base_success": b["success"]} for c, b in self.disagreeing]
         return d
 
 
@@ -674,11 +676,11 @@ def compare(candidate: EvalReport, base: EvalReport, *, n_boot: int = 10_000, co
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be between 0 and 1 (0.95 for a 95% interval), got {confidence!r}.")
 
-    def keyed(report: EvalReport) -> dict[tuple[str, int, int], Trajectory]:
-        trajectories = report.trajectories
-        return dict(zip(_occurrence_keys((t.task_id, t.seed) for t in trajectories), trajectories))
+    def keyed(items: Sequence[Any], key: Callable[[Any], tuple[str, int]]) -> dict[tuple[str, int, int], Any]:
+        return dict(zip(_occurrence_keys(map(key, items)), items))
 
-    cand, ref = keyed(candidate), keyed(base)
+    # Paired by the episode records, which a report rebuilt from its report.json has too.
+    cand, ref = (keyed(r.episodes, lambda e: (e["task_id"], e["seed"])) for r in (candidate, base))
     keys = [key for key in cand if key in ref]
     if not keys:
         raise ValueError(f"{candidate.label} and {base.label} share no episode (same task id and seed); run both "
@@ -686,32 +688,35 @@ def compare(candidate: EvalReport, base: EvalReport, *, n_boot: int = 10_000, co
     pairs = [(cand[key], ref[key]) for key in keys]
     rng = np.random.default_rng(seed)
     overall = _paired_bootstrap(pairs, rng, n_boot, confidence)
-    intents = {row["task_id"]: row["intents"] for report in (base, candidate) for row in report.per_task}
-    groups: dict[str, list[tuple[Trajectory, Trajectory]]] = defaultdict(list)
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
     for c, b in pairs:
-        groups[intent_label(intents.get(c.task_id) or ["unknown"])].append((c, b))
+        groups[intent_label(c["intents"] or ["unknown"])].append((c, b))
     by_intent = {label: _paired_bootstrap(groups[label], rng, n_boot, confidence) for label in sorted(groups)}
-    wins = Counter((c.outcome.success, b.outcome.success) for c, b in pairs)
+    wins = Counter((c["success"], b["success"]) for c, b in pairs)
+    split = [key for key in keys if cand[key]["success"] != ref[key]["success"]]
+    played = [keyed(r.trajectories, lambda t: (t.task_id, t.seed)) for r in (candidate, base)
+              if len(r.trajectories) == len(r.episodes)]
     return Comparison(
         candidate=candidate.label, base=base.label, **overall, confidence=confidence, n_boot=n_boot, seed=seed,
         both_pass=wins[(True, True)], candidate_only=wins[(True, False)], base_only=wins[(False, True)],
         both_fail=wins[(False, False)], by_intent=by_intent,
-        disagreements=[(c, b) for c, b in pairs if c.outcome.success != b.outcome.success],
+        disagreements=[(played[0][key], played[1][key]) for key in split] if len(played) == 2 else [],
+        disagreeing=[(cand[key], ref[key]) for key in split],
     )
 
 
-def _paired_bootstrap(pairs: Sequence[tuple[Trajectory, Trajectory]], rng: Any, n_boot: int,
+def _paired_bootstrap(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], rng: Any, n_boot: int,
                       confidence: float) -> dict[str, Any]:
     """The paired difference in success over ``pairs`` and its percentile interval from ``n_boot`` resamples
     of whole tasks drawn with ``rng`` (see :func:`compare`), with both success rates and the counts."""
     import numpy as np
 
-    tasks = list(dict.fromkeys(c.task_id for c, _ in pairs))
+    tasks = list(dict.fromkeys(c["task_id"] for c, _ in pairs))
     index = {tid: i for i, tid in enumerate(tasks)}
     diff_sum, count = np.zeros(len(tasks)), np.zeros(len(tasks))
     for c, b in pairs:
-        diff_sum[index[c.task_id]] += int(c.outcome.success) - int(b.outcome.success)
-        count[index[c.task_id]] += 1
+        diff_sum[index[c["task_id"]]] += int(c["success"]) - int(b["success"])
+        count[index[c["task_id"]]] += 1
     boot = np.empty(n_boot)
     for lo in range(0, n_boot, 1000):  # in chunks: memory stays at 1000 x n_tasks
         draw = rng.integers(0, len(tasks), size=(min(1000, n_boot - lo), len(tasks)))
@@ -720,6 +725,6 @@ def _paired_bootstrap(pairs: Sequence[tuple[Trajectory, Trajectory]], rng: Any, 
     alpha = 1.0 - confidence
     low, high = np.quantile(boot, alpha / 2, method="lower"), np.quantile(boot, 1 - alpha / 2, method="higher")
     return {"n_pairs": len(pairs), "n_tasks": len(tasks),
-            "candidate_success": sum(c.outcome.success for c, _ in pairs) / len(pairs),
-            "base_success": sum(b.outcome.success for _, b in pairs) / len(pairs),
+            "candidate_success": sum(c["success"] for c, _ in pairs) / len(pairs),
+            "base_success": sum(b["success"] for _, b in pairs) / len(pairs),
             "difference": float(diff_sum.sum() / count.sum()), "ci_low": float(low), "ci_high": float(high)}

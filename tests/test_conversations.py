@@ -231,18 +231,13 @@ def test_write_conversations_refuses_what_a_format_cannot_hold(tmp_path):
     assert write_conversations([late_system], tmp_path / "x.jsonl", "openai").is_file()
 
 
-def test_rejudge_reads_every_format(tmp_path, monkeypatch):
+def test_rejudge_reads_every_format(tmp_path, benchmark_script):
     """benchmarks/rejudge.py replays an evaluation's logged episodes; written in any format, the same episodes
     replay to the same verdicts."""
-    import sys
-
     from pipeline.envs import oracle_policy
     from pipeline.trajectory import save_jsonl
 
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    sys.modules.pop("rejudge", None)
-    from rejudge import rejudge
-
+    rejudge = benchmark_script("rejudge").rejudge
     tasks = load_tasks("customer_service", "test")[:2]
     played = [run_policy(make_env(t), t, oracle_policy(t), seed=1) for t in tasks]
     records = tmp_path / "turnwise.jsonl"

@@ -638,6 +638,24 @@ def test_compare_pairs_episodes_and_counts_who_won() -> None:
     assert c.to_dict()["statement"] == c.statement() and "tuned vs base" in c.statement()
 
 
+def test_compare_pairs_reports_read_back_from_report_json_as_it_pairs_the_played_ones() -> None:
+    """A saved report has its episode records but no trajectories: the comparison is the same, only without
+    the transcripts of the episodes where the two disagree."""
+    keys = [(t, s) for t in "abcd" for s in range(2)]
+    base = _report("base", {key: key[0] in "ab" for key in keys})
+    tuned = _report("tuned", {key: key[0] in "bcd" for key in keys})
+    played = compare(tuned, base, n_boot=2000, seed=1)
+    saved = [EvalReport.from_dict(json.loads(json.dumps(r.to_dict()))) for r in (tuned, base)]
+    assert all(not r.trajectories for r in saved)
+    again = compare(*saved, n_boot=2000, seed=1)
+    assert again.disagreements == [] and len(played.disagreements) == 6
+    assert again.to_dict() == played.to_dict()  # the statistics and the disagreeing episodes listed
+    assert [(c["task_id"], c["seed"], c["success"]) for c, _ in again.disagreeing] == \
+        [(t.task_id, t.seed, t.outcome.success) for t, _ in played.disagreements]
+    mixed = compare(saved[0], base, n_boot=2000, seed=1)  # transcripts need both sides
+    assert mixed.disagreements == [] and mixed.to_dict() == played.to_dict()
+
+
 def test_compare_says_plainly_whether_the_difference_is_significant() -> None:
     keys = [(t, s) for t in "abcd" for s in range(4)]
     everything = _report("tuned", {key: True for key in keys})

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.envs import load_tasks, oracle_policy
 from pipeline.envs.tasks import intent_label, spread_over_intents
-from pipeline.evaluation import evaluate
+from pipeline.evaluation import evaluate, evaluate_trajectories
 from pipeline.report import write_report
 
 
@@ -29,13 +29,15 @@ def oracle_report():
 
 
 def _variant(report, label: str, fail: set[str]):
-    """The oracle's episodes, failed (out of turns) on the tasks whose intent label is in ``fail``."""
-    out = copy.deepcopy(report)
+    """The oracle's episodes, failed (out of turns) on the tasks whose intent label is in ``fail``: its report,
+    episode records included, as `turnwise eval` would have written it."""
+    trajectories = copy.deepcopy(report.trajectories)
     labels = {e["task_id"]: intent_label(e["intents"]) for e in report.episodes}
-    for t in out.trajectories:
+    for t in trajectories:
         if labels[t.task_id] in fail:
             t.outcome.success, t.outcome.completed, t.outcome.stop_reason = False, False, "max_turns"
-    out.config["policy"] = label
+    out = evaluate_trajectories(trajectories, load_tasks("customer_service/all_intents_holdout", "test"), label=label)
+    out.metrics["wall_time_s"] = report.metrics["wall_time_s"]
     return out
 
 
@@ -149,6 +151,42 @@ def test_a_further_grpo_run_is_compared_with_sft_without_replacing_the_headline(
     del runs["longer"]
     with pytest.raises(SystemExit, match="--grpo lacks longer=DIR"):
         assembler.assemble(sft, evals, runs, n_boot=50)
+
+
+def test_extend_adds_a_further_run_to_an_assembled_result_from_saved_reports(assembler, oracle_report,
+                                                                           tmp_path) -> None:
+    """A run made after the result was assembled joins ``further_arms`` with only SFT's evaluation (here a
+    directory that kept only its report.json, as the committed ones do) and the run's own pieces."""
+    import shutil
+
+    labels = sorted({intent_label(e["intents"]) for e in oracle_report.episodes})
+    evals = _eval_dirs(oracle_report, {"base": set(labels), "sft": set(labels[:6]), "grpo": set(labels[:2]),
+                                       "oracle": set(), "weighted": set(labels[:3])}, tmp_path)
+    sft = [_sft_run(tmp_path, 64, [0.33], [0.2])]
+    runs = {"grpo": _grpo_run(tmp_path, "turn", 4), "weighted": _grpo_run(tmp_path, "weighted", 8)}
+    headline = {k: v for k, v in evals.items() if k != "weighted"}
+    result = assembler.assemble(sft, headline, runs, n_boot=500)
+    assert "further_arms" not in result
+    both = assembler.assemble(sft, evals, runs, n_boot=500)  # what assembling with it from the start gives
+
+    shutil.rmtree(evals["sft"] / "trajectories")
+    assert (evals["sft"] / "report.json").is_file()
+    extended = assembler.extend(result, {"sft": evals["sft"], "weighted": evals["weighted"]}, runs, n_boot=500)
+    arm = extended["further_arms"]["weighted"]
+    assert arm["success"] == 6 / 9 and arm["steps"] == 8
+    assert arm["delta_vs_sft"]["mean"] == pytest.approx(3 / 9)  # SFT fails six intents, this run three
+    assert arm == both["further_arms"]["weighted"]
+    assert extended["stage_times_s"] == both["stage_times_s"] and extended["wall_time_s"] == both["wall_time_s"]
+    assert {k: v for k, v in extended.items() if k not in ("further_arms", "stage_times_s", "wall_time_s")} == \
+        {k: v for k, v in result.items() if k not in ("stage_times_s", "wall_time_s")}  # the headline is untouched
+    assert "further_arms" not in result  # the result given is not changed in place
+
+    with pytest.raises(SystemExit, match="give --eval sft=DIR too"):
+        assembler.extend(result, {"weighted": evals["weighted"]}, runs, n_boot=50)
+    with pytest.raises(SystemExit, match="grpo is not one"):
+        assembler.extend(result, {"sft": evals["sft"], "grpo": evals["grpo"]}, runs, n_boot=50)
+    with pytest.raises(SystemExit, match="the result's SFT scores 0.333: give the SFT evaluation the result was"):
+        assembler.extend(result, {"sft": evals["base"], "weighted": evals["weighted"]}, runs, n_boot=50)
 
 
 def test_policies_evaluated_on_different_episodes_are_refused(assembler, oracle_report, tmp_path) -> None:
