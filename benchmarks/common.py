@@ -90,7 +90,8 @@ def receive(conn, side: str):
 
 def read_report(name: str, path: Path):
     """The one policy in ``path`` (a ``turnwise eval --out`` directory or its ``report.json``), labelled ``name``:
-    an ``EvalReport`` rebuilt from the saved episode records (``EvalReport.from_dict``), without trajectories."""
+    an ``EvalReport`` rebuilt from the saved episode records (``EvalReport.from_dict``), without trajectories.
+    Its config as saved, before the relabelling, is kept under ``evaluated``."""
     from pipeline.evaluation import EvalReport
 
     file = path / "report.json" if path.is_dir() else path
@@ -108,6 +109,7 @@ def read_report(name: str, path: Path):
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     shown = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file
-    report.config.update(policy=name, source=f"{report.config.get('policy', '?')} (in {shown})")
+    report.config.update(policy=name, source=f"{report.config.get('policy', '?')} (in {shown})",
+                         evaluated=dict(report.config))
     report.config.pop("role", None)  # each was evaluated alone: "candidate" says nothing side by side
     return report

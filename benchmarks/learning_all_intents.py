@@ -104,8 +104,12 @@ def load_reports(specs: dict[str, Path]) -> dict[str, Any]:
         if len(files) != 1 and not saved:
             raise SystemExit(f"--eval {name}={path}: expected one trajectories/*.jsonl from a single-policy "
                              f"`turnwise eval --out`, found {len(files)}; give the .jsonl file instead.")
-        report = read_report(name, path) if saved else evaluate_trajectories(load_jsonl(files[0]), tasks, label=name)
-        played = json.loads((path / "report.json").read_text())["policies"][0] if path.is_dir() else {}
+        if saved:  # report.json read once: read_report keeps its config as played under "evaluated"
+            report = read_report(name, path)
+            played = {"config": report.config["evaluated"], "metrics": report.metrics}
+        else:
+            report = evaluate_trajectories(load_jsonl(files[0]), tasks, label=name)
+            played = json.loads((path / "report.json").read_text())["policies"][0] if path.is_dir() else {}
         report.config.update(source=str(_rel(path / "report.json" if saved else files[0])),
                              evaluated=played.get("config", {}),
                              wall_time_s=whole_run_time(played.get("metrics", {})))
@@ -239,10 +243,12 @@ def extend(result: dict[str, Any], evals: dict[str, Path], grpo_runs: dict[str, 
         raise SystemExit("--extend pairs each further run with SFT: give --eval sft=DIR too (the SFT policy's "
                          "`turnwise eval --out` directory).")
     taken = sorted(set(evals) & (set(POLICIES) | set(ARMS)) - {"sft"})
-    if taken or len(evals) < 2:
-        raise SystemExit(f"--extend adds further runs only; {', '.join(taken) or 'no further run'} "
-                         f"{'is' if len(taken) == 1 else 'are'} not one. Re-assemble without --extend to change the "
-                         "headline's policies, or give --eval NAME=DIR for a further run.")
+    if taken:
+        raise SystemExit(f"--extend adds further runs only; {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} "
+                         "not one. Re-assemble without --extend to change the headline's policies.")
+    if len(evals) < 2:
+        raise SystemExit("--extend needs a further run to add: give --eval NAME=DIR and --grpo NAME=DIR for it "
+                         "beside --eval sft=DIR.")
     reports = load_reports(evals)
     if reports["sft"].metrics["success"] != result["sft"]["success"]:
         raise SystemExit(f"--eval sft={evals['sft']} scores {reports['sft'].metrics['success']:.3f}, but the result's "

@@ -185,6 +185,8 @@ def test_extend_adds_a_further_run_to_an_assembled_result_from_saved_reports(ass
         assembler.extend(result, {"weighted": evals["weighted"]}, runs, n_boot=50)
     with pytest.raises(SystemExit, match="grpo is not one"):
         assembler.extend(result, {"sft": evals["sft"], "grpo": evals["grpo"]}, runs, n_boot=50)
+    with pytest.raises(SystemExit, match="--extend needs a further run to add: give --eval NAME=DIR"):
+        assembler.extend(result, {"sft": evals["sft"]}, runs, n_boot=50)
     with pytest.raises(SystemExit, match="the result's SFT scores 0.333: give the SFT evaluation the result was"):
         assembler.extend(result, {"sft": evals["base"], "weighted": evals["weighted"]}, runs, n_boot=50)
 
