@@ -12,7 +12,8 @@ So a checkpoint counts only once it is complete:
   ``turnwise_checkpoint.json`` (:data:`MARKER`) into the checkpoint: its step and every file in it with
   its size, written to a temporary name, synced, then renamed, so the marker itself is never half there.
   The marker also records the run's wall time up to that save (``wall_time_s``), earlier parts of a run
-  that kills split included, so that a resumed run reports the whole run's time (:func:`recorded_wall_time`).
+  that kills split included, so that a resumed run reports the whole run's time (:func:`recorded_wall_time`),
+  and what training draws its tasks from (``draws``, :func:`draw_record`).
 - :func:`latest_complete_checkpoint` walks ``checkpoint-N`` directories from the highest ``N`` down and
   returns the first whose marker matches what is on disk (every listed file present, a regular file
   inside the checkpoint, with the recorded size), whose ``trainer_state.json`` is JSON at step ``N``, and
@@ -20,17 +21,23 @@ So a checkpoint counts only once it is complete:
 
 A checkpoint written by a turnwise without markers is passed over too (with the reason): resuming from
 a directory nobody vouched for is what this module exists to stop.
+
+A resume continues the trainer's sampler where the checkpoint left it: after step ``N`` it skips the batches
+the first ``N`` steps drew from the shuffled draw list. With other tasks, splits, limits, intent weights or
+seed, that list is another one, and the resumed steps would silently draw other tasks than the run planned
+(some twice, some never). :func:`check_same_draws` refuses such a resume and names what changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -63,12 +70,15 @@ def checkpoint_files(checkpoint: Path) -> dict[str, int]:
     return files
 
 
-def write_marker(checkpoint: Path, step: int, wall_time_s: float | None = None) -> Path:
-    """Mark ``checkpoint`` complete: its step and files (and the run's wall time so far, when given), written to
-    a temporary name, synced, then renamed."""
+def write_marker(checkpoint: Path, step: int, wall_time_s: float | None = None,
+                 draws: dict[str, Any] | None = None) -> Path:
+    """Mark ``checkpoint`` complete: its step and files (and the run's wall time so far and its draw record, when
+    given), written to a temporary name, synced, then renamed."""
     record = {"format": MARKER_FORMAT, "step": int(step), "files": checkpoint_files(checkpoint)}
     if wall_time_s is not None:
         record["wall_time_s"] = round(float(wall_time_s), 1)
+    if draws is not None:
+        record["draws"] = draws
     tmp = checkpoint / f"{MARKER}.tmp"
     with tmp.open("w") as f:
         json.dump(record, f, indent=1)
@@ -177,14 +187,53 @@ def latest_complete_checkpoint(output_dir: str | Path,
     return None
 
 
-def recorded_wall_time(checkpoint: Path) -> float:
-    """The run's wall time up to ``checkpoint`` as its marker recorded it; 0.0 for a marker without one (written
-    by a turnwise that did not record it)."""
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    """``checkpoint``'s marker as a dict; empty when it cannot be read."""
     try:
         record = json.loads((Path(checkpoint) / MARKER).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        return 0.0
-    return recorded_seconds(record.get("wall_time_s") if isinstance(record, dict) else None)
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def recorded_wall_time(checkpoint: Path) -> float:
+    """The run's wall time up to ``checkpoint`` as its marker recorded it; 0.0 for a marker without one (written
+    by a turnwise that did not record it)."""
+    return recorded_seconds(read_marker(checkpoint).get("wall_time_s"))
+
+
+def draw_record(task_ids: Sequence[str], intent_weights: dict[str, int] | None, seed: int) -> dict[str, Any]:
+    """What training draws from, as a checkpoint records it: the draw list's length and a digest of its task ids
+    in order (which tasks, split, limit and intent weights made), the weights themselves, and the sampler's
+    seed."""
+    digest = hashlib.sha256("\n".join(task_ids).encode("utf-8")).hexdigest()
+    return {"rows": len(task_ids), "sha256": digest, "intent_weights": intent_weights or None, "seed": seed}
+
+
+def describe_draws(record: dict[str, Any]) -> str:
+    """A draw record in words, for an error message."""
+    weights = record.get("intent_weights")
+    weighting = (f"intent_weights {' '.join(f'{k}={v}' for k, v in weights.items())}" if isinstance(weights, dict)
+                 and weights else "no intent_weights")
+    return f"{record.get('rows')} rows, {weighting}, seed {record.get('seed')}"
+
+
+def check_same_draws(checkpoint: Path, draws: dict[str, Any]) -> None:
+    """Refuse to resume from ``checkpoint`` when this run draws from another list than the one it was trained on
+    (see the module docstring). A checkpoint without a draw record (written by an earlier turnwise) passes."""
+    recorded = read_marker(checkpoint).get("draws")
+    if not isinstance(recorded, dict) or (recorded.get("sha256"), recorded.get("seed")) == (draws["sha256"],
+                                                                                          draws["seed"]):
+        return  # the same list in the same shuffle (weights that change nothing, such as escalation=1, pass)
+    before, now = describe_draws(recorded), describe_draws(draws)
+    change = (f"from {before}, but this run draws from {now}" if before != now else
+              f"from {before} as this run does, but from other tasks (their ids differ: another --tasks, "
+              "--train_split or --train_limit)")
+    raise ValueError(
+        f"--resume: {checkpoint} was trained drawing {change}. "
+        "A resume continues the sampler where the checkpoint stopped, so the remaining steps would draw other "
+        "tasks than the run planned. Resume with the tasks, train_split, train_limit, intent_weights and seed "
+        "the run started with, or train into a new --output_dir.")
 
 
 class CheckpointMarker(TrainerCallback):
@@ -203,6 +252,7 @@ class CheckpointMarker(TrainerCallback):
         self.trainer = trainer
         self.started = time.time()
         self.earlier_s = 0.0
+        self.draws: dict[str, Any] | None = None  # what training draws from (draw_record), recorded in each marker
 
     def start_clock(self, started: float, resumed_from: Path | str | None = None) -> None:
         """Count this part's time from ``started``, on top of what the checkpoint ``resumed_from`` recorded."""
@@ -220,4 +270,4 @@ class CheckpointMarker(TrainerCallback):
             return
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if checkpoint.is_dir() and not checkpoint.is_symlink():
-            write_marker(checkpoint, state.global_step, self.wall_time_s)
+            write_marker(checkpoint, state.global_step, self.wall_time_s, self.draws)

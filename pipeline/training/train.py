@@ -23,7 +23,7 @@ import torch
 from pipeline.envs.base import Task
 from pipeline.training.adapters import EpisodeRollout, TrajectoryReward, task_dataset
 from pipeline.training.callbacks import BEST_FILE, SampleWriter, ValidationCallback, foothold
-from pipeline.training.checkpoints import latest_complete_checkpoint
+from pipeline.training.checkpoints import check_same_draws, draw_record, latest_complete_checkpoint
 from pipeline.training.config import RolloutConfig, check_run_config
 from pipeline.training.grpo_trainer import TurnwiseGRPOTrainer
 from pipeline.trajectory import Trajectory
@@ -69,6 +69,12 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
         logger.info("intent_weights %s: training draws from %d rows (%s)", task_args.intent_weights, len(draws),
                     ", ".join(f"{label} {count}" for label, count in
                               sorted(Counter(intent_label(t.intents) for t in draws).items())))
+    draw_identity = draw_record([t.id for t in draws], task_args.intent_weights, grpo_args.seed)
+    # The newest *complete* checkpoint: a torn, empty or unmarked newer one is skipped with a warning. One
+    # trained on another draw list is refused here, before the model loads.
+    checkpoint = latest_complete_checkpoint(grpo_args.output_dir) if task_args.resume else None
+    if checkpoint is not None:
+        check_same_draws(checkpoint, draw_identity)
     model, tokenizer = load_model(model_name)
     all_val = load_tasks(task_args.tasks, task_args.val_split)
     val_tasks = spread_over_intents(all_val, task_args.val_limit)
@@ -87,8 +93,6 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
         peft_config = None
         logger.info("starting from the adapter %s (LoRA r=%d) on %s", task_args.adapter,
                     model.peft_config["default"].r, model_name)
-    # The newest *complete* checkpoint: a torn, empty or unmarked newer one is skipped with a warning.
-    checkpoint = latest_complete_checkpoint(grpo_args.output_dir) if task_args.resume else None
     at_start = task_args.val_at_start and bool(task_args.val_every)
     start_check = None  # with at_start, the step-0 validation is the foothold check: the start is measured once
     if task_args.foothold_tasks and checkpoint is None and not at_start:
@@ -115,6 +119,7 @@ def train(task_args, rollout_config: RolloutConfig, grpo_args, model_args,
         logger.info("resuming from %s", checkpoint)
         trainer.load_estimator_state(checkpoint)  # a critic continues where the checkpoint left it
     trainer.checkpoint_marker.start_clock(start, checkpoint)  # checkpoints record the whole run's time
+    trainer.checkpoint_marker.draws = draw_identity  # and what it draws from, which a resume must match
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     final = validation.final()
     adapter_dir = Path(grpo_args.output_dir) / "adapter"

@@ -17,19 +17,21 @@ import pytest
 from tests.training.conftest import token_count_reward
 
 
-def run_train(model_dir: Path, output_dir: Path, steps: int, resume: bool) -> dict:
+def run_train(model_dir: Path, output_dir: Path, steps: int, resume: bool, train_limit: int = 2, seed: int = 42,
+              intent_weights: list[str] | None = None) -> dict:
     from trl import GRPOConfig, ModelConfig
 
     from pipeline.config import TaskArguments
     from pipeline.training import RolloutConfig, train
 
-    task_args = TaskArguments(train_limit=2, val_limit=1, foothold_tasks=0, resume=resume)
+    task_args = TaskArguments(train_limit=train_limit, val_limit=1, foothold_tasks=0, resume=resume,
+                              intent_weights=intent_weights)
     rollout_config = RolloutConfig(max_turns=2, max_new_tokens=4, max_total_tokens=8000)
     model_args = ModelConfig(model_name_or_path=str(model_dir), use_peft=True, lora_r=4, lora_alpha=8,
                              lora_target_modules=["q_proj", "v_proj"])
     grpo_args = GRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=2, num_generations=2,
                            max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
-                           save_strategy="steps", save_steps=1, beta=0.0, learning_rate=1e-2)
+                           save_strategy="steps", save_steps=1, beta=0.0, learning_rate=1e-2, seed=seed)
     return train(task_args, rollout_config, grpo_args, model_args, reward_fn=token_count_reward)
 
 
@@ -117,6 +119,59 @@ def test_every_saved_checkpoint_is_marked_with_what_it_holds(finished_run):
         assert {"trainer_state.json", "optimizer.pt", "adapter_model.safetensors"} <= set(record["files"])
         assert checkpoint_problem(checkpoint) is None
         assert not list(checkpoint.glob("*.tmp"))
+
+
+def test_a_resume_that_would_draw_other_tasks_is_refused_before_the_model_loads(finished_run, run_dir,
+                                                                              tiny_model_dir, monkeypatch):
+    """A resume skips the batches the checkpoint's steps drew from the shuffled draw list; with another list
+    (other tasks, limit, intent weights) or another shuffle (seed) the rest of the run would draw other tasks
+    than planned. Each marker records the list, and a resume that differs is refused, naming what changed."""
+    import json
+
+    import pipeline.models
+    from pipeline.envs import load_tasks
+    from pipeline.envs.tasks import intent_label
+
+    record = json.loads((finished_run / "checkpoint-2" / "turnwise_checkpoint.json").read_text())["draws"]
+    assert record["rows"] == 2 and record["seed"] == 42 and record["intent_weights"] is None
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the resume was refused")
+
+    monkeypatch.setattr(pipeline.models, "load_model", no_model)
+    labels = [intent_label(t.intents) for t in load_tasks(None, "train")[:2]]
+    doubled = 2 + labels.count(labels[0])  # the first task's intent drawn twice as often
+    refusals = {
+        "3 rows, no intent_weights, seed 42": dict(train_limit=3),
+        f"{doubled} rows, intent_weights {labels[0]}=2, seed 42": dict(intent_weights=[f"{labels[0]}=2"]),
+        "2 rows, no intent_weights, seed 7": dict(seed=7),
+    }
+    for now, change in refusals.items():
+        with pytest.raises(ValueError) as refused:
+            run_train(tiny_model_dir, run_dir, steps=3, resume=True, **change)
+        message = str(refused.value)
+        assert f"--resume: {run_dir / 'checkpoint-2'} was trained drawing from 2 rows, no intent_weights, seed 42, " \
+               f"but this run draws from {now}." in message
+        assert "or train into a new --output_dir" in message
+
+
+def test_draw_records_compare_the_list_and_its_shuffle_not_how_the_flags_were_spelled(tmp_path):
+    """Weights that change nothing pass; the same count and settings over other task ids is refused as such; a
+    checkpoint from a turnwise that recorded no draws passes."""
+    from pipeline.training.checkpoints import check_same_draws, draw_record, write_marker
+
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    write_marker(checkpoint, 1, draws=draw_record(["a", "b"], None, 0))
+    check_same_draws(checkpoint, draw_record(["a", "b"], {"cancel": 1}, 0))
+    check_same_draws(checkpoint, draw_record(["a", "b"], {}, 0))
+    with pytest.raises(ValueError, match=r"from 2 rows, no intent_weights, seed 0 as this run does, but from other "
+                                         r"tasks \(their ids differ"):
+        check_same_draws(checkpoint, draw_record(["a", "c"], None, 0))
+    with pytest.raises(ValueError, match="but this run draws from 3 rows, intent_weights a=2, seed 0"):
+        check_same_draws(checkpoint, draw_record(["a", "a", "b"], {"a": 2}, 0))
+    write_marker(checkpoint, 1)  # no draw record
+    check_same_draws(checkpoint, draw_record(["z"], None, 5))
 
 
 def test_the_container_resumes_only_when_a_complete_checkpoint_exists(finished_run, tmp_path):
