@@ -195,10 +195,11 @@ def health_warning(history: Sequence[tuple[float, float]], patience: int = 3, mi
 
 
 class SampleWriter(TrainerCallback):
-    """Writes a few of the latest trajectories as JSONL at every logging step (``<output_dir>/samples/``),
-    and shows the current reward and success on the progress bar."""
+    """Writes one trajectory of each group of the latest rollout batch (every task it drew, up to ``limit``) as
+    JSONL at every logging step (``<output_dir>/samples/``), and shows the current reward and success on the
+    progress bar."""
 
-    def __init__(self, trainer: "GRPOTrainer", limit: int = 4) -> None:
+    def __init__(self, trainer: "GRPOTrainer", limit: int = 16) -> None:
         self.trainer, self.limit = trainer, limit
 
     def on_log(self, args, state, control, logs=None, **kwargs):

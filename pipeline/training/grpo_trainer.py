@@ -190,9 +190,13 @@ class TurnwiseGRPOTrainer(GRPOTrainer):
             entropies.append(ent)
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
-    def sample_trajectories(self, limit: int = 4) -> list[str]:
-        """JSON lines of the latest rollouts, for the trajectory sample log."""
-        return [json.dumps(t.to_dict()) for t in self.rollout.last[:limit]]
+    def sample_trajectories(self, limit: int = 16) -> list[str]:
+        """JSON lines of the latest rollout batch, for the trajectory sample log: the first episode of each run of
+        episodes of one task (TRL lays a group's episodes side by side), so every task the batch drew shows, up
+        to ``limit`` of them."""
+        last = self.rollout.last
+        firsts = [t for i, t in enumerate(last) if i == 0 or last[i - 1].task_id != t.task_id]
+        return [json.dumps(t.to_dict()) for t in firsts[:limit]]
 
 
 def rollout_metrics(trajectories: Sequence[Trajectory], breakdowns: Sequence[Any],

@@ -177,3 +177,20 @@ def test_metrics_reach_tensorboard_under_their_namespaced_names(make_trainer, tm
     for name in ("rollout/reward/mean", "rollout/turns/mean", "analysis/zero_adv_groups", "rollout/completion"):
         assert name in tags, (name, sorted(tags))
     assert "train/loss" in tags  # un-namespaced metrics keep transformers' prefix
+
+
+def test_the_sample_log_shows_every_task_the_step_drew(make_trainer, tmp_path):
+    """Two groups a step (2 tasks x 2 generations, accumulated over 2 micro-batches): the step's sample file holds
+    one episode of each group, so both tasks the step drew show, each once."""
+    import json
+
+    from pipeline.training.callbacks import SampleWriter
+
+    trainer = make_trainer(output_dir=tmp_path, gradient_accumulation_steps=2, max_steps=1)
+    trainer.add_callback(SampleWriter(trainer))
+    trainer.train()
+    played = [t.task_id for t in trainer.rollout.last]
+    assert len(played) == 4 and played[0] == played[1] != played[2] == played[3]
+    lines = (tmp_path / "samples" / "step-000001.jsonl").read_text().splitlines()
+    assert [json.loads(line)["task_id"] for line in lines] == [played[0], played[2]]
+    assert all(json.loads(line)["turns"] for line in lines)

@@ -203,7 +203,7 @@ def test_intent_weights_decide_which_tasks_training_draws(tiny_model_dir, tmp_pa
               reward_fn=token_count_reward)
     drawn = [json.loads(line)["task_id"] for path in sorted((tmp_path / "samples").glob("step-*.jsonl"))
              for line in path.read_text().splitlines()]
-    assert len(drawn) == 6 and set(drawn) <= wanted
+    assert len(drawn) == 3 and set(drawn) <= wanted  # one episode of each step's one group
     assert f"training draws from {2 * len(wanted)} rows (refund_denied {2 * len(wanted)})" in caplog.text
 
 
