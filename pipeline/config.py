@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 import textwrap
 import types
@@ -115,11 +116,29 @@ class TaskArguments:
             os.environ.update(trust_environment(self.tasks))
 
 
+def intent_weight_entries(entries: Sequence[str]) -> list[str]:
+    """``entries`` with each value that holds several INTENT=WEIGHT pairs split into one entry per pair.
+
+    A SageMaker hyperparameter carries one string, so a job passes ``"escalation=4,refund_denied=4"`` (or the
+    pairs separated by spaces) as one value. A pair ends after its weight's digits, so an intent name that
+    holds a space or a comma (an SOP folder's name) stays whole.
+
+    >>> intent_weight_entries(["escalation=4,refund_denied=4", "late delivery=2 cancel=0", "multi=1"])
+    ['escalation=4', 'refund_denied=4', 'late delivery=2', 'cancel=0', 'multi=1']
+    """
+    out: list[str] = []
+    for entry in map(str, entries):
+        parts = re.split(r"(=\s*[0-9]+)[\s,]+(?=\S)", entry.strip().strip(","))  # [name, =w, name, =w, ..., last]
+        out += [name + weight for name, weight in zip(parts[0::2], parts[1::2])] + [parts[-1]]
+    return out
+
+
 def parse_intent_weights(entries: Sequence[str]) -> dict[str, int]:
-    """``["escalation=3", ...]`` as ``{"escalation": 3, ...}``; an entry that is not INTENT=WEIGHT with a whole
-    weight of 0 or more, or an intent named twice, fails naming it."""
+    """``["escalation=3", ...]`` (or ``["escalation=3,cancel=0"]``: :func:`intent_weight_entries`) as
+    ``{"escalation": 3, ...}``; an entry that is not INTENT=WEIGHT with a whole weight of 0 or more, or an intent
+    named twice, fails naming it."""
     weights: dict[str, int] = {}
-    for entry in entries:
+    for entry in intent_weight_entries(entries):
         name, sep, value = str(entry).partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name:

@@ -96,6 +96,23 @@ def test_flags_override_the_recipe():
     assert rollout_config.max_turns == 3 and grpo_args.learning_rate == 0.5
 
 
+@pytest.mark.parametrize("given", [
+    ["escalation=4", "refund_denied=0"],  # flags, or a recipe's list
+    ["escalation=4,refund_denied=0"],  # one SageMaker hyperparameter
+    ["escalation=4 refund_denied=0 "],
+    ["escalation = 4, refund_denied=0,"],
+])
+def test_intent_weights_come_as_entries_or_as_one_value(given):
+    task_args, *_ = parse_train_args(["--config", str(CONFIGS / "grpo_cpu_quick.yaml"), "--intent_weights", *given])
+    assert task_args.intent_weights == {"escalation": 4, "refund_denied": 0}
+
+
+def test_an_intent_name_with_a_space_stays_whole_in_one_value():
+    from pipeline.config import parse_intent_weights
+
+    assert parse_intent_weights(["late delivery=2, tier 2 refund=0"]) == {"late delivery": 2, "tier 2 refund": 0}
+
+
 def test_a_bad_value_fails_fast_with_a_fix():
     path = CONFIGS / "grpo_cpu_quick.yaml"
     with pytest.raises(ValueError, match="advantage='ppo' is not an estimator; use one of"):

@@ -68,11 +68,15 @@ def run_toolkit(base: Path) -> subprocess.CompletedProcess:
 def test_toolkit_runs_train_entry_then_a_second_run_resumes(tmp_path, tiny_model_dir):
     base = tmp_path / "opt_ml"
     bundle = make_bundle(tmp_path / "src" / "sourcedir.tar.gz").path
-    fake_opt_ml(base, tiny_model_dir, bundle)
+    # A hyperparameter is one string: intent weights travel as one comma-separated value. The first 3 training
+    # tasks are two return_refund ones and an order_status one.
+    weighted = dict(train_limit=3, intent_weights="return_refund=2,order_status=1")
+    fake_opt_ml(base, tiny_model_dir, bundle, **weighted)
 
     first = run_toolkit(base)
     log = first.stdout + first.stderr
     assert first.returncode == 0, log[-4000:]
+    assert "training draws from 5 rows (order_status 1, return_refund 4)" in log
     assert (base / "output" / "success").exists()
     model_dir = base / "model"
     assert (model_dir / "adapter" / "adapter_model.safetensors").exists()
@@ -93,7 +97,7 @@ def test_toolkit_runs_train_entry_then_a_second_run_resumes(tmp_path, tiny_model
     # Spot interruption: a new container finds /opt/ml/checkpoints restored and goes on from step 2.
     shutil.rmtree(model_dir)
     shutil.rmtree(base / "code")
-    fake_opt_ml(base, tiny_model_dir, bundle, max_steps=3, merge_adapter=False, eval_limit=0)
+    fake_opt_ml(base, tiny_model_dir, bundle, max_steps=3, merge_adapter=False, eval_limit=0, **weighted)
     second = run_toolkit(base)
     log2 = second.stdout + second.stderr
     assert second.returncode == 0, log2[-4000:]

@@ -86,6 +86,8 @@ def test_finding_a_negative_train_limit_in_a_recipe_is_refused(tmp_path, capsys,
     (["escalation=2.5"], "the weight of 'escalation' is '2.5'"),
     (["escalation=\u00b2"], "the weight of 'escalation' is '\u00b2'"),  # a digit to isdigit, not to int()
     (["cancel=1", "cancel=2"], "intent_weights names 'cancel' twice"),
+    (["cancel=1,cancel=2"], "intent_weights names 'cancel' twice"),  # one value, as a SageMaker hyperparameter
+    (["escalation=2.5 cancel=1"], "the weight of 'escalation' is '2.5 cancel=1'"),
 ])
 def test_a_bad_intent_weight_is_refused_as_a_flag_and_in_a_recipe(tmp_path, capsys, no_training, entries, expected):
     refused(capsys, ["train", "--config", QUICK, "--intent_weights", *entries], expected)
