@@ -51,6 +51,7 @@ from pipeline.envs.base import STOP_MAX_TOKENS, STOP_MAX_TURNS, Outcome, Task, f
 from pipeline.envs.tasks import intent_label
 from pipeline.rollout import RolloutEngine, run_policy
 from pipeline.rollout.engine import SCHEDULES
+from pipeline.templates import ChatTemplate
 from pipeline.trajectory import (Trajectory, append_jsonl, atomic_write_text, drop_torn_line, load_jsonl,
                                  recorded_seconds)
 
@@ -362,7 +363,9 @@ def evaluate(
         saved = dict(zip(_occurrence_keys((t.task_id, t.seed) for t in finished), finished))
     keys = _occurrence_keys((task.id, s) for task, s in episodes)
     todo = [i for i, key in enumerate(keys) if key not in saved]
-    engine = _as_engine(policy, max_new_tokens, max_total_tokens, batch_size, tool_calling)
+    named = isinstance(policy, (str, Path))  # a model by name: loaded only when an episode is left to play
+    engine = None if named and not todo else _as_engine(policy, max_new_tokens, max_total_tokens, batch_size,
+                                                         tool_calling)
     env_factory = lambda task: make_env(task, max_turns=max_turns, customer=customer)  # noqa: E731
     start = time.time()
     with _progress(len(episodes), progress) as advance:
@@ -378,7 +381,7 @@ def evaluate(
             on_episode = None if journal is None else (lambda _, trajectory: journal.append(trajectory))
             played = engine.run(env_factory, [episodes[i][0] for i in todo], [episodes[i][1] for i in todo],
                                 on_turn=on_turn, schedule=schedule, on_episode=on_episode)
-        elif engine is None:  # a scripted policy plays episode by episode
+        elif engine is None and not named:  # a scripted policy plays episode by episode
             for i in todo:
                 task, s = episodes[i]
                 played.append(run_policy(env_factory(task), task, policy(task), seed=s))
@@ -389,13 +392,15 @@ def evaluate(
     trajectories = [saved[key] if key in saved else new[key] for key in keys]
     report = _report(trajectories, tasks, k)
     report.metrics["wall_time_s"] = round(time.time() - start, 2)
-    report.config = {"policy": label, "source": "model" if engine is not None else "scripted", "k": k, "n": n,
+    model = engine is not None or named
+    report.config = {"policy": label, "source": "model" if model else "scripted", "k": k, "n": n,
                      "seed": seed, "max_turns": max_turns, "max_new_tokens": max_new_tokens,
                      "max_total_tokens": max_total_tokens}
     if customer is not None:
         report.config["customer"] = customer
-    if engine is not None:
-        report.config["tool_calling"] = engine.template.tool_format.name
+    if model:
+        template = engine.template if engine is not None else _template(policy, tool_calling)
+        report.config["tool_calling"] = template.tool_format.name
         report.config["schedule"] = schedule
     if saved:
         report.config["resumed_episodes"] = len(saved)
@@ -544,6 +549,14 @@ def _label(policy: Any) -> str:
     if isinstance(policy, tuple) and len(policy) == 2:
         return str(getattr(getattr(policy[0], "config", None), "_name_or_path", "") or type(policy[0]).__name__)
     return getattr(policy, "__name__", type(policy).__name__)
+
+
+def _template(policy: str | Path, tool_calling: str) -> ChatTemplate:
+    """The chat template a named model plays in, from its tokenizer alone: a fully resumed evaluation loads no
+    weights."""
+    from pipeline.models import load_policy_tokenizer
+
+    return ChatTemplate(load_policy_tokenizer(str(policy)), tool_calling)
 
 
 def _as_engine(policy: Any, max_new_tokens: int, max_total_tokens: int, batch_size: int,

@@ -503,6 +503,17 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> PreT
     return _ready_for_generation(tokenizer, source)
 
 
+def load_policy_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` would return for ``name_or_path`` (an adapter's own, else its base model's),
+    without loading any weights."""
+    source = resolve_model(name_or_path)
+    if is_adapter(source):
+        path = Path(source)
+        return load_tokenizer(path) if any(path.glob("tokenizer*")) else load_policy_tokenizer(
+            adapter_base_model(path))
+    return load_tokenizer(source)
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     *,

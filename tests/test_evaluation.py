@@ -676,3 +676,21 @@ def test_compare_only_pairs_the_same_task_and_seed() -> None:
     assert c.n_pairs == 2 and c.difference == 0.5
     with pytest.raises(ValueError, match="share no episode"):
         compare(_report("x", {("a", 0): True}), _report("y", {("a", 1): True}))
+
+
+def test_a_fully_resumed_evaluation_of_a_named_model_loads_no_weights(tiny_model_dir: Path, tasks: list[Task],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every episode is in the journal: the report comes from it, and the model is not loaded (minutes for a
+    large one); the tool protocol in its config still comes from the model's tokenizer."""
+    import pipeline.models
+
+    kwargs = dict(max_turns=2, max_new_tokens=4, batch_size=2)
+    journal = tmp_path / "journal.jsonl"
+    first = evaluate(str(tiny_model_dir), tasks[:2], journal=journal, **kwargs)
+    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    again = evaluate(str(tiny_model_dir), tasks[:2], journal=journal, resume=True, **kwargs)
+    assert again.config["resumed_episodes"] == 2 and again.episodes == first.episodes
+    assert transcripts(again) == transcripts(first)
+    assert {k: again.config[k] for k in ("source", "tool_calling", "schedule")} == \
+           {k: first.config[k] for k in ("source", "tool_calling", "schedule")}

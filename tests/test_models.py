@@ -348,3 +348,20 @@ def test_exporting_something_that_is_not_an_adapter_names_what_is_missing(tiny_m
     with pytest.raises(ValueError, match="'int8' is not a floating-point torch dtype"):
         models.export_adapter(source, tmp_path / "out", "int8")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_policys_tokenizer_loads_without_its_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """An adapter's own saved tokenizer, else its base model's; no model weights are read for either."""
+    source = _lora_adapter(tiny_model_dir, tmp_path / "adapter")
+    own = models.load_tokenizer(source)
+    own.add_special_tokens({"additional_special_tokens": ["<only_in_the_adapter>"]})
+    own.save_pretrained(str(source))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in (models.ADAPTER_FILE, models.ADAPTER_WEIGHTS):
+        (bare / name).write_bytes((source / name).read_bytes())
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert "<only_in_the_adapter>" in models.load_policy_tokenizer(source).get_vocab()
+    from_base = models.load_policy_tokenizer(bare)
+    assert "<only_in_the_adapter>" not in from_base.get_vocab()
+    assert from_base.get_vocab() == models.load_tokenizer(tiny_model_dir).get_vocab()
