@@ -124,7 +124,11 @@ class ValidationCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:
+            should_log = control.should_log
             self._run(state)
+            # transformers' on_log clears should_log, so the validation's own log() would swallow this step's
+            # training log (loss, grad_norm, learning rate), and the next one would average the loss over two steps
+            control.should_log = should_log
 
     def final(self) -> dict[str, float]:
         """Val metrics of the trained policy: the last periodic validation's when it ran at the last step."""

@@ -56,6 +56,21 @@ def test_validation_logs_its_metrics_during_training(make_trainer, caplog):
     assert "evaluated the policy at step 1 on 1 tasks" in caplog.text  # the policy trained, not its base's path
 
 
+def test_a_validated_step_keeps_its_training_log(make_trainer):
+    """The validation logs its own metrics at the steps it runs; the step's training log (loss, grad_norm,
+    learning rate) is still written at each of them, not folded into the next logged step."""
+    from pipeline.envs import load_tasks
+
+    trainer = make_trainer(max_steps=3)
+    trainer.add_callback(ValidationCallback(trainer, load_tasks("customer_service", "val")[:1], every=2, max_turns=2,
+                                            max_new_tokens=4))
+    trainer.train()
+    history = trainer.state.log_history
+    assert [h["step"] for h in history if "val/success" in h] == [2]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+    assert all("grad_norm" in h and "learning_rate" in h for h in history if "loss" in h)
+
+
 def test_validation_at_start_validates_the_starting_policy_once(make_trainer, caplog):
     """at_start: step 0 of the val curve is the starting policy's. It stays out of the reward-hacking
     history (no training reward precedes it), and a resumed run (global_step > 0) does not repeat it. It is
