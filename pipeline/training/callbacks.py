@@ -124,11 +124,7 @@ class ValidationCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:
-            should_log = control.should_log
             self._run(state)
-            # transformers' on_log clears should_log, so the validation's own log() would swallow this step's
-            # training log (loss, grad_norm, learning rate), and the next one would average the loss over two steps
-            control.should_log = should_log
 
     def final(self) -> dict[str, float]:
         """Val metrics of the trained policy: the last periodic validation's when it ran at the last step."""
@@ -141,7 +137,11 @@ class ValidationCallback(TrainerCallback):
         metrics = self.validate(step)
         self.last = (step, dict(metrics))
         self._keep_if_best(step, metrics)
+        should_log = self.trainer.control.should_log
         self.trainer.log(metrics)  # TRL's log() adds its pending training metrics to the dict it is given
+        # transformers' on_log clears should_log: at a step's end that would swallow the step's own training log
+        # (loss, grad_norm, learning rate), and the next one would average the loss over two steps
+        self.trainer.control.should_log = should_log
         return self.last[1]
 
     def _run(self, state) -> None:
