@@ -366,6 +366,7 @@ def evaluate(
     named = isinstance(policy, (str, Path))  # a model by name: loaded only when an episode is left to play
     engine = None if named and not todo else _as_engine(policy, max_new_tokens, max_total_tokens, batch_size,
                                                          tool_calling)
+    scripted = engine is None and not named
     env_factory = lambda task: make_env(task, max_turns=max_turns, customer=customer)  # noqa: E731
     start = time.time()
     with _progress(len(episodes), progress) as advance:
@@ -381,7 +382,7 @@ def evaluate(
             on_episode = None if journal is None else (lambda _, trajectory: journal.append(trajectory))
             played = engine.run(env_factory, [episodes[i][0] for i in todo], [episodes[i][1] for i in todo],
                                 on_turn=on_turn, schedule=schedule, on_episode=on_episode)
-        elif engine is None and not named:  # a scripted policy plays episode by episode
+        elif scripted:  # a scripted policy plays episode by episode
             for i in todo:
                 task, s = episodes[i]
                 played.append(run_policy(env_factory(task), task, policy(task), seed=s))
@@ -392,13 +393,12 @@ def evaluate(
     trajectories = [saved[key] if key in saved else new[key] for key in keys]
     report = _report(trajectories, tasks, k)
     report.metrics["wall_time_s"] = round(time.time() - start, 2)
-    model = engine is not None or named
-    report.config = {"policy": label, "source": "model" if model else "scripted", "k": k, "n": n,
+    report.config = {"policy": label, "source": "scripted" if scripted else "model", "k": k, "n": n,
                      "seed": seed, "max_turns": max_turns, "max_new_tokens": max_new_tokens,
                      "max_total_tokens": max_total_tokens}
     if customer is not None:
         report.config["customer"] = customer
-    if model:
+    if not scripted:
         template = engine.template if engine is not None else _template(policy, tool_calling)
         report.config["tool_calling"] = template.tool_format.name
         report.config["schedule"] = schedule
