@@ -139,7 +139,7 @@ def parse_intent_weights(entries: Sequence[str]) -> dict[str, int]:
     named twice, fails naming it."""
     weights: dict[str, int] = {}
     for entry in intent_weight_entries(entries):
-        name, sep, value = str(entry).partition("=")
+        name, sep, value = entry.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name:
             raise ValueError(f"intent_weights entry {entry!r} is not INTENT=WEIGHT; write it like escalation=3.")

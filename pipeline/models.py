@@ -509,8 +509,7 @@ def load_policy_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) 
     source = resolve_model(name_or_path)
     if is_adapter(source):
         path = Path(source)
-        return load_tokenizer(path) if any(path.glob("tokenizer*")) else load_policy_tokenizer(
-            adapter_base_model(path))
+        return load_tokenizer(path) if saves_tokenizer(path) else load_policy_tokenizer(adapter_base_model(path))
     return load_tokenizer(source)
 
 
@@ -558,6 +557,11 @@ def is_adapter(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is a saved PEFT adapter (what ``turnwise train`` and a SageMaker job write)."""
     path = Path(path)
     return (path / ADAPTER_FILE).is_file() and not (path / "config.json").is_file()
+
+
+def saves_tokenizer(path: Path) -> bool:
+    """Whether an adapter directory holds its own tokenizer, which then replaces its base model's."""
+    return any(path.glob("tokenizer*"))
 
 
 def adapter_base_model(path: str | os.PathLike[str]) -> str:
@@ -639,7 +643,7 @@ def _load_adapter(path: Path, *, dtype=None, device=None) -> tuple[PreTrainedMod
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot load the base model {base!r} of the adapter in {path} ({error}). Edit "
                          f"base_model_name_or_path in {path / ADAPTER_FILE} to name a model available here.") from error
-    if any(path.glob("tokenizer*")):
+    if saves_tokenizer(path):
         tokenizer = load_tokenizer(path)
     model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
