@@ -58,7 +58,7 @@ from pipeline.chat import (
     tool_result_message,
 )
 from pipeline.envs.base import RecordError, json_kind
-from pipeline.trajectory import read_json_lines
+from pipeline.envs.schema import JsonLinesError, read_json_lines
 
 FORMATS = ("turnwise", "openai", "bedrock")
 NAMES = {"turnwise": "turnwise", "openai": "OpenAI chat", "bedrock": "Bedrock Converse"}
@@ -161,8 +161,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
             if lineno == 1 and isinstance(row, list) and row and all(isinstance(r, dict) and "messages" in r for r in row):
                 raise ValueError(_array_hint(path))
             yield lineno, row
-    except ValueError as exc:
-        if str(exc).startswith(f"{path}, line 1: not valid JSON") and _starts_with_bracket(path):
+    except JsonLinesError as exc:
+        if exc.lineno == 1 and exc.problem.startswith("not valid JSON") and _starts_with_bracket(path):
             raise ValueError(_array_hint(path)) from None
         raise
 

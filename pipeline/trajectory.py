@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from pipeline.envs.base import Outcome, RecordError, check_record, check_type, json_kind
+from pipeline.envs.schema import read_json_lines
 
 
 @dataclass
@@ -208,31 +209,6 @@ def drop_torn_line(path: Path | str) -> bool:
         raise ValueError(f"{path}: not UTF-8 text (byte {keep[exc.start]:#04x} at offset {exc.start}); it is not a "
                          "file turnwise wrote: move it away.") from None
     return True
-
-
-def read_json_lines(path: Path | str) -> Iterator[tuple[int, Any]]:
-    """``(line number, decoded JSON)`` for each non-blank line of a JSONL file.
-
-    Raises ``ValueError`` naming the file and line for a line that is not UTF-8 or not JSON (including
-    JSON nested too deeply for Python to decode, or an integer too long to convert).
-    """
-    with Path(path).open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
-                                 f"{exc.start + 1}); save the file as UTF-8.") from None
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
-            except RecursionError:
-                raise ValueError(f"{path}, line {lineno}: the JSON is nested too deeply to read.") from None
-            except ValueError as exc:  # Python's integer-conversion limit, ...
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc}).") from None
 
 
 def load_jsonl(path: Path | str) -> list[Trajectory]:

@@ -1,4 +1,4 @@
-"""Errors and field checks shared by task files and the domains' payload validators.
+"""Errors, field checks and the JSONL reader shared by task files, logs and the domains' payload validators.
 
 A domain's ``check_payload`` raises :class:`FieldError` naming the field (``payload.db.today``); the task
 loader turns it into a :class:`TaskFileError` that also names the file and the line, so a hand-edited or
@@ -7,9 +7,10 @@ generated file fails at load time with the place to fix, not halfway through a t
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 #: The most characters of a problem an error message carries: a value quoted from a hostile file (a
 #: megabyte-long id) is cut in the middle, so the message keeps its start and its advice.
@@ -66,3 +67,37 @@ def require(row: Any, key: str, kind: type | tuple[type, ...], prefix: str = "")
     if isinstance(value, float) and not math.isfinite(value):
         raise FieldError(name, f"must be a finite number, got {value}")
     return value
+
+
+class JsonLinesError(ValueError):
+    """A line of a JSONL file that is not UTF-8 or not JSON; the message names the file and the line."""
+
+    def __init__(self, path: Path | str, lineno: int, problem: str) -> None:
+        super().__init__(f"{path}, line {lineno}: {problem}")
+        self.path, self.lineno, self.problem = path, lineno, problem
+
+
+def read_json_lines(path: Path | str,
+                    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded JSON)`` for each non-blank line of a JSONL file, decoded with ``object_pairs_hook``.
+
+    Raises :class:`JsonLinesError` naming the file and line for a line that is not UTF-8 or not JSON (including
+    JSON nested too deeply for Python to decode, an integer too long to convert, or what the hook refuses).
+    """
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise JsonLinesError(path, lineno, f"is not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                                   f"{exc.start + 1}: {exc.reason}); save the file as UTF-8.") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line, object_pairs_hook=object_pairs_hook)
+            except json.JSONDecodeError as exc:
+                raise JsonLinesError(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno}).") from None
+            except RecursionError:
+                raise JsonLinesError(path, lineno, "the JSON is nested too deeply to read.") from None
+            except ValueError as exc:  # Python's integer-conversion limit, a key the hook refuses, ...
+                raise JsonLinesError(path, lineno, f"not valid JSON ({str(exc)[:200]}).") from None

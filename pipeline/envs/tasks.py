@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.chat import DuplicateKeyError, unique_keys
+from pipeline.chat import unique_keys
 from pipeline.envs.base import Task
 from pipeline.envs.registry import UnknownDomainError, domains, get_domain, resolve
-from pipeline.envs.schema import FieldError, TaskFileError, require
+from pipeline.envs.schema import FieldError, JsonLinesError, TaskFileError, read_json_lines, require
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "data"
 SPLITS = ("train", "val", "test")
@@ -66,24 +65,8 @@ def read_task_file(path: Path) -> list[Task]:
         raise TaskFileError(path, None, None, "file not found. Pass an existing task file or directory, or "
                                               "regenerate a shipped set with its data/<domain>/prepare.py.")
     tasks, seen = [], {}
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise TaskFileError(path, lineno, None, f"is not UTF-8 text (byte {raw[exc.start]:#04x} at column "
-                                                        f"{exc.start + 1}: {exc.reason}); save the file as UTF-8.") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line, object_pairs_hook=unique_keys)
-            except json.JSONDecodeError as exc:
-                raise TaskFileError(path, lineno, None, f"not valid JSON ({exc.msg}, column {exc.colno})") from None
-            except DuplicateKeyError as exc:
-                raise TaskFileError(path, lineno, None, f"{exc}; a row gives each key once.") from None
-            except (ValueError, RecursionError) as exc:  # e.g. an integer too long to convert
-                raise TaskFileError(path, lineno, None, f"not usable JSON ({type(exc).__name__}: "
-                                                        f"{str(exc)[:200]})") from None
+    try:
+        for lineno, row in read_json_lines(path, object_pairs_hook=unique_keys):
             try:
                 task = check_task_row(row)
             except FieldError as exc:
@@ -93,6 +76,8 @@ def read_task_file(path: Path) -> list[Task]:
                                                         f"{seen[task.id]})")
             seen[task.id] = lineno
             tasks.append(task)
+    except JsonLinesError as exc:
+        raise TaskFileError(path, exc.lineno, None, exc.problem) from None
     if not tasks:
         raise TaskFileError(path, None, None, "holds no tasks (the file is empty); write one JSON task per line.")
     return tasks

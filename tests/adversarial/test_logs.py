@@ -131,7 +131,7 @@ def test_a_220_kb_assistant_message_is_refused_naming_the_line_and_message(tmp_p
 def test_bytes_that_are_not_utf8_name_the_line(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_bytes(json.dumps(conversation()).encode() + b"\n" + b'{"messages": ["\xff\xfe"]}\n')
-    with pytest.raises(ValueError, match=r"line 2: not UTF-8 text \(byte 0xff at column 16\)"):
+    with pytest.raises(ValueError, match=r"line 2: is not UTF-8 text \(byte 0xff at column 16: invalid start byte\)"):
         load_conversations(path)
 
 

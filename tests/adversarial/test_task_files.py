@@ -152,13 +152,13 @@ def test_truncated_json_names_the_line_and_column(tmp_path, good_row):
 def test_deeply_nested_json_is_a_clear_error_not_a_recursion_error(tmp_path, line):
     """It used to escape as a bare RecursionError."""
     path = write_lines(tmp_path / "tasks.jsonl", line)
-    assert load_error(path).startswith(f"{path}, line 1: not usable JSON (RecursionError")
+    assert load_error(path).startswith(f"{path}, line 1: the JSON is nested too deeply to read")
 
 
 def test_an_integer_too_long_to_convert_is_a_clear_error(tmp_path):
     """It used to escape as Python's int-conversion ValueError, naming neither file nor line."""
     path = write_lines(tmp_path / "tasks.jsonl", '{"id": ' + "9" * 5000 + "}")
-    assert load_error(path).startswith(f"{path}, line 1: not usable JSON (ValueError: Exceeds the limit")
+    assert load_error(path).startswith(f"{path}, line 1: not valid JSON (Exceeds the limit")
 
 
 @pytest.mark.timeout(30)
