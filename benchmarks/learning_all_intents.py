@@ -34,6 +34,9 @@ evaluation and the new run's pieces, not the earlier runs' output directories::
     python benchmarks/learning_all_intents.py --extend benchmarks/results/learning_all_intents.json \\
         --eval sft=benchmarks/results/learning_all_intents_eval/sft NAME=outputs/all_intents/eval/NAME \\
         --grpo NAME=outputs/all_intents/NAME --commands commands.json
+
+``--extend`` with ``--sft outputs/all_intents/sft_nN`` adds a further point to the SFT curve, so long as the
+baseline stays its best point (a new best would move the baseline, and every arm paired with it).
 """
 
 from __future__ import annotations
@@ -262,6 +265,29 @@ def extend(result: dict[str, Any], evals: dict[str, Path], grpo_runs: dict[str, 
     return out
 
 
+def extend_sft_curve(result: dict[str, Any], sft_runs: list[Path]) -> dict[str, Any]:
+    """An assembled result with more points on its SFT curve (a count run after the result was assembled). The
+    baseline must stay the best point: a new best would move it, and everything paired with it (SFT's
+    evaluation, the GRPO arms that started from its adapter) would have to be made again, so that is refused.
+    The new points' training times join ``stage_times_s``."""
+    points = result["sft_curve"]["points"]
+    new = [sft_point(run) for run in sft_runs]
+    counts = [p["n_demos"] for p in [*points, *new]]
+    if len(set(counts)) < len(counts):
+        raise SystemExit(f"--sft: the curve would hold a count twice ({', '.join(map(str, sorted(counts)))}); "
+                         "give only counts the result does not have.")
+    best, why = best_point([*points, *new])
+    if best["n_demos"] != result["sft_curve"]["best_n_demos"]:
+        raise SystemExit(f"--sft: with N={best['n_demos']} the curve's best point moves ({why}). The baseline moves "
+                         "with it: evaluate that adapter on the held-out set, run GRPO from it, and re-assemble "
+                         "the result without --extend.")
+    out = copy.deepcopy(result)
+    out["sft_curve"].update(points=sorted([*points, *new], key=lambda p: p["n_demos"]), why=why)
+    out["stage_times_s"]["sft_curve"] = round(out["stage_times_s"]["sft_curve"] + sum(p["wall_time_s"] for p in new), 1)
+    out["wall_time_s"] = total_time(out["stage_times_s"])
+    return out
+
+
 def _grpo_result(runs: dict[str, Path], name: str) -> dict[str, Any]:
     if name not in runs:
         raise SystemExit(f"--grpo lacks {name}=DIR (the `turnwise train --output_dir` of that arm).")
@@ -296,14 +322,16 @@ def _named(values: list[str], flag: str) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sft", type=Path, nargs="+", help="the SFT curve's output directories (not with --extend)")
+    parser.add_argument("--sft", type=Path, nargs="+",
+                        help="the SFT curve's output directories; with --extend, further points to add to its curve")
     parser.add_argument("--extend", type=Path, default=None, metavar="RESULT.json",
-                        help="add the further GRPO runs given by --eval/--grpo NAME=DIR to this assembled result "
-                             "(with --eval sft=DIR for the pairing), and write it back under --name")
-    parser.add_argument("--eval", nargs="+", required=True, metavar="NAME=DIR",
+                        help="add the further GRPO runs given by --eval/--grpo NAME=DIR (with --eval sft=DIR for the "
+                             "pairing) and the SFT points given by --sft to this assembled result, and write it back "
+                             "under --name")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="NAME=DIR",
                         help=f"each policy's `turnwise eval --out` directory: {', '.join(POLICIES)}, grpo_episode, "
                              "and any further GRPO run (with its --grpo of the same name)")
-    parser.add_argument("--grpo", nargs="+", required=True, metavar="NAME=DIR",
+    parser.add_argument("--grpo", nargs="+", default=[], metavar="NAME=DIR",
                         help="each GRPO arm's output_dir: grpo (turn-level), grpo_episode (episode-level), and "
                              "each further run's")
     parser.add_argument("--commands", type=Path, default=None,
@@ -313,14 +341,19 @@ def main() -> None:
     args = parser.parse_args()
     commands = json.loads(args.commands.read_text()) if args.commands else None
     if args.extend is not None:
+        if not args.sft and not args.eval:
+            parser.error("--extend needs something to add: --sft DIR (a point of the SFT curve) or --eval/--grpo "
+                         "NAME=DIR (a further GRPO run).")
+        result = _read_json(args.extend, "give the result file --extend adds to")
         if args.sft:
-            parser.error("--extend keeps the result's SFT curve: leave --sft out.")
-        result = extend(_read_json(args.extend, "give the result file --extend adds to"),
-                        _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
+            result = extend_sft_curve(result, args.sft)
+        if args.eval or args.grpo:
+            result = extend(result, _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
         result["recipe"] = {**(result.get("recipe") or {}), **(commands or {})}
     else:
-        if not args.sft:
-            parser.error("--sft is required: the SFT curve's output directories.")
+        if not (args.sft and args.eval and args.grpo):
+            parser.error("--sft, --eval and --grpo are required: the SFT curve's output directories, each policy's "
+                         "evaluation and each GRPO arm's output directory.")
         result = assemble(args.sft, _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
         result["recipe"] = commands
     path = write_result(args.name, result)

@@ -191,6 +191,36 @@ def test_extend_adds_a_further_run_to_an_assembled_result_from_saved_reports(ass
         assembler.extend(result, {"sft": evals["base"], "weighted": evals["weighted"]}, runs, n_boot=50)
 
 
+def test_extend_adds_a_point_to_the_sft_curve_while_the_baseline_stays_its_best(assembler, oracle_report,
+                                                                             tmp_path) -> None:
+    """A count run after the result was assembled joins the curve, with its time; one that would become the best
+    point is refused, since the baseline and every arm paired with it would move."""
+    labels = sorted({intent_label(e["intents"]) for e in oracle_report.episodes})
+    evals = _eval_dirs(oracle_report, {"base": set(labels), "sft": set(labels[:6]), "grpo": set(labels[:2]),
+                                       "oracle": set()}, tmp_path)
+    sft = [_sft_run(tmp_path, 64, [0.22], [0.06]), _sft_run(tmp_path, 128, [0.22, 0.33], [0.1, 0.2])]
+    result = assembler.assemble(sft, evals, {"grpo": _grpo_run(tmp_path, "turn", 4)}, n_boot=50)
+    (tmp_path / "worse").mkdir()
+    extended = assembler.extend_sft_curve(result, [_sft_run(tmp_path / "worse", 256, [0.28, 0.22], [0.1, 0.1])])
+    curve = extended["sft_curve"]
+    assert [p["n_demos"] for p in curve["points"]] == [64, 128, 256] and curve["best_n_demos"] == 128
+    assert curve["points"][2]["best_val_success"] == 0.28 and curve["points"][2]["best_epoch"] == 1
+    assert curve["why"] == ("N=128 has the highest val success, 0.330 at epoch 2 on 18 val tasks. Below it: "
+                            "N=64: 0.220, N=256: 0.280.")
+    assert extended["stage_times_s"]["sft_curve"] == result["stage_times_s"]["sft_curve"] + 60.0 * 256
+    assert extended["wall_time_s"] == pytest.approx(result["wall_time_s"] + 60.0 * 256)
+    assert {k: v for k, v in extended.items() if k not in ("sft_curve", "stage_times_s", "wall_time_s")} == \
+        {k: v for k, v in result.items() if k not in ("sft_curve", "stage_times_s", "wall_time_s")}
+    assert len(result["sft_curve"]["points"]) == 2  # the result given is not changed in place
+
+    (tmp_path / "better").mkdir()
+    with pytest.raises(SystemExit, match=r"with N=256 the curve's best point moves \(N=256 has the highest val "
+                                         r"success, 0.440"):
+        assembler.extend_sft_curve(result, [_sft_run(tmp_path / "better", 256, [0.44], [0.3])])
+    with pytest.raises(SystemExit, match=r"the curve would hold a count twice \(64, 128, 128\)"):
+        assembler.extend_sft_curve(result, [sft[1]])
+
+
 def test_policies_evaluated_on_different_episodes_are_refused(assembler, oracle_report, tmp_path) -> None:
     evals = {}
     for name in ("base", "sft", "grpo", "oracle"):
