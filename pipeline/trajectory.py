@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from pipeline.envs.base import Outcome, RecordError, check_record, check_type, json_kind
 from pipeline.envs.schema import read_json_lines
