@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipeline.chat import DuplicateKeyError
+
 #: The most characters of a problem an error message carries: a value quoted from a hostile file (a
 #: megabyte-long id) is cut in the middle, so the message keeps its start and its advice.
 MAX_PROBLEM_CHARS = 600
@@ -99,5 +101,7 @@ def read_json_lines(path: Path | str,
                 raise JsonLinesError(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno}).") from None
             except RecursionError:
                 raise JsonLinesError(path, lineno, "the JSON is nested too deeply to read.") from None
+            except DuplicateKeyError as exc:  # from a unique_keys hook
+                raise JsonLinesError(path, lineno, f"{exc}; a row gives each key once.") from None
             except ValueError as exc:  # Python's integer-conversion limit, a key the hook refuses, ...
                 raise JsonLinesError(path, lineno, f"not valid JSON ({str(exc)[:200]}).") from None

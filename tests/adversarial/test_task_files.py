@@ -260,6 +260,7 @@ def test_a_key_given_twice_in_a_row_is_refused(tmp_path, good_row):
     path = write_lines(tmp_path / "tasks.jsonl", row[:-1] + ', "id": "other"}')
     message = load_error(path)
     assert "line 1" in message and "the key 'id' appears twice" in message
+    assert "a row gives each key once" in message
 
 
 def test_an_error_quoting_a_megabyte_value_stays_short(tmp_path, good_row):
