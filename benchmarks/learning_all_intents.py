@@ -270,19 +270,19 @@ def extend_sft_curve(result: dict[str, Any], sft_runs: list[Path]) -> dict[str, 
     baseline must stay the best point: a new best would move it, and everything paired with it (SFT's
     evaluation, the GRPO arms that started from its adapter) would have to be made again, so that is refused.
     The new points' training times join ``stage_times_s``."""
-    points = result["sft_curve"]["points"]
     new = [sft_point(run) for run in sft_runs]
-    counts = [p["n_demos"] for p in [*points, *new]]
+    points = sorted([*result["sft_curve"]["points"], *new], key=lambda p: p["n_demos"])
+    counts = [p["n_demos"] for p in points]
     if len(set(counts)) < len(counts):
-        raise SystemExit(f"--sft: the curve would hold a count twice ({', '.join(map(str, sorted(counts)))}); "
+        raise SystemExit(f"--sft: the curve would hold a count twice ({', '.join(map(str, counts))}); "
                          "give only counts the result does not have.")
-    best, why = best_point([*points, *new])
+    best, why = best_point(points)
     if best["n_demos"] != result["sft_curve"]["best_n_demos"]:
         raise SystemExit(f"--sft: with N={best['n_demos']} the curve's best point moves ({why}). The baseline moves "
                          "with it: evaluate that adapter on the held-out set, run GRPO from it, and re-assemble "
                          "the result without --extend.")
     out = copy.deepcopy(result)
-    out["sft_curve"].update(points=sorted([*points, *new], key=lambda p: p["n_demos"]), why=why)
+    out["sft_curve"].update(points=points, why=why)
     out["stage_times_s"]["sft_curve"] = round(out["stage_times_s"]["sft_curve"] + sum(p["wall_time_s"] for p in new), 1)
     out["wall_time_s"] = total_time(out["stage_times_s"])
     return out
