@@ -37,6 +37,9 @@ evaluation and the new run's pieces, not the earlier runs' output directories::
 
 ``--extend`` with ``--sft outputs/all_intents/sft_nN`` adds a further point to the SFT curve, so long as the
 baseline stays its best point (a new best would move the baseline, and every arm paired with it).
+
+A ``--sft`` path may also be a curve saved as JSON, ``benchmarks/results/sft_curve_all_intents.json``: its points
+stand for the runs, so re-assembling needs only the runs made since (each count once).
 """
 
 from __future__ import annotations
@@ -69,6 +72,35 @@ def sft_point(run: Path) -> dict[str, Any]:
             "best_val_completion": best.get("val/completion"), "val_tasks": curve["val_tasks"],
             "tokens": {"total": result["tokens"], "assistant_trained": result["assistant_tokens"]},
             "curve": curve["curve"], "wall_time_s": whole_run_time(result)}
+
+
+def sft_points(path: Path) -> list[dict[str, Any]]:
+    """The SFT curve's points a ``--sft`` path gives: one from a ``turnwise sft`` output directory, or every point
+    of a curve saved as JSON (``benchmarks/results/sft_curve_all_intents.json``, whose runs' output directories
+    need not exist any more)."""
+    if not path.is_file():
+        return [sft_point(path)]
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SystemExit(f"--sft {path}: not a JSON file ({exc}); give a saved SFT curve or a `turnwise sft "
+                         "--output_dir` directory.") from None
+    points = saved.get("points") if isinstance(saved, dict) else None
+    keys = ("n_demos", "best_epoch", "best_val_success", "best_val_reward", "val_tasks", "curve", "wall_time_s")
+    if not isinstance(points, list) or not all(isinstance(p, dict) and all(k in p for k in keys) for p in points):
+        raise SystemExit(f"--sft {path}: expected a saved SFT curve, a JSON object whose 'points' are each a point "
+                         f"with {', '.join(keys)}; give a `turnwise sft --output_dir` directory or such a file.")
+    return points
+
+
+def curve_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curve's points in order of count, each count once."""
+    points = sorted(points, key=lambda p: p["n_demos"])
+    counts = [p["n_demos"] for p in points]
+    if len(set(counts)) < len(counts):
+        raise SystemExit(f"--sft: the curve would hold a count twice ({', '.join(map(str, counts))}); "
+                         "give each count once.")
+    return points
 
 
 def best_point(points: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
@@ -188,7 +220,7 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
     missing = [name for name in POLICIES if name not in evals]
     if missing:
         raise SystemExit(f"--eval lacks {', '.join(missing)}: give NAME=DIR for each of {', '.join(POLICIES)}.")
-    points = [sft_point(run) for run in sft_runs]
+    points = curve_points([p for path in sft_runs for p in sft_points(path)])
     best, why = best_point(points)
     reports = load_reports(evals)
     comparisons = {f"{a}_vs_{b}": compare(reports[a], reports[b], n_boot=n_boot, seed=seed) for a, b in COMPARISONS}
@@ -270,12 +302,8 @@ def extend_sft_curve(result: dict[str, Any], sft_runs: list[Path]) -> dict[str, 
     baseline must stay the best point: a new best would move it, and everything paired with it (SFT's
     evaluation, the GRPO arms that started from its adapter) would have to be made again, so that is refused.
     The new points' training times join ``stage_times_s``."""
-    new = [sft_point(run) for run in sft_runs]
-    points = sorted([*result["sft_curve"]["points"], *new], key=lambda p: p["n_demos"])
-    counts = [p["n_demos"] for p in points]
-    if len(set(counts)) < len(counts):
-        raise SystemExit(f"--sft: the curve would hold a count twice ({', '.join(map(str, counts))}); "
-                         "give only counts the result does not have.")
+    new = [p for path in sft_runs for p in sft_points(path)]
+    points = curve_points([*result["sft_curve"]["points"], *new])
     best, why = best_point(points)
     if best["n_demos"] != result["sft_curve"]["best_n_demos"]:
         raise SystemExit(f"--sft: with N={best['n_demos']} the curve's best point moves ({why}). The baseline moves "
@@ -323,7 +351,8 @@ def _named(values: list[str], flag: str) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft", type=Path, nargs="+",
-                        help="the SFT curve's output directories; with --extend, further points to add to its curve")
+                        help="the SFT curve's output directories, or a curve saved as JSON (its points); with "
+                             "--extend, further points to add to its curve")
     parser.add_argument("--extend", type=Path, default=None, metavar="RESULT.json",
                         help="add the further GRPO runs given by --eval/--grpo NAME=DIR (with --eval sft=DIR for the "
                              "pairing) and the SFT points given by --sft to this assembled result, and write it back "

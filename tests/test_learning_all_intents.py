@@ -221,6 +221,37 @@ def test_extend_adds_a_point_to_the_sft_curve_while_the_baseline_stays_its_best(
         assembler.extend_sft_curve(result, [sft[1]])
 
 
+def test_a_saved_curve_stands_for_its_runs_when_the_result_is_assembled_again(assembler, oracle_report,
+                                                                               tmp_path) -> None:
+    """Re-assembling after the baseline moved: the curve's earlier points come from the saved curve (their runs'
+    directories gone), the new run from its directory, and the baseline is the best of them all."""
+    labels = sorted({intent_label(e["intents"]) for e in oracle_report.episodes})
+    evals = _eval_dirs(oracle_report, {"base": set(labels), "sft": set(labels[:6]), "grpo": set(labels[:2]),
+                                       "oracle": set()}, tmp_path)
+    old = [assembler.sft_point(_sft_run(tmp_path, n, [0.22], [0.1])) for n in (64, 128)]
+    saved = tmp_path / "sft_curve.json"
+    saved.write_text(json.dumps({"what": "a saved curve", "points": old, "best_n_demos": 128}))
+    new = _sft_run(tmp_path, 256, [0.33, 0.61, 0.44], [0.2, 0.48, 0.3])
+    result = assembler.assemble([saved, new], evals, {"grpo": _grpo_run(tmp_path, "turn", 4)}, n_boot=50)
+    curve = result["sft_curve"]
+    assert [p["n_demos"] for p in curve["points"]] == [64, 128, 256] and curve["best_n_demos"] == 256
+    assert curve["points"][:2] == old
+    assert curve["why"] == ("N=256 has the highest val success, 0.610 at epoch 2 on 18 val tasks. Below it: "
+                            "N=64: 0.220, N=128: 0.220.")
+    assert result["sft_val_curve"]["best_epoch"] == 2 and result["stage_times_s"]["sft_best"] == 60.0 * 256
+    assert result["stage_times_s"]["sft_curve"] == 60.0 * (64 + 128 + 256)
+
+    with pytest.raises(SystemExit, match=r"the curve would hold a count twice \(64, 128, 128\)"):
+        assembler.assemble([saved, tmp_path / "sft_n128"], evals, {"grpo": _grpo_run(tmp_path, "t2", 4)}, n_boot=50)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"points": [{"n_demos": 64}]}))
+    with pytest.raises(SystemExit, match=r"--sft .*broken.json: expected a saved SFT curve, .* best_epoch"):
+        assembler.sft_points(broken)
+    broken.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"--sft .*broken.json: not a JSON file"):
+        assembler.sft_points(broken)
+
+
 def test_policies_evaluated_on_different_episodes_are_refused(assembler, oracle_report, tmp_path) -> None:
     evals = {}
     for name in ("base", "sft", "grpo", "oracle"):
