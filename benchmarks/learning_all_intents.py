@@ -94,12 +94,17 @@ def sft_points(path: Path) -> list[dict[str, Any]]:
 
 
 def curve_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The curve's points in order of count, each count once."""
+    """The curve's points in order of count, each count once, all validated on as many tasks (or their val
+    success is not comparable, and neither is the choice of the best)."""
     points = sorted(points, key=lambda p: p["n_demos"])
     counts = [p["n_demos"] for p in points]
     if len(set(counts)) < len(counts):
         raise SystemExit(f"--sft: the curve would hold a count twice ({', '.join(map(str, counts))}); "
                          "give each count once.")
+    if len({p["val_tasks"] for p in points}) > 1:
+        raise SystemExit("--sft: the points were validated on different numbers of tasks (" + ", ".join(
+            f"N={p['n_demos']}: {p['val_tasks']}" for p in points) + "); re-run the odd ones with the curve's "
+            "--val_limit, so that their val success compares.")
     return points
 
 

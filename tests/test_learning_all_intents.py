@@ -243,6 +243,12 @@ def test_a_saved_curve_stands_for_its_runs_when_the_result_is_assembled_again(as
 
     with pytest.raises(SystemExit, match=r"the curve would hold a count twice \(64, 128, 128\)"):
         assembler.assemble([saved, tmp_path / "sft_n128"], evals, {"grpo": _grpo_run(tmp_path, "t2", 4)}, n_boot=50)
+    (tmp_path / "odd").mkdir()
+    odd = _sft_run(tmp_path / "odd", 512, [0.5], [0.4])
+    (odd / "val_curve.json").write_text(json.dumps({"curve": [{"epoch": 1, "val/success": 0.5}], "val_tasks": 36}))
+    with pytest.raises(SystemExit, match=r"validated on different numbers of tasks \(N=64: 18, N=128: 18, N=256: 18, "
+                                         r"N=512: 36\); re-run the odd ones with the curve's --val_limit"):
+        assembler.assemble([saved, new, odd], evals, {"grpo": _grpo_run(tmp_path, "t3", 4)}, n_boot=50)
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"points": [{"n_demos": 64}]}))
     with pytest.raises(SystemExit, match=r"--sft .*broken.json: expected a saved SFT curve, .* best_epoch"):
