@@ -80,11 +80,7 @@ def sft_points(path: Path) -> list[dict[str, Any]]:
     need not exist any more)."""
     if not path.is_file():
         return [sft_point(path)]
-    try:
-        saved = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SystemExit(f"--sft {path}: not a JSON file ({exc}); give a saved SFT curve or a `turnwise sft "
-                         "--output_dir` directory.") from None
+    saved = _read_json(path, "give a saved SFT curve or a `turnwise sft --output_dir` directory", flag="--sft ")
     points = saved.get("points") if isinstance(saved, dict) else None
     keys = ("n_demos", "best_epoch", "best_val_success", "best_val_reward", "val_tasks", "curve", "wall_time_s")
     if not isinstance(points, list) or not all(isinstance(p, dict) and all(k in p for k in keys) for p in points):
@@ -234,7 +230,7 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
     arms = [name for name in ARMS if name == "grpo" or (name in evals and name in grpo_runs)]
     results = {name: _grpo_result(grpo_runs, name) for name in arms}
     grpo = results["grpo"]
-    log = json.loads(Path(grpo["log_history"]).read_text()) if Path(grpo.get("log_history", "")).is_file() else []
+    log = _log_history(grpo, grpo_runs["grpo"])
     first = reports["grpo"].metrics
     result: dict[str, Any] = {name: policy_summary(reports[name]) for name in POLICIES}
     result.update({f"delta_{name}": delta_summary(c) for name, c in comparisons.items()})
@@ -327,10 +323,23 @@ def _grpo_result(runs: dict[str, Path], name: str) -> dict[str, Any]:
     return _read_json(runs[name] / "grpo_result.json", "the GRPO run writes it when it finishes")
 
 
-def _read_json(path: Path, hint: str) -> dict[str, Any]:
+def _log_history(result: dict[str, Any], run: Path) -> list[dict[str, Any]]:
+    """A GRPO run's training log: where its ``grpo_result.json`` says, or beside that file (a run's summaries
+    committed apart from its output directory, which did not survive), or none."""
+    for path in (Path(result.get("log_history") or run / "log_history.json"), run / "log_history.json"):
+        if path.is_file():
+            return _read_json(path, "the GRPO run writes it as it finishes; copy it again from the run")
+    return []
+
+
+def _read_json(path: Path, hint: str, flag: str = "") -> Any:
+    """A piece's JSON file, or an error that names it (after ``flag``, the option that gave it) and says what to do."""
     if not path.is_file():
-        raise SystemExit(f"{path} does not exist: {hint}.")
-    return json.loads(path.read_text())
+        raise SystemExit(f"{flag}{path} does not exist: {hint}.")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SystemExit(f"{flag}{path}: not a JSON file ({exc}); {hint}.") from None
 
 
 def _interval(d: dict[str, Any]) -> dict[str, Any]:

@@ -258,6 +258,31 @@ def test_a_saved_curve_stands_for_its_runs_when_the_result_is_assembled_again(as
         assembler.sft_points(broken)
 
 
+def test_a_grpo_runs_committed_summaries_stand_for_its_gone_output_directory(assembler, oracle_report,
+                                                                            tmp_path) -> None:
+    """A run's grpo_result.json and log_history.json copied elsewhere (committed) after its output directory
+    went: the training log is read beside the copied result, not from the path the result recorded."""
+    labels = sorted({intent_label(e["intents"]) for e in oracle_report.episodes})
+    evals = _eval_dirs(oracle_report, {"base": set(labels), "sft": set(labels[:6]), "grpo": set(labels[:2]),
+                                       "oracle": set()}, tmp_path)
+    run = _grpo_run(tmp_path, "turn", 3)
+    kept = tmp_path / "committed" / "turn"
+    kept.mkdir(parents=True)
+    for name in ("grpo_result.json", "log_history.json"):
+        (kept / name).write_text((run / name).read_text())
+    (run / "log_history.json").unlink()  # the output directory is gone: only the copies remain
+    result = assembler.assemble([_sft_run(tmp_path, 64, [0.33], [0.2])], evals, {"grpo": kept}, n_boot=50)
+    assert result["grpo_signals"]["reward"] == pytest.approx([0.1, 0.2, 0.3])
+    (kept / "log_history.json").unlink()  # no log anywhere: the signals are empty, not an error
+    result = assembler.assemble([_sft_run(tmp_path / "committed", 64, [0.33], [0.2])], evals, {"grpo": kept},
+                                n_boot=50)
+    assert result["grpo_signals"]["reward"] == []
+    (kept / "grpo_result.json").write_text('{"steps": 3, "log_hist')  # a copy cut short
+    with pytest.raises(SystemExit, match=r"committed/turn/grpo_result.json: not a JSON file \(.*\); the GRPO run "
+                                         r"writes it when it finishes"):
+        assembler.assemble([tmp_path / "committed" / "sft_n64"], evals, {"grpo": kept}, n_boot=50)
+
+
 def test_policies_evaluated_on_different_episodes_are_refused(assembler, oracle_report, tmp_path) -> None:
     evals = {}
     for name in ("base", "sft", "grpo", "oracle"):
