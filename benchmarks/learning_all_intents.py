@@ -326,7 +326,8 @@ def _grpo_result(runs: dict[str, Path], name: str) -> dict[str, Any]:
 def _log_history(result: dict[str, Any], run: Path) -> list[dict[str, Any]]:
     """A GRPO run's training log: where its ``grpo_result.json`` says, or beside that file (a run's summaries
     committed apart from its output directory, which did not survive), or none."""
-    for path in (Path(result.get("log_history") or run / "log_history.json"), run / "log_history.json"):
+    recorded = [Path(result["log_history"])] if result.get("log_history") else []
+    for path in (*recorded, run / "log_history.json"):
         if path.is_file():
             return _read_json(path, "the GRPO run writes it as it finishes; copy it again from the run")
     return []
