@@ -32,7 +32,7 @@ A further run made after the result was assembled is added to it with ``--extend
 evaluation and the new run's pieces, not the earlier runs' output directories::
 
     python benchmarks/learning_all_intents.py --extend benchmarks/results/learning_all_intents.json \\
-        --eval sft=benchmarks/results/learning_all_intents_eval/sft NAME=outputs/all_intents/eval/NAME \\
+        --eval sft=benchmarks/results/learning_all_intents_eval/sft_n256 NAME=outputs/all_intents/eval/NAME \\
         --grpo NAME=outputs/all_intents/NAME --commands commands.json
 
 ``--extend`` with ``--sft outputs/all_intents/sft_nN`` adds a further point to the SFT curve, so long as the
