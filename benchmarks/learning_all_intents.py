@@ -19,7 +19,8 @@ Then::
         --grpo grpo=outputs/all_intents/grpo_turn grpo_episode=outputs/all_intents/grpo_episode
 
 writes ``benchmarks/results/learning_all_intents.json``: the keys of ``learning.json`` (``grpo`` is the
-turn-level arm, the project's default, fixed before any test number was seen), plus ``sft_curve`` (each
+turn-level arm, the project's default, fixed before any test number was seen; ``report`` the directory that holds
+the evaluations; ``recipe`` the ``--commands`` file and ``recipe_note`` the ``--note`` text), plus ``sft_curve`` (each
 point and which is best, and why), ``per_intent`` (each policy's success per intent and the paired
 differences with their intervals) and ``advantage_comparison`` (turn-level against episode-level, paired
 on the same test episodes). Any other ``--eval NAME=DIR`` with a ``--grpo NAME=DIR`` of the same name is a
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,10 @@ POLICIES = ("base", "sft", "grpo", "oracle")
 ARMS = {"grpo": "group_based_per_turn", "grpo_episode": "group_based"}
 COMPARISONS = (("grpo", "sft"), ("sft", "base"), ("grpo", "base"))
 TARGETS = {"grpo_vs_sft": 0.10, "absolute_success": 0.60, "max_turns_rate": 0.20}
+SUCCESS_CHECK = ("Strict success (pipeline/envs/customer_service/env.py): the sandbox ends in the task's expected "
+                 "state, no SOP rule is broken, and every required fact is told after a tool showed the goal's "
+                 "order (a status guessed after failed lookups is not told). The SFT val curve, the GRPO runs' "
+                 "rewards and val success, and every held-out evaluation here were scored by it.")
 
 
 def sft_point(run: Path) -> dict[str, Any]:
@@ -214,7 +220,9 @@ def further_arms(reports: dict[str, Any], grpo_runs: dict[str, Path], n_boot: in
 
 
 def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, Path], n_boot: int = 10_000,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, note: str = "") -> dict[str, Any]:
+    """The result; ``note`` (``recipe_note``) says what the recipe's commands do not: what was reused, what shared
+    the cores, anything a reader re-running it should know."""
     from pipeline.demo import delta_summary, policy_summary, training_signals, whole_run_time
     from pipeline.evaluation import compare
 
@@ -252,6 +260,9 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
         "foothold": grpo.get("foothold"),
         "sft_curve": {"points": points, "best_n_demos": best["n_demos"], "why": why},
         "per_intent": per_intent(reports, comparisons),
+        "report": str(report_root(evals)),
+        "success_check": SUCCESS_CHECK,
+        "recipe_note": note,
         "model": "smollm2-135m",
         "machine": machine(),
     })
@@ -261,6 +272,12 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
         result["further_arms"] = further_arms(reports, grpo_runs, n_boot, seed)
     result["wall_time_s"] = total_time(result["stage_times_s"])
     return result
+
+
+def report_root(evals: dict[str, Path]) -> Path:
+    """Where the evaluations' reports are: the directory that holds every ``--eval`` directory (or file)."""
+    dirs = [(path if path.is_dir() else path.parent).resolve() for path in evals.values()]
+    return _rel(Path(os.path.commonpath(dirs)) if len(dirs) > 1 else dirs[0].parent)
 
 
 def total_time(stage_times: dict[str, Any]) -> float:
@@ -380,6 +397,9 @@ def main() -> None:
                              "each further run's")
     parser.add_argument("--commands", type=Path, default=None,
                         help="a JSON file mapping each piece to the command that ran it (kept as 'recipe')")
+    parser.add_argument("--note", default=None,
+                        help="kept as 'recipe_note': what the commands do not say (a reused stage, a run that shared "
+                             "the cores); with --extend, replaces the result's note")
     parser.add_argument("--name", default="learning_all_intents")
     parser.add_argument("--bootstrap", type=int, default=10_000)
     args = parser.parse_args()
@@ -394,11 +414,14 @@ def main() -> None:
         if args.eval or args.grpo:
             result = extend(result, _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
         result["recipe"] = {**(result.get("recipe") or {}), **(commands or {})}
+        if args.note is not None:
+            result["recipe_note"] = args.note
     else:
         if not (args.sft and args.eval and args.grpo):
             parser.error("--sft, --eval and --grpo are required: the SFT curve's output directories, each policy's "
                          "evaluation and each GRPO arm's output directory.")
-        result = assemble(args.sft, _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap)
+        result = assemble(args.sft, _named(args.eval, "--eval"), _named(args.grpo, "--grpo"), n_boot=args.bootstrap,
+                          note=args.note or "")
         result["recipe"] = commands
     path = write_result(args.name, result)
     print(f"{path}: {result['statement']}")

@@ -102,8 +102,13 @@ def test_the_result_pairs_every_policy_on_the_same_episodes_per_intent(assembler
     grpo = {"grpo": _grpo_run(tmp_path, "turn", 4, wall_time_total_s=250.0),
             "grpo_episode": _grpo_run(tmp_path, "episode", 4)}
 
-    result = assembler.assemble(sft, evals, grpo, n_boot=500)
+    result = assembler.assemble(sft, evals, grpo, n_boot=500, note="the episode-level arm shared the cores")
     assert [result[name]["success"] for name in ("base", "sft", "grpo", "oracle")] == [0.0, 3 / 9, 7 / 9, 1.0]
+    # the keys of learning.json: where the reports are, the check that scored them, and what the recipe leaves out
+    learning = json.loads((assembler.ROOT / "benchmarks" / "results" / "learning.json").read_text())
+    assert set(learning) - {"recipe"} <= set(result)  # the recipe is the --commands file, added by main()
+    assert result["report"] == str((tmp_path / "eval").resolve())
+    assert "env.py" in result["success_check"] and result["recipe_note"] == "the episode-level arm shared the cores"
     assert result["delta_grpo_vs_sft"]["mean"] == pytest.approx(4 / 9) and result["n_tasks"] == 9
     assert result["grpo"]["max_turns_rate"] == pytest.approx(2 / 9)
     assert result["targets"] == {"grpo_vs_sft_at_least_0.10_with_ci_low_above_0": True,
