@@ -276,8 +276,9 @@ def assemble(sft_runs: list[Path], evals: dict[str, Path], grpo_runs: dict[str, 
 
 def report_root(evals: dict[str, Path]) -> Path:
     """Where the evaluations' reports are: the directory that holds every ``--eval`` directory (or file)."""
+    # resolved, since commonpath refuses a mix of relative and absolute paths
     dirs = [(path if path.is_dir() else path.parent).resolve() for path in evals.values()]
-    return _rel(Path(os.path.commonpath(dirs)) if len(dirs) > 1 else dirs[0].parent)
+    return _rel(Path(os.path.commonpath(dirs)))
 
 
 def total_time(stage_times: dict[str, Any]) -> float:
