@@ -1,7 +1,7 @@
 """The whole pipeline in one run: prepare the model, SFT warm start, multi-turn GRPO, held-out evaluation.
 
 ``turnwise demo`` (the README's ``make demo``) runs ``configs/demo.yaml``: narrowed to one intent, it shows
-learning (SFT+GRPO against the base model on held-out tasks) in about 14 minutes on a 2-core CPU;
+learning (SFT+GRPO against the base model on held-out tasks) in about 13 minutes on a 2-core CPU;
 ``turnwise demo --config configs/cpu_full.yaml`` is the longer run that measures GRPO against SFT. A
 *pipeline recipe* is a YAML mapping with shared keys and one section per stage:
 
