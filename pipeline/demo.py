@@ -1,9 +1,9 @@
 """The whole pipeline in one run: prepare the model, SFT warm start, multi-turn GRPO, held-out evaluation.
 
 ``turnwise demo`` (the README's ``make demo``) runs ``configs/demo.yaml``: narrowed to one intent, it shows
-learning (SFT+GRPO against the base model on held-out tasks) in about 13 minutes on a 2-core CPU;
-``turnwise demo --config configs/cpu_full.yaml`` is the longer run that measures GRPO against SFT. A
-*pipeline recipe* is a YAML mapping with shared keys and one section per stage:
+learning (SFT+GRPO against the base model on held-out tasks) in about 13 minutes on a 2-core CPU (24 on a
+host 1.8x slower); ``turnwise demo --config configs/cpu_full.yaml`` is the longer run that measures GRPO
+against SFT. A *pipeline recipe* is a YAML mapping with shared keys and one section per stage:
 
 ```yaml
 model_name_or_path: smollm2-135m   # shared by every stage
